@@ -1,0 +1,102 @@
+"""Plain-text rendering of runs and timelines, shared by `python -m audit` and `bbrx audit`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from audit.log import RunSummary
+
+DETAIL_WIDTH = 60
+REASON_WIDTH = 40
+# Keys worth showing first from a detail dict: they are what a reviewer looks for.
+_DETAIL_KEYS = ("message", "error", "stderr_tail", "stdout_tail")
+
+
+def _short(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = []
+    for cells in (header, *rows):
+        padded = [cell.ljust(width) for cell, width in zip(cells, widths, strict=True)]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def short_time(ts: str | None) -> str:
+    """ISO timestamp cut to milliseconds, which is plenty for a human reader."""
+    if not ts:
+        return "-"
+    return ts[:23] + "Z" if len(ts) > 23 and ts.endswith("Z") else ts
+
+
+def short_detail(detail: Any, width: int = DETAIL_WIDTH) -> str:
+    """One line from a detail dict: the message/error/stderr tail if any, else compact JSON."""
+    if detail is None or detail == {}:
+        return ""
+    if isinstance(detail, Mapping):
+        for key in _DETAIL_KEYS:
+            value = detail.get(key)
+            if value:
+                return _short(f"{key}: {value}", width)
+        return _short(json.dumps(detail, sort_keys=True, ensure_ascii=False), width)
+    return _short(str(detail), width)
+
+
+def _dash(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def format_runs(runs: Sequence[RunSummary]) -> str:
+    """One aligned line per run."""
+    if not runs:
+        return "no runs"
+    header = ["RUN", "OPERATION", "TARGET", "MODE", "OPERATOR", "START", "END", "EVENTS"]
+    header += ["OUTCOME", "REASON"]
+    rows = [
+        (
+            r.run_id,
+            r.operation,
+            r.target,
+            r.mode,
+            r.operator,
+            short_time(r.start),
+            short_time(r.end),
+            str(r.events),
+            _dash(r.outcome) + ("" if r.finished else " (unfinished)"),
+            _short(r.reason or "-", REASON_WIDTH),
+        )
+        for r in runs
+    ]
+    return _table(header, rows)
+
+
+def format_timeline(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One aligned line per event: seq, time, from -> to, trigger, job, script, outcome..."""
+    if not rows:
+        return "no events"
+    header = ["SEQ", "TIME", "TRANSITION", "TRIGGER", "JOB", "SCRIPT", "OUTCOME", "EXIT"]
+    header += ["DURATION", "DETAIL"]
+    lines = []
+    for row in rows:
+        duration = row.get("duration")
+        lines.append(
+            (
+                str(row["seq"]),
+                short_time(row.get("ts")),
+                f"{_dash(row.get('from_state'))} -> {_dash(row.get('to_state'))}",
+                _dash(row.get("trigger")),
+                _dash(row.get("job")),
+                _dash(row.get("script")),
+                _dash(row.get("outcome")),
+                _dash(row.get("exit_code")),
+                "-" if duration is None else f"{duration:.2f}s",
+                short_detail(row.get("detail")) or "-",
+            )
+        )
+    return _table(header, lines)

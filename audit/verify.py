@@ -1,0 +1,111 @@
+"""Verification of an audit log: contiguous seqs, an unbroken hash chain, intact triggers."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from audit.log import AuditLog
+from audit.schema import GENESIS_HASH, hash_values
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The result of verify_log.
+
+    ``problem`` is a sentence naming the first bad seq and what is wrong with it; it is
+    None when ``ok``. ``head_seq``/``head_hash`` describe the last row, so a reviewer can
+    compare them with a previously recorded head (deleting rows at the very end leaves
+    a valid chain, and only a remembered head reveals that).
+    """
+
+    ok: bool
+    count: int
+    head_seq: int | None
+    head_hash: str | None
+    first_bad_seq: int | None
+    problem: str | None
+
+
+def _deleted(expected: int, found: int) -> str:
+    if found == expected + 1:
+        return f"row {expected} deleted"
+    return f"rows {expected}-{found - 1} deleted"
+
+
+def _content_hash(values: list[Any]) -> str | None:
+    try:
+        return hash_values(values)
+    except (TypeError, ValueError):
+        # A value JSON cannot encode (a BLOB, an infinity) was never written by append.
+        return None
+
+
+def _trigger_problem(log: AuditLog) -> str | None:
+    parts = []
+    missing = log.missing_triggers()
+    if missing:
+        parts.append(f"append-only triggers missing: {', '.join(missing)}")
+    altered = log.altered_triggers()
+    if altered:
+        parts.append(f"append-only triggers altered: {', '.join(altered)}")
+    return "; ".join(parts) or None
+
+
+def verify_log(path: str | Path) -> VerifyReport:
+    """Verify the audit log at ``path``, opened read-only. Raises AuditError if unreadable.
+
+    Rows are walked in seq order and the first problem wins: a missing seq (deleted
+    row), then a prev_hash that is not the previous row's hash (reordered or removed
+    rows), then a hash that does not match the row's content (edited row). Only an
+    intact chain is then checked for missing or altered append-only triggers.
+    """
+    with AuditLog(path, readonly=True) as log:
+        expected = 1
+        prev_hash = GENESIS_HASH
+        bad_seq: int | None = None
+        problem: str | None = None
+        with closing(log.iter_chain()) as rows:
+            for seq, row_prev_hash, stored_hash, *values in rows:
+                if seq != expected:
+                    bad_seq = expected
+                    problem = (
+                        f"seq {expected}: expected seq {expected}, found {seq} "
+                        f"({_deleted(expected, seq)})"
+                    )
+                elif row_prev_hash != prev_hash:
+                    bad_seq = seq
+                    previous = "the genesis value" if seq == 1 else f"the hash of seq {seq - 1}"
+                    problem = (
+                        f"seq {seq}: prev_hash does not match {previous} "
+                        "(rows reordered or removed)"
+                    )
+                elif _content_hash(values) != stored_hash:
+                    bad_seq = seq
+                    problem = f"seq {seq}: hash does not match its content (row edited)"
+                if problem is not None:
+                    break
+                prev_hash = stored_hash
+                expected += 1
+        if problem is None:
+            problem = _trigger_problem(log)
+        head = log.head()
+        count = expected - 1 if bad_seq is None else log.count()
+    report = VerifyReport(
+        ok=problem is None,
+        count=count,
+        head_seq=head.seq if head else None,
+        head_hash=head.hash if head else None,
+        first_bad_seq=bad_seq,
+        problem=problem,
+    )
+    if report.ok:
+        logger.info("audit log %s intact: %d events", path, count)
+    else:
+        logger.warning("audit log %s BROKEN: %s", path, problem)
+    return report

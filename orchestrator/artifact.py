@@ -1,0 +1,382 @@
+"""The artifact on disk, byte-compatible with bbr's: write, publish, read, validate.
+
+Layout (bbr contract section 8)::
+
+    <artifact-path>/<name>_<YYYYMMDDTHHMMSSZ>/   mode 0700
+        bosh-0-<job>.tar                        one uncompressed tar per job
+        metadata                                YAML: per-file SHA-256, backup_activity
+        bbrx-audit.yml                          bbrx's own: the audit chain head of the run
+
+A backup is built in `<final>.incomplete/` (with an `INCOMPLETE` marker file and no
+`metadata`) and renamed to its final name only once every tar is written, synced and
+its checksums agree with the VM's. Checksums come from the tar stream as it is
+written: the file is never read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+import yaml
+
+from orchestrator.errors import ArtifactCorruptError, ArtifactError
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata"
+AUDIT_HEAD_FILE = "bbrx-audit.yml"
+INCOMPLETE_MARKER = "INCOMPLETE"
+INCOMPLETE_SUFFIX = ".incomplete"
+CHUNK = 1 << 20
+TIME_FORMAT = "%Y/%m/%d %H:%M:%S UTC"  # bbr's backup_activity format
+
+Checksums = dict[str, str]
+
+
+def artifact_dir_name(name: str, started: datetime) -> str:
+    return f"{name}_{started.astimezone(UTC):%Y%m%dT%H%M%SZ}"
+
+
+def tar_name(group: str, index: str, job: str) -> str:
+    return f"{group}-{index}-{job}.tar"
+
+
+@dataclass(frozen=True)
+class JobArtifact:
+    """One job's tar as the metadata describes it."""
+
+    name: str
+    checksums: Checksums
+
+
+@dataclass(frozen=True)
+class InstanceArtifacts:
+    name: str
+    index: str
+    artifacts: tuple[JobArtifact, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed `metadata` file."""
+
+    path: Path
+    instances: tuple[InstanceArtifacts, ...]
+    start_time: str
+    finish_time: str
+
+    def jobs(self) -> list[tuple[InstanceArtifacts, JobArtifact]]:
+        return [(inst, art) for inst in self.instances for art in inst.artifacts]
+
+
+# --- writing -----------------------------------------------------------------------------
+
+
+class _TeeReader:
+    """A read-only stream that copies every byte it hands out into `sink`.
+
+    tarfile parses what it reads for the checksums while the same bytes land on disk,
+    so the tar is read once, from the wire.
+    """
+
+    def __init__(
+        self, source: BinaryIO, sink: BinaryIO, check: Callable[[], None] | None = None
+    ) -> None:
+        self._source = source
+        self._sink = sink
+        self._check = check
+        self.bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self._check is not None:
+            self._check()
+        data = self._source.read(size if size and size > 0 else CHUNK)
+        if data:
+            self._sink.write(data)
+            self.bytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Copy what follows the end-of-archive marker (tar's record padding)."""
+        while self.read(CHUNK):
+            pass
+
+
+def hash_tar_stream(source: BinaryIO) -> Checksums:
+    """SHA-256 of every regular file in a tar stream, keyed `./path` as bbr keys them."""
+    checksums: Checksums = {}
+    with tarfile.open(fileobj=source, mode="r|", bufsize=CHUNK) as archive:
+        for member in archive:
+            if not member.isreg():
+                continue
+            digest = hashlib.sha256()
+            extracted = archive.extractfile(member)
+            if extracted is None:
+                continue
+            while chunk := extracted.read(CHUNK):
+                digest.update(chunk)
+            checksums[_member_key(member.name)] = digest.hexdigest()
+    return checksums
+
+
+def _member_key(name: str) -> str:
+    return name if name.startswith("./") else "./" + name.lstrip("/")
+
+
+class ArtifactWriter:
+    """Builds one backup under a temporary name and publishes it by rename."""
+
+    def __init__(self, parent: Path, name: str, started: datetime, run_id: str) -> None:
+        if not parent.is_dir():
+            raise ArtifactError(
+                f"artifact path {parent} is not an existing directory",
+                hint="Create it first, or pass --artifact-path with a directory that exists.",
+            )
+        self.final = parent / artifact_dir_name(name, started)
+        self.partial = self.final.with_name(self.final.name + INCOMPLETE_SUFFIX)
+        self.run_id = run_id
+        self.started = started
+        self.checksums: dict[tuple[str, str, str], Checksums] = {}
+
+    def create(self) -> None:
+        if self.final.exists():
+            raise ArtifactError(
+                f"artifact directory {self.final} already exists",
+                hint="Another backup of this target started in the same second; wait and retry.",
+            )
+        try:
+            self.partial.mkdir(mode=0o700)
+        except FileExistsError as exc:
+            raise ArtifactError(f"{self.partial} already exists (another run writing?)") from exc
+        except OSError as exc:
+            raise ArtifactError(f"cannot create artifact directory {self.partial}: {exc}") from exc
+        (self.partial / INCOMPLETE_MARKER).write_text(
+            f"This backup is incomplete: bbrx run {self.run_id} was writing it and did not\n"
+            "finish. It has no metadata file; neither bbr nor bbrx will restore from it.\n"
+            "Find out why with: bbrx audit show " + self.run_id + "\n"
+        )
+        log.info("Writing the backup in %s", self.partial)
+
+    def write_job(
+        self,
+        group: str,
+        index: str,
+        job: str,
+        stream: BinaryIO,
+        check: Callable[[], None] | None = None,
+    ) -> Checksums:
+        """Write one job's tar from `stream`, hashing its files on the way."""
+        path = self.partial / tar_name(group, index, job)
+        try:
+            with open(path, "xb") as sink:
+                tee = _TeeReader(stream, sink, check)
+                checksums = hash_tar_stream(tee)  # type: ignore[arg-type]
+                tee.drain()
+                sink.flush()
+                os.fsync(sink.fileno())
+        except tarfile.TarError as exc:
+            raise ArtifactError(f"the tar stream of job {job} is not a valid tar: {exc}") from exc
+        except OSError as exc:
+            raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        self.checksums[(group, index, job)] = checksums
+        log.info("Copied %s (%d files, %d bytes)", path.name, len(checksums), tee.bytes)
+        return checksums
+
+    def publish(self, finished: datetime, audit_head: dict[str, object]) -> Path:
+        """Write metadata and the audit head, then rename to the final name."""
+        document = metadata_document(self.checksums, self.started, finished)
+        _write_synced(self.partial / METADATA_FILE, _dump_metadata(document))
+        _write_synced(
+            self.partial / AUDIT_HEAD_FILE,
+            "# Ties this backup to its audited bbrx run: the audit chain head when it was "
+            "sealed.\n# Check it with: bbrx audit verify --artifact THIS_DIRECTORY\n"
+            + yaml.safe_dump(audit_head, sort_keys=False),
+        )
+        (self.partial / INCOMPLETE_MARKER).unlink()
+        _fsync_dir(self.partial)
+        os.rename(self.partial, self.final)
+        _fsync_dir(self.final.parent)
+        log.info("Backup published: %s", self.final)
+        return self.final
+
+    def discard(self) -> None:
+        """Remove the partial backup: a failed run leaves nothing that looks like a backup."""
+        if self.partial.exists():
+            shutil.rmtree(self.partial, ignore_errors=True)
+            log.info("Removed the incomplete backup %s", self.partial)
+
+
+def metadata_document(
+    checksums: dict[tuple[str, str, str], Checksums], started: datetime, finished: datetime
+) -> dict[str, object]:
+    instances: dict[tuple[str, str], list[dict[str, object]]] = {}
+    for (group, index, job), sums in sorted(checksums.items()):
+        instances.setdefault((group, index), []).append(
+            {"name": job, "checksums": dict(sorted(sums.items()))}
+        )
+    return {
+        "instances": [
+            {"name": group, "index": index, "artifacts": artifacts}
+            for (group, index), artifacts in instances.items()
+        ],
+        "custom_artifacts": [],
+        "backup_activity": {
+            "start_time": started.astimezone(UTC).strftime(TIME_FORMAT),
+            "finish_time": finished.astimezone(UTC).strftime(TIME_FORMAT),
+        },
+    }
+
+
+class _QuotedStr(str):
+    """A string YAML writes double-quoted, as bbr writes `index: "0"`."""
+
+
+def _represent_quoted(dumper: yaml.SafeDumper, value: _QuotedStr) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", str(value), style='"')
+
+
+class _MetadataDumper(yaml.SafeDumper):
+    pass
+
+
+_MetadataDumper.add_representer(_QuotedStr, _represent_quoted)
+
+
+def _dump_metadata(document: dict[str, object]) -> str:
+    for instance in document["instances"]:  # type: ignore[attr-defined]
+        instance["index"] = _QuotedStr(instance["index"])
+    return yaml.dump(document, Dumper=_MetadataDumper, sort_keys=False, default_flow_style=False)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "x", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- reading -----------------------------------------------------------------------------
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Parse and sanity-check an artifact's metadata, naming what is wrong."""
+    if not directory.is_dir():
+        raise ArtifactError(
+            f"artifact directory {directory} does not exist",
+            hint="Pass --artifact-path the directory a backup created (it holds a metadata file).",
+        )
+    if (directory / INCOMPLETE_MARKER).exists() or directory.name.endswith(INCOMPLETE_SUFFIX):
+        raise ArtifactError(
+            f"{directory} is an incomplete backup (it has an {INCOMPLETE_MARKER} marker)",
+            hint="Restore from a backup that finished; this one failed or was interrupted.",
+        )
+    path = directory / METADATA_FILE
+    if not path.is_file():
+        raise ArtifactError(
+            f"{directory} has no metadata file: it is not a finished bbr/bbrx backup",
+            hint="Pass --artifact-path the directory a backup created.",
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid YAML: {exc}") from exc
+
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"{path} does not follow bbr's metadata schema: {what}")
+
+    if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
+        raise bad("no instances list")
+    if data.get("custom_artifacts"):
+        raise ArtifactError(
+            f"{path} has custom_artifacts: it is a deployment-mode backup",
+            hint="Restore it with a deployment-mode tool; bbrx director restores director backups.",
+        )
+    instances = []
+    for position, instance in enumerate(data["instances"]):
+        if not isinstance(instance, dict) or not isinstance(instance.get("name"), str):
+            raise bad(f"instances[{position}] has no name")
+        artifacts = []
+        for art_pos, artifact in enumerate(instance.get("artifacts") or []):
+            if not isinstance(artifact, dict) or not isinstance(artifact.get("name"), str):
+                raise bad(f"instances[{position}].artifacts[{art_pos}] has no name")
+            sums = artifact.get("checksums") or {}
+            if not isinstance(sums, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in sums.items()
+            ):
+                raise bad(f"checksums of artifact {artifact['name']} are not a map of strings")
+            artifacts.append(JobArtifact(artifact["name"], dict(sums)))
+        instances.append(
+            InstanceArtifacts(instance["name"], str(instance.get("index", "0")), tuple(artifacts))
+        )
+    activity = data.get("backup_activity") or {}
+    return Manifest(
+        path=path,
+        instances=tuple(instances),
+        start_time=str(activity.get("start_time", "")),
+        finish_time=str(activity.get("finish_time", "")),
+    )
+
+
+def validate(directory: Path) -> Manifest:
+    """Re-hash every tar against the metadata (bbr's "Backup is corrupted" check)."""
+    manifest = read_manifest(directory)
+    for instance, artifact in manifest.jobs():
+        path = directory / tar_name(instance.name, instance.index, artifact.name)
+        if not path.is_file():
+            raise ArtifactCorruptError(
+                f"Backup is corrupted: {path.name} is missing from {directory}",
+                hint="Restore from an intact copy of this backup.",
+            )
+        try:
+            with open(path, "rb") as handle:
+                actual = hash_tar_stream(handle)  # type: ignore[arg-type]
+        except (tarfile.TarError, OSError) as exc:
+            raise ArtifactCorruptError(
+                f"Backup is corrupted: {path.name} cannot be read as a tar: {exc}",
+                hint="Restore from an intact copy of this backup.",
+            ) from exc
+        _compare(path.name, artifact.checksums, actual, "the metadata")
+    return manifest
+
+
+def compare_checksums(where: str, expected: Checksums, actual: Checksums, source: str) -> None:
+    _compare(where, expected, actual, source)
+
+
+def _compare(where: str, expected: Checksums, actual: Checksums, source: str) -> None:
+    for key in sorted(expected.keys() | actual.keys()):
+        if key not in actual:
+            problem = f"{key} is listed in {source} but missing"
+        elif key not in expected:
+            problem = f"{key} is present but not listed in {source}"
+        elif expected[key] != actual[key]:
+            problem = f"{key} has SHA-256 {actual[key]}, {source} says {expected[key]}"
+        else:
+            continue
+        raise ArtifactCorruptError(
+            f"Backup is corrupted: {where}: {problem}",
+            hint="Nothing on the target was touched. Restore from an intact copy of this backup.",
+        )
+
+
+def iter_file(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            yield chunk

@@ -1,0 +1,117 @@
+"""The backup operation and pre-backup-check (bbr contract section 5).
+
+discover -> check -> (create the local artifact) -> lock by levels -> backup scripts
+-> unlock in reverse -> drain each job's tar (checksums while streaming) -> publish
+-> remove the remote work dir.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+from orchestrator import __version__, steps
+from orchestrator.artifact import ArtifactWriter, compare_checksums
+from orchestrator.errors import BackupScriptError, BbrxError, LockError, ScriptError
+from orchestrator.run import Action, JobTracker, Outcome, Run
+
+log = logging.getLogger(__name__)
+
+
+def check_actions() -> dict[str, Action]:
+    return {"discovering": steps.discover, "checking": steps.check_backupable}
+
+
+def backup_actions(artifact_path: Path, name: str) -> dict[str, Action]:
+    def check(run: Run) -> steps.Step:
+        step = steps.check_backupable(run)
+        writer = ArtifactWriter(artifact_path, name, run.started, run.run_id)
+        writer.create()
+        run.data["writer"] = writer
+        return step
+
+    return {
+        "discovering": steps.discover,
+        "checking": check,
+        "locking": lambda run: steps.lock(run, LockError),
+        "backing_up": run_backup_scripts,
+        "unlocking": steps.unlock,
+        "draining": drain,
+        "cleaning": steps.remove_work_dir,
+    }
+
+
+def run_backup_scripts(run: Run) -> steps.Step:
+    trackers = steps.jobs_with(run, "backup")
+    log.info("Running backup scripts: %s", ", ".join(t.name for t in trackers))
+
+    def backup_one(tracker: JobTracker) -> ScriptError | None:
+        if run.interrupted_by:
+            return None
+        run.instance.make_artifact_directory(tracker.name)
+        directory = run.instance.artifact_directory(tracker.name)
+        env = {"BBR_ARTIFACT_DIRECTORY": directory, "ARTIFACT_DIRECTORY": directory}
+        return run.run_job_script(tracker, "backup", "backup", BackupScriptError, env)
+
+    errors = [error for error in run.parallel(trackers, backup_one) if error]
+    for error in errors:
+        run.fail(error)
+    run.data["backup_succeeded"] = not errors and not run.interrupted_by
+    return "backed_up" if run.data["backup_succeeded"] else "backup_failed"
+
+
+def drain(run: Run) -> steps.Step:
+    """Copy each job's tar to the jump box, hashing while it streams, then publish."""
+    writer: ArtifactWriter = run.data["writer"]
+    trackers = steps.jobs_with(run, "backup")
+
+    def drain_one(tracker: JobTracker) -> BbrxError | None:
+        tracker.trigger("drain")
+        try:
+            with run.instance.stream_out(tracker.name) as stream:
+                checksums = writer.write_job(
+                    run.instance.group,
+                    run.instance.index,
+                    tracker.name,
+                    stream,
+                    run.check_interrupt,
+                )
+            # One hashing pass on the VM proves the copy is whole; the local tar is not re-read.
+            remote = run.instance.checksum_artifact_directory(tracker.name)
+            compare_checksums(
+                f"{tracker.name} on {run.instance.address}", remote, checksums, "the VM"
+            )
+        except BbrxError as error:
+            tracker.trigger("drain_error", outcome="error", error=error)
+            return error
+        tracker.trigger("drain_ok", detail={"files": len(checksums)})
+        return None
+
+    errors = [error for error in run.parallel(trackers, drain_one, limit=4) if error]
+    for error in errors:
+        run.fail(error)
+    if errors or run.interrupted_by:
+        writer.discard()
+        return "drain_failed"
+    head = run.audit.head()
+    run.artifact = writer.publish(
+        datetime.now(UTC),
+        {
+            "run_id": run.run_id,
+            "audit_db": str(Path(run.audit.path).resolve()),
+            "seq": head.seq if head else None,
+            "hash": head.hash if head else None,
+            "tool_version": f"bbrx {__version__}",
+        },
+    )
+    return "drained", {"artifact": str(run.artifact)}
+
+
+def finish(run: Run, outcome: Outcome) -> Outcome:
+    """Whatever happened, leave no partial backup that looks like one."""
+    writer: ArtifactWriter | None = run.data.get("writer")
+    if writer is not None and run.artifact is None:
+        writer.discard()
+    outcome.summary = {"levels": run.data.get("levels"), "jobs": sorted(run.jobs)}
+    return outcome

@@ -1,0 +1,25 @@
+"""backup-cleanup and restore-cleanup (bbr contract section 7).
+
+Run every job's unlock script in reverse lock order (post-backup-unlock with
+BBR_AFTER_BACKUP_SCRIPTS_SUCCESSFUL=false, or post-restore-unlock), then remove the
+remote work dir. Local files are untouched. A lock-order cycle does not stop a
+cleanup: unlocking everything matters more than the order.
+"""
+
+from __future__ import annotations
+
+from orchestrator import steps
+from orchestrator.run import Action, Run
+
+
+def cleanup_actions() -> dict[str, Action]:
+    def discover(run: Run) -> steps.Step:
+        trigger, detail = steps.discover(run)  # type: ignore[misc]
+        steps.plan_levels(run, strict=False)
+        return trigger, {**detail, "levels": run.data["levels"]}
+
+    return {
+        "discovering": discover,
+        "unlocking": steps.unlock,
+        "cleaning": steps.remove_work_dir,
+    }

@@ -1,0 +1,352 @@
+"""The `bbrx` command line: bbr's grammar, plus audit, simulator and diagram commands.
+
+Each command parses, calls one library function and renders what it returns. This is
+the only module that turns errors into exit codes, and `main` is the only caller of
+`sys.exit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import click
+import typer
+
+from audit import AuditError, AuditLog
+from audit.render import format_runs, format_timeline
+from orchestrator import __version__, machine, review, settings, simulation
+from orchestrator.errors import BbrxError, RunFailed
+from orchestrator.procedures import Request, run_director
+from orchestrator.run import Outcome
+from orchestrator.targets import parse_host
+
+log = logging.getLogger("bbrx")
+
+app = typer.Typer(
+    name="bbrx",
+    help="Audited, bbr-compatible backup and restore for BOSH directors.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+director_app = typer.Typer(no_args_is_help=True, help="Back up and restore a BOSH director.")
+audit_app = typer.Typer(no_args_is_help=True, help="Read and verify the audit log.")
+sim_app = typer.Typer(no_args_is_help=True, help="Manage simulated directors (sim://NAME).")
+app.add_typer(director_app, name="director")
+app.add_typer(audit_app, name="audit")
+app.add_typer(sim_app, name="sim")
+
+
+@dataclass(frozen=True)
+class Globals:
+    audit_db: Path | None = None
+    operator: str | None = None
+    reason: str | None = None
+    host: str = ""
+    username: str | None = None
+    private_key_path: Path | None = None
+
+
+AuditDbOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--audit-db",
+        envvar="BBRX_AUDIT_DB",
+        help="The audit log (SQLite). Default: $BBRX_HOME/audit.db.",
+        show_default=False,
+    ),
+]
+OperatorOption = Annotated[
+    str | None,
+    typer.Option("--operator", envvar="BBRX_OPERATOR", help="Who runs this. Default: user@host."),
+]
+ReasonOption = Annotated[
+    str | None,
+    typer.Option(
+        "--reason", help="Why this run happens (change ticket...): recorded in the audit."
+    ),
+]
+
+
+def _merge(ctx: typer.Context, **values: object) -> Globals:
+    parent: Globals = ctx.obj if isinstance(ctx.obj, Globals) else Globals()
+    given = {k: v for k, v in values.items() if v is not None}
+    merged = replace(parent, **given)  # type: ignore[arg-type]
+    ctx.obj = merged
+    return merged
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    audit_db: AuditDbOption = None,
+    operator: OperatorOption = None,
+    reason: ReasonOption = None,
+) -> None:
+    _merge(ctx, audit_db=audit_db, operator=operator, reason=reason)
+
+
+@director_app.callback()
+def director(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host", help="HOST[:PORT], or sim://NAME.")],
+    username: Annotated[str | None, typer.Option("--username", help="SSH user.")] = None,
+    private_key_path: Annotated[
+        Path | None, typer.Option("--private-key-path", help="SSH private key.")
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show scripts' output.")] = False,
+    audit_db: AuditDbOption = None,
+    operator: OperatorOption = None,
+    reason: ReasonOption = None,
+) -> None:
+    if debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+    _merge(
+        ctx,
+        host=host,
+        username=username,
+        private_key_path=private_key_path,
+        audit_db=audit_db,
+        operator=operator,
+        reason=reason,
+    )
+
+
+def _request(ctx: typer.Context, operation: str, artifact_path: Path | None = None) -> Request:
+    options: Globals = ctx.obj
+    return Request(
+        operation=operation,
+        target=parse_host(options.host),
+        identity=settings.identity(options.operator, options.reason),
+        audit_db=settings.audit_db_path(options.audit_db),
+        home=settings.bbrx_home(),
+        artifact_path=artifact_path,
+        username=options.username,
+        private_key_path=options.private_key_path,
+    )
+
+
+def _audit_footer(outcome: Outcome) -> None:
+    typer.echo(f"Audit: run {outcome.run_id} in {outcome.audit_db}")
+    typer.echo(f"  see it with: bbrx audit show {outcome.run_id}")
+
+
+@director_app.command("pre-backup-check")
+def pre_backup_check(ctx: typer.Context) -> None:
+    """Check that the director can be backed up (nothing is locked)."""
+    request = _request(ctx, "pre-backup-check")
+    try:
+        outcome = run_director(request)
+    except RunFailed:
+        typer.echo(f"Director {request.target.address} cannot be backed up.", err=True)
+        raise
+    typer.echo(f"Director {request.target.address} can be backed up.")
+    _audit_footer(outcome)
+
+
+@director_app.command("backup")
+def backup(
+    ctx: typer.Context,
+    artifact_path: Annotated[
+        Path | None,
+        typer.Option("--artifact-path", help="Existing directory for the backup. Default: cwd."),
+    ] = None,
+) -> None:
+    """Lock, back up, unlock, and copy the backup to this machine."""
+    outcome = run_director(_request(ctx, "backup", artifact_path))
+    typer.echo(f"Backup created: {outcome.artifact}")
+    _audit_footer(outcome)
+
+
+@director_app.command("restore")
+def restore(
+    ctx: typer.Context,
+    artifact_path: Annotated[
+        Path, typer.Option("--artifact-path", help="The backup directory to restore.")
+    ],
+) -> None:
+    """Restore a backup onto the director."""
+    outcome = run_director(_request(ctx, "restore", artifact_path))
+    typer.echo(f"Restored {artifact_path} to {ctx.obj.host}")
+    _audit_footer(outcome)
+
+
+@director_app.command("backup-cleanup")
+def backup_cleanup(ctx: typer.Context) -> None:
+    """Unlock every job and remove what a failed backup left on the director."""
+    outcome = run_director(_request(ctx, "backup-cleanup"))
+    typer.echo(f"Backup cleanup of {ctx.obj.host} done: every job unlocked, work dir removed.")
+    _audit_footer(outcome)
+
+
+@director_app.command("restore-cleanup")
+def restore_cleanup(ctx: typer.Context) -> None:
+    """Unlock every job and remove what a failed restore left on the director."""
+    outcome = run_director(_request(ctx, "restore-cleanup"))
+    typer.echo(f"Restore cleanup of {ctx.obj.host} done: every job unlocked, work dir removed.")
+    _audit_footer(outcome)
+
+
+# --- audit --------------------------------------------------------------------------------
+
+
+def _audit_path(ctx: typer.Context, audit_db: Path | None) -> Path:
+    options = _merge(ctx, audit_db=audit_db)
+    return settings.audit_db_path(options.audit_db)
+
+
+@audit_app.command("runs")
+def audit_runs(ctx: typer.Context, audit_db: AuditDbOption = None) -> None:
+    """One line a run: id, operation, target, operator, start, end, outcome."""
+    with AuditLog(_audit_path(ctx, audit_db), readonly=True) as audit:
+        typer.echo(format_runs(audit.runs()))
+
+
+@audit_app.command("show")
+def audit_show(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
+    audit_db: AuditDbOption = None,
+) -> None:
+    """The timeline of one run: every transition, job and script."""
+    with AuditLog(_audit_path(ctx, audit_db), readonly=True) as audit:
+        typer.echo(format_timeline(audit.timeline(run)))
+
+
+@audit_app.command("verify")
+def audit_verify(
+    ctx: typer.Context,
+    artifact: Annotated[
+        Path | None,
+        typer.Option("--artifact", help="Also check that this backup's audit head is in the log."),
+    ] = None,
+    audit_db: AuditDbOption = None,
+) -> None:
+    """Check the hash chain and the append-only guards (and tie a backup to its run)."""
+    for line in review.verify(_audit_path(ctx, audit_db), artifact):
+        typer.echo(line)
+
+
+# --- simulator ----------------------------------------------------------------------------
+
+NameArgument = Annotated[str, typer.Argument(help="The simulated director's name (sim://NAME).")]
+
+
+@sim_app.command("create")
+def sim_create(
+    name: NameArgument,
+    empty: Annotated[bool, typer.Option("--empty", help="Jobs and scripts, no data.")] = False,
+) -> None:
+    """Create a simulated director (with demo data unless --empty)."""
+    typer.echo(simulation.create(settings.bbrx_home(), name, empty=empty))
+
+
+@sim_app.command("vms")
+def sim_vms(name: NameArgument) -> None:
+    """Play `bosh vms`: the deployments and VMs the simulated director knows."""
+    typer.echo(simulation.vms(settings.bbrx_home(), name))
+
+
+@sim_app.command("wipe")
+def sim_wipe(name: NameArgument) -> None:
+    """The disaster: recreate the director VM empty (jobs there, data gone)."""
+    typer.echo(simulation.wipe(settings.bbrx_home(), name))
+
+
+@sim_app.command("destroy")
+def sim_destroy(name: NameArgument) -> None:
+    """Remove a simulated director entirely."""
+    typer.echo(simulation.destroy(settings.bbrx_home(), name))
+
+
+@sim_app.command("list")
+def sim_list() -> None:
+    """The simulated directors under $BBRX_HOME/sim."""
+    typer.echo(simulation.listing(settings.bbrx_home()))
+
+
+@sim_app.command("fault")
+def sim_fault(
+    name: NameArgument,
+    job: Annotated[str, typer.Argument(help="Job name, e.g. director.")],
+    script: Annotated[str, typer.Argument(help="Script name, e.g. pre-backup-lock.")],
+    spec: Annotated[
+        str | None,
+        typer.Argument(help="'fail [CODE [MESSAGE]]', 'hang' or 'sleep SECONDS'; omit to clear."),
+    ] = None,
+) -> None:
+    """Make a simulated job script fail, hang or slow down (for practice)."""
+    typer.echo(simulation.fault(settings.bbrx_home(), name, job, script, spec))
+
+
+# --- misc ---------------------------------------------------------------------------------
+
+
+@app.command("diagram")
+def diagram(
+    operation: Annotated[
+        str,
+        typer.Argument(
+            help="backup, restore, pre-backup-check, backup-cleanup, restore-cleanup, job."
+        ),
+    ],
+) -> None:
+    """Print an operation's state machine as a Mermaid state diagram."""
+    typer.echo(machine.mermaid(operation))
+
+
+@app.command("version")
+def version() -> None:
+    """Print the version."""
+    typer.echo(f"bbrx version {__version__}")
+
+
+# --- the one place errors become exit codes -----------------------------------------------
+
+
+def _print_error(error: BaseException) -> None:
+    typer.echo(f"Error: {error}", err=True)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="[bbrx] %(asctime)s %(levelname)s - %(message)s",
+        datefmt="%Y/%m/%d %H:%M:%S",
+        stream=sys.stderr,
+    )
+    # transitions logs every callback at INFO; the audit log already has every transition.
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    command = typer.main.get_command(app)
+    code = 0
+    try:
+        result = command.main(args=argv, prog_name="bbrx", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except RunFailed as failure:
+        for error in failure.errors:
+            _print_error(error)
+        typer.echo(f"See what happened: bbrx audit show {failure.run_id}", err=True)
+        code = failure.exit_code
+    except BbrxError as error:
+        _print_error(error)
+        code = error.exit_bit
+    except AuditError as error:
+        _print_error(error)
+        code = 1
+    except click.exceptions.UsageError as error:
+        # bbr exits 1 on usage errors; so does bbrx (click's own default would be 2).
+        error.show()
+        code = 1
+    except click.exceptions.Abort:
+        typer.echo("Aborted.", err=True)
+        code = 1
+    except click.exceptions.Exit as exit_:
+        code = exit_.exit_code
+    except click.exceptions.ClickException as error:
+        error.show()
+        code = 1
+    sys.exit(code)

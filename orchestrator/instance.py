@@ -1,0 +1,145 @@
+"""The instance contract: everything bbrx asks of a director VM, whatever carries it.
+
+The simulator (`simulator.instance.SimInstance`) and the SSH transport are peers behind
+this Protocol. Procedures are written against it and never against a transport.
+Paths in this contract are the paths the VM's scripts see (on a real VM,
+`/var/vcap/...`; on the simulator, the same tree under the simulated VM's root).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import BinaryIO, Protocol, runtime_checkable
+
+# The names bbr knows. Any other executable in bin/bbr/ is ignored.
+SCRIPT_NAMES = (
+    "metadata",
+    "pre-backup-lock",
+    "backup",
+    "post-backup-unlock",
+    "pre-restore-lock",
+    "restore",
+    "post-restore-unlock",
+)
+# bbr ignores these jobs entirely (they are the legacy mysql backup jobs).
+IGNORED_JOBS = frozenset({"mysql-backup", "mysql-restore"})
+
+REMOTE_WORK_DIR = "/var/vcap/store/bbr-backup"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job found on the instance: its name and the bbr scripts it ships."""
+
+    name: str
+    scripts: frozenset[str]
+
+    def has(self, script: str) -> bool:
+        return script in self.scripts
+
+
+@dataclass(frozen=True)
+class ScriptResult:
+    """What one script run produced. `exit_code` is None when the process was killed."""
+
+    job: str
+    script: str
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    duration: float
+    killed_by: str | None = None  # e.g. "SIGTERM (run interrupted)"
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def stderr_tail(self, lines: int = 10) -> str:
+        return "\n".join(self.stderr.strip().splitlines()[-lines:])
+
+
+@dataclass
+class ScriptCall:
+    """A script to run: job, script name, and the extra environment bbr gives it."""
+
+    job: str
+    script: str
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Instance(Protocol):
+    """A director VM as bbrx sees it.
+
+    Implementations must be safe to call from several threads at once (locks of one
+    level and drains of different jobs run in parallel).
+    """
+
+    #: Instance group and index used in artifact names (`bosh`, `0` in director mode).
+    group: str
+    index: str
+    #: Human name of the target for messages ("sim://demo", "10.0.0.6:22").
+    address: str
+    #: "sim" or "live": recorded in the audit log.
+    mode: str
+
+    def discover(self) -> list[Job]:
+        """Every job with at least one known bbr script, sorted by name.
+
+        Raises `errors.DiscoveryError` when the instance cannot be reached or read.
+        """
+        ...
+
+    def run_script(self, call: ScriptCall) -> ScriptResult:
+        """Run one job script as root with bbr's environment plus `call.env`.
+
+        Never raises for a script that fails: the result says so. Raises
+        `errors.TransportError` only when the script could not be started at all.
+        """
+        ...
+
+    def terminate_scripts(self) -> None:
+        """Kill every script this instance is running now (the run is being interrupted).
+
+        Their `run_script` calls then return with `killed_by` set. Must be callable from
+        a signal handler: no blocking, no locks that a running thread may hold.
+        """
+        ...
+
+    def artifact_directory(self, job: str) -> str:
+        """The job's `BBR_ARTIFACT_DIRECTORY` as its scripts see it, with a trailing slash."""
+        ...
+
+    def work_dir_exists(self) -> bool:
+        """Whether `/var/vcap/store/bbr-backup` exists (the trace of an earlier run)."""
+        ...
+
+    def make_artifact_directory(self, job: str) -> None:
+        """Create the job's artifact directory (and the work dir) before backup or restore."""
+        ...
+
+    def stream_out(self, job: str) -> AbstractContextManager[BinaryIO]:
+        """A readable stream of an uncompressed tar of the job's artifact directory.
+
+        Members are named `./file`, `./dir/file`. Leaving the context closes the stream
+        and raises `errors.TransportError` if the remote side failed.
+        """
+        ...
+
+    def stream_in(self, job: str, chunks: Iterator[bytes]) -> None:
+        """Unpack a tar, given as chunks, into the job's artifact directory."""
+        ...
+
+    def checksum_artifact_directory(self, job: str) -> dict[str, str]:
+        """SHA-256 of every regular file in the job's artifact directory, keyed `./path`."""
+        ...
+
+    def remove_work_dir(self) -> None:
+        """Remove `/var/vcap/store/bbr-backup` and everything in it (no error if absent)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and helpers. Idempotent."""
+        ...

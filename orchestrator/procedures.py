@@ -1,0 +1,75 @@
+"""The one entry point the CLI calls for `bbrx director ... SUBCOMMAND`.
+
+It opens the audit log and the target, drives the operation's machine to its end, and
+closes both. A run with errors raises `RunFailed`, which carries every error (and so
+the exit-code bits) and the run id.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from audit import AuditLog
+from orchestrator import backup, cleanup, restore
+from orchestrator.errors import RunFailed, UsageError
+from orchestrator.instance import Instance
+from orchestrator.run import Identity, Outcome, Run
+from orchestrator.targets import Target, open_instance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    operation: str
+    target: Target
+    identity: Identity
+    audit_db: Path
+    home: Path
+    artifact_path: Path | None = None
+    username: str | None = None
+    private_key_path: Path | None = None
+
+
+def run_director(request: Request) -> Outcome:
+    """Open the target named by the request and run one operation on it."""
+    if request.operation == "restore" and request.artifact_path is None:
+        raise UsageError("restore needs --artifact-path DIR (a directory a backup created)")
+    instance = open_instance(
+        request.target,
+        home=request.home,
+        username=request.username,
+        private_key_path=request.private_key_path,
+    )
+    try:
+        return run_on(request, instance)
+    finally:
+        instance.close()
+
+
+def run_on(request: Request, instance: Instance) -> Outcome:
+    """Run one director operation on `instance`, recording it in the audit log."""
+    operation = request.operation
+    with AuditLog(request.audit_db) as audit:
+        run = Run(operation, instance, audit, request.identity, request.target.address)
+        log.info("Run %s: %s of %s (audit log %s)", run.run_id, operation, run.target, audit.path)
+        artifact_path = request.artifact_path.resolve() if request.artifact_path else None
+        start = {"artifact_path": str(artifact_path) if artifact_path else None}
+        if operation == "backup":
+            parent = (request.artifact_path or Path.cwd()).resolve()
+            actions = backup.backup_actions(parent, request.target.name)
+            outcome = backup.finish(run, run.drive(actions, **start))
+        elif operation == "pre-backup-check":
+            outcome = run.drive(backup.check_actions(), **start)
+        elif operation == "restore":
+            assert request.artifact_path is not None
+            outcome = run.drive(restore.restore_actions(request.artifact_path.resolve()), **start)
+        elif operation in ("backup-cleanup", "restore-cleanup"):
+            outcome = run.drive(cleanup.cleanup_actions(), **start)
+        else:
+            raise UsageError(f"unknown operation {operation}")
+    if outcome.errors:
+        raise RunFailed(operation, outcome.errors, outcome.run_id, outcome=outcome)
+    return outcome

@@ -1,0 +1,367 @@
+"""One audited run: the machine, its audit hook, per-job trackers, signals and errors.
+
+The driver is deliberately dumb: it looks up the action for the current state, runs it,
+and fires the trigger the action returned. Where the run goes next is decided by the
+tables in `machine.py`. Every trigger, refused ones included, becomes an audit row
+through the machines' `finalize_event` hook.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from transitions import EventData, MachineError
+
+from audit import AuditLog
+from orchestrator import __version__
+from orchestrator.errors import (
+    BbrxError,
+    InterruptedRunError,
+    ScriptError,
+)
+from orchestrator.instance import Instance, Job, ScriptCall, ScriptResult
+from orchestrator.machine import JOB_MAY_BE_LOCKED, build_job_machine, build_run_machine
+
+log = logging.getLogger(__name__)
+
+Action = Callable[["Run"], "str | tuple[str, dict[str, Any]]"]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who runs what, where and why: recorded on every audit row."""
+
+    operator: str
+    reason: str | None = None
+    origin_host: str = field(default_factory=socket.gethostname)
+
+    @staticmethod
+    def default_operator() -> str:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+class JobTracker:
+    """A job's own machine within a run (the model; transitions adds `state` and triggers)."""
+
+    state: str
+    trigger: Callable[..., bool]
+
+    def __init__(self, job: Job, run: Run) -> None:
+        self.job = job
+        self.run = run
+        build_job_machine(self, finalize=run.record_job_event)
+
+    @property
+    def name(self) -> str:
+        return self.job.name
+
+    @property
+    def may_be_locked(self) -> bool:
+        return self.state in JOB_MAY_BE_LOCKED
+
+
+@dataclass
+class Outcome:
+    """What a finished run tells the CLI."""
+
+    run_id: str
+    operation: str
+    state: str
+    errors: list[BbrxError]
+    artifact: Path | None = None
+    audit_db: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Run:
+    """The model of one run-level machine, and everything its actions share."""
+
+    state: str
+    trigger: Callable[..., bool]
+
+    def __init__(
+        self,
+        operation: str,
+        instance: Instance,
+        audit: AuditLog,
+        identity: Identity,
+        target: str,
+    ) -> None:
+        self.operation = operation
+        self.instance = instance
+        self.audit = audit
+        self.identity = identity
+        self.target = target
+        self.started = datetime.now(UTC)
+        self.run_id = new_run_id(self.started)
+        self.errors: list[BbrxError] = []
+        self.jobs: dict[str, JobTracker] = {}
+        self.interrupted_by: str | None = None
+        self._interrupt_fired = False
+        self._killable = True
+        self.audit_failed = False
+        # Filled by actions as the run goes; see the procedure modules.
+        self.data: dict[str, Any] = {}
+        self.artifact: Path | None = None
+        self.machine = build_run_machine(self, operation, finalize=self.record_run_event)
+
+    # --- conditions named in machine.py ---------------------------------------------------
+
+    def backup_succeeded(self, _event: EventData | None = None) -> bool:
+        return bool(self.data.get("backup_succeeded"))
+
+    def has_errors(self, _event: EventData | None = None) -> bool:
+        return bool(self.errors)
+
+    def was_interrupted(self, _event: EventData | None = None) -> bool:
+        return self.interrupted_by is not None
+
+    # --- driving ---------------------------------------------------------------------------
+
+    def drive(self, actions: Mapping[str, Action], **start_detail: Any) -> Outcome:
+        """Run the machine from `ready` to a terminal state."""
+        with self._signals():
+            self.fire("start", detail={"pid": os.getpid(), **start_detail})
+            while self.state in actions:
+                self._killable = self.state not in ("unlocking", "cleaning")
+                current = self.state
+                detail: dict[str, Any] = {}
+                try:
+                    step = actions[current](self)
+                    trigger, detail = step if isinstance(step, tuple) else (step, {})
+                except BbrxError as error:
+                    trigger, detail = self._failure_trigger(current), error.detail()
+                    self.fail(error)
+                except Exception as exc:  # a bug must not skip the unlock path
+                    log.exception("internal error in %s", current)
+                    error = BbrxError(f"internal error while {current}: {exc!r}")
+                    trigger, detail = self._failure_trigger(current), error.detail()
+                    self.fail(error)
+                if self.interrupted_by and not self._interrupt_fired and self._can("interrupt"):
+                    self._interrupt_fired = True
+                    self.fire("interrupt", outcome="error", detail={"signal": self.interrupted_by})
+                else:
+                    self.fire(trigger, outcome=self._outcome_of(trigger), detail=detail)
+        if self.interrupted_by:
+            self.errors.insert(
+                0,
+                InterruptedRunError(
+                    f"{self.operation} was interrupted by {self.interrupted_by}; "
+                    + self._unlock_summary(),
+                    hint=f"See what ran: bbrx audit show {self.run_id}",
+                ),
+            )
+        return Outcome(
+            run_id=self.run_id,
+            operation=self.operation,
+            state=self.state,
+            errors=list(self.errors),
+            artifact=self.artifact,
+            audit_db=Path(self.audit.path),
+        )
+
+    def fire(self, trigger: str, *, outcome: str = "ok", **kwargs: Any) -> None:
+        try:
+            self.trigger(trigger, outcome=outcome, **kwargs)
+        except MachineError as exc:
+            # Already recorded as refused by finalize_event; a refused trigger is a bug.
+            raise BbrxError(f"internal error: {exc}") from exc
+
+    def _can(self, trigger: str) -> bool:
+        return trigger in self.machine.get_triggers(self.state)
+
+    def _failure_trigger(self, state: str) -> str:
+        failures = [t for t in self.machine.get_triggers(state) if t.endswith("_failed")]
+        return failures[0] if failures else "cleanup_failed"
+
+    @staticmethod
+    def _outcome_of(trigger: str) -> str:
+        return "error" if trigger.endswith("_failed") else "ok"
+
+    def fail(self, error: BbrxError) -> None:
+        self.errors.append(error)
+        log.error("%s", error.message)
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def track(self, jobs: Iterable[Job]) -> None:
+        for job in jobs:
+            self.jobs[job.name] = JobTracker(job, self)
+
+    def run_job_script(
+        self,
+        tracker: JobTracker,
+        phase: str,
+        script: str,
+        error_class: type[ScriptError],
+        env: Mapping[str, str] | None = None,
+    ) -> ScriptError | None:
+        """Run one job script as a job-machine phase: intent row, script, outcome row."""
+        tracker.trigger(phase, script=script)
+        result = self.instance.run_script(ScriptCall(tracker.name, script, dict(env or {})))
+        self._log_script_output(result)
+        if result.ok:
+            tracker.trigger(f"{phase}_ok", outcome="ok", script=script, result=result)
+            return None
+        error = error_class(
+            job=tracker.name,
+            script=script,
+            host=self.instance.address,
+            exit_code=result.exit_code,
+            stderr_tail=result.stderr_tail(),
+            killed_by=result.killed_by,
+        )
+        tracker.trigger(
+            f"{phase}_error", outcome="error", script=script, result=result, error=error
+        )
+        return error
+
+    def _log_script_output(self, result: ScriptResult) -> None:
+        for line in result.stdout.splitlines():
+            log.debug("%s/%s: %s", result.job, result.script, line)
+        for line in result.stderr.splitlines():
+            log.debug("%s/%s (stderr): %s", result.job, result.script, line)
+
+    def parallel(self, items: list[Any], work: Callable[[Any], Any], limit: int = 8) -> list[Any]:
+        """Run `work` over `items` in threads; results in input order."""
+        if len(items) <= 1:
+            return [work(item) for item in items]
+        with ThreadPoolExecutor(max_workers=min(limit, len(items))) as pool:
+            return list(pool.map(work, items))
+
+    def locked_jobs(self) -> list[str]:
+        return sorted(name for name, tracker in self.jobs.items() if tracker.may_be_locked)
+
+    def _unlock_summary(self) -> str:
+        still = self.locked_jobs()
+        if still:
+            return "jobs that may still be locked: " + ", ".join(still)
+        return "every job that was locked has been unlocked"
+
+    # --- interruption --------------------------------------------------------------------
+
+    def check_interrupt(self) -> None:
+        """Raise if the run was interrupted (called between chunks of long work)."""
+        if self.interrupted_by and self._killable:
+            raise InterruptedRunError(f"interrupted by {self.interrupted_by}")
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.interrupted_by is None:
+            self.interrupted_by = name
+            log.warning(
+                "%s received: stopping; every job that was locked will be unlocked first", name
+            )
+            if self._killable:
+                self.instance.terminate_scripts()
+            return
+        log.warning(
+            "%s received again: bbrx is unlocking and cleaning up and will exit when done; "
+            "%s. (Killing bbrx now would leave them locked: run backup-cleanup then.)",
+            name,
+            self._unlock_summary(),
+        )
+
+    def _signals(self) -> _SignalGuard:
+        return _SignalGuard(self._on_signal)
+
+    # --- audit -----------------------------------------------------------------------------
+
+    def record_run_event(self, event: EventData) -> None:
+        self._record(event, job=None)
+
+    def record_job_event(self, event: EventData) -> None:
+        tracker = event.model
+        assert isinstance(tracker, JobTracker)
+        self._record(event, job=tracker.name)
+
+    def _record(self, event: EventData, job: str | None) -> None:
+        kwargs = event.kwargs
+        result: ScriptResult | None = kwargs.get("result")
+        error: BbrxError | None = kwargs.get("error")
+        detail: dict[str, Any] = dict(kwargs.get("detail") or {})
+        outcome = kwargs.get("outcome", "ok")
+        if event.error is not None:
+            outcome = "refused" if isinstance(event.error, MachineError) else "error"
+            detail["machine_error"] = str(event.error)
+        elif event.result is False:
+            outcome = "refused"
+        if result is not None and result.stderr_tail():
+            detail["stderr_tail"] = result.stderr_tail()
+            if result.killed_by:
+                detail["killed_by"] = result.killed_by
+        if error is not None:
+            detail.update(error.detail())
+        if (
+            job is None
+            and event.event.name != "start"
+            and self.errors
+            and event.model.state
+            in (
+                "failed",
+                "interrupted",
+            )
+        ):
+            detail["errors"] = [e.message for e in self.errors]
+        try:
+            self.audit.append(
+                run_id=self.run_id,
+                operation=self.operation,
+                target=self.target,
+                mode=self.instance.mode,
+                operator=self.identity.operator,
+                origin_host=self.identity.origin_host,
+                reason=self.identity.reason,
+                # After a transition event.state is the destination; the source is on it.
+                from_state=event.transition.source if event.transition else event.state.name,
+                to_state=event.model.state,
+                trigger=event.event.name,
+                job=job,
+                script=kwargs.get("script"),
+                outcome=outcome,
+                exit_code=result.exit_code if result else None,
+                duration=round(result.duration, 6) if result else None,
+                detail=detail or None,
+                tool_version=f"bbrx {__version__}",
+            )
+        except Exception as exc:
+            # Losing the audit trail must not stop the unlock path; it fails the run instead.
+            if not self.audit_failed:
+                self.audit_failed = True
+                self.fail(BbrxError(f"could not write the audit log {self.audit.path}: {exc}"))
+
+
+class _SignalGuard:
+    """Routes SIGINT and SIGTERM to the run while it is driving (main thread only)."""
+
+    def __init__(self, handler: Callable[[int, FrameType | None], None]) -> None:
+        self._handler = handler
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handler)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)

@@ -1,0 +1,207 @@
+"""Actions shared by several operations: discovery, checks, lock, unlock, remote cleanup.
+
+Each action takes the `Run`, does its side effects through the instance contract, and
+returns the trigger that says how it went (optionally with a detail for the audit row).
+An action that raises a `BbrxError` takes its state's failure transition.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from orchestrator import BBR_COMPATIBLE_VERSION
+from orchestrator.errors import (
+    CheckError,
+    CleanupError,
+    CyclicLockOrderError,
+    MetadataError,
+    ScriptError,
+    TransportError,
+    UnlockError,
+)
+from orchestrator.instance import REMOTE_WORK_DIR, Job, ScriptCall
+from orchestrator.machine import SCRIPTS
+from orchestrator.ordering import JobMetadata, lock_levels, parse_metadata
+from orchestrator.run import JobTracker, Run
+
+log = logging.getLogger(__name__)
+
+Step = str | tuple[str, dict[str, Any]]
+
+
+def discover(run: Run) -> Step:
+    """List the jobs and their scripts, read each job's metadata, drop skipped jobs."""
+    log.info("Looking for scripts on %s", run.instance.address)
+    jobs = run.instance.discover()
+    metadata = dict(
+        run.parallel([j for j in jobs if j.has("metadata")], lambda j: _metadata(run, j))
+    )
+    skipped = sorted(name for name, meta in metadata.items() if meta.skip_bbr_scripts)
+    for name in skipped:
+        log.info("Job %s sets skip_bbr_scripts: it takes no part in this run", name)
+    active = [job for job in jobs if job.name not in skipped]
+    for job in active:
+        meta = metadata.get(job.name, JobMetadata())
+        for key in meta.discontinued_keys:
+            if run.operation == "restore":
+                raise MetadataError(
+                    f"metadata of job {job.name} uses {key}, which bbr no longer supports: "
+                    "refusing to restore",
+                    job=job.name,
+                    hint="Remove backup_name/restore_name from the job's metadata script.",
+                )
+            log.warning("Job %s: metadata key %s is discontinued and ignored", job.name, key)
+    run.data["metadata"] = metadata
+    run.track(active)
+    scripts = {job.name: sorted(job.scripts) for job in active}
+    for name, names in scripts.items():
+        log.info("Found job %s with scripts: %s", name, ", ".join(names))
+    return "discovered", {"jobs": scripts, "skipped": skipped}
+
+
+def _metadata(run: Run, job: Job) -> tuple[str, JobMetadata]:
+    result = run.instance.run_script(
+        ScriptCall(job.name, "metadata", {"BBR_VERSION": BBR_COMPATIBLE_VERSION})
+    )
+    if not result.ok:
+        how = (
+            f"was killed ({result.killed_by})" if result.killed_by else f"exited {result.exit_code}"
+        )
+        raise MetadataError(
+            f"metadata script for job {job.name} on {run.instance.address} failed: it {how}"
+            + (f"\n  stderr: {result.stderr_tail()}" if result.stderr_tail() else ""),
+            job=job.name,
+        )
+    return job.name, parse_metadata(job.name, result.stdout)
+
+
+def jobs_with(run: Run, phase: str) -> list[JobTracker]:
+    """The run's jobs that have the script of `phase` in this operation."""
+    script = SCRIPTS[run.operation].get(phase)
+    return [t for t in run.jobs.values() if script and t.job.has(script)]
+
+
+def plan_levels(run: Run, *, strict: bool = True) -> list[list[str]]:
+    """Kahn levels over the run's jobs; cleanups fall back to one level on a cycle."""
+    order_of = "restore" if run.operation.startswith("restore") else "backup"
+    try:
+        levels = lock_levels(run.jobs, run.data["metadata"], order_of)
+    except CyclicLockOrderError as error:
+        if strict:
+            raise
+        log.warning("%s; unlocking every job anyway", error.message)
+        levels = [sorted(run.jobs)]
+    run.data["levels"] = levels
+    return levels
+
+
+def check_work_dir_absent(run: Run) -> None:
+    if run.instance.work_dir_exists():
+        raise CheckError(
+            f"Directory {REMOTE_WORK_DIR} already exists on instance "
+            f"{run.instance.group}/{run.instance.index} of {run.instance.address}: "
+            "an earlier run did not finish",
+            hint="Run `bbrx director ... backup-cleanup` (or restore-cleanup after a restore), "
+            "then try again.",
+        )
+
+
+def check_backupable(run: Run) -> Step:
+    """bbr's pre-backup-check: backup scripts exist, no leftover work dir, no lock cycle."""
+    if not jobs_with(run, "backup"):
+        raise CheckError(
+            f"no job on {run.instance.address} has a backup script: nothing to back up",
+            hint="Check that the director's jobs ship bin/bbr/backup scripts.",
+        )
+    check_work_dir_absent(run)
+    levels = plan_levels(run)
+    plan = lock_plan(run, levels)
+    return "checks_passed", {"lock_plan": plan}
+
+
+def lock_plan(run: Run, levels: list[list[str]]) -> list[dict[str, Any]]:
+    """The levels and the scripts that will run in them, for the log and the audit."""
+    lock_script = SCRIPTS[run.operation].get("lock")
+    plan = []
+    for number, level in enumerate(levels):
+        locks = [n for n in level if lock_script and run.jobs[n].job.has(lock_script)]
+        plan.append({"level": number, "jobs": level, "lock_scripts": locks})
+        log.info("Lock level %d: %s", number, ", ".join(level))
+    return plan
+
+
+def lock(run: Run, error_class: type[ScriptError], *, parallel: bool = True) -> Step:
+    """Lock level by level; stop at the first level with a failure.
+
+    Serial mode (restore, as bbr does it) also stops at the first failed job.
+    """
+    script = SCRIPTS[run.operation]["lock"]
+    for number, level in enumerate(run.data["levels"]):
+        trackers = [run.jobs[name] for name in level if run.jobs[name].job.has(script)]
+        if not trackers:
+            continue
+        log.info("Locking level %d: %s", number, ", ".join(t.name for t in trackers))
+
+        def lock_one(tracker: JobTracker) -> ScriptError | None:
+            return run.run_job_script(tracker, "lock", script, error_class)
+
+        if parallel:
+            errors = [e for e in run.parallel(trackers, lock_one) if e]
+        else:
+            errors = []
+            for tracker in trackers:
+                error = lock_one(tracker)
+                if error:
+                    errors.append(error)
+                    break
+        for error in errors:
+            run.fail(error)
+        if errors or run.interrupted_by:
+            return "lock_failed"
+    return "locked"
+
+
+def unlock(run: Run, *, parallel: bool = True) -> Step:
+    """Run every job's unlock script, levels in reverse order, whatever happened before."""
+    script = SCRIPTS[run.operation]["unlock"]
+    env: dict[str, str] = {}
+    if script == "post-backup-unlock":
+        successful = run.operation == "backup" and run.backup_succeeded()
+        env["BBR_AFTER_BACKUP_SCRIPTS_SUCCESSFUL"] = "true" if successful else "false"
+    failed = False
+    for level in reversed(run.data.get("levels") or [sorted(run.jobs)]):
+        trackers = [run.jobs[name] for name in reversed(level) if run.jobs[name].job.has(script)]
+        if not trackers:
+            continue
+        log.info("Unlocking %s", ", ".join(t.name for t in trackers))
+
+        def unlock_one(tracker: JobTracker) -> ScriptError | None:
+            try:
+                return run.run_job_script(tracker, "unlock", script, UnlockError, env)
+            except TransportError as exc:
+                # The script could not even start: still an unlock failure of this job.
+                run.fail(exc)
+                return None
+
+        results = run.parallel(trackers, unlock_one) if parallel else map(unlock_one, trackers)
+        for error in results:
+            if error:
+                run.fail(error)
+                failed = True
+    return "unlock_failed" if failed else "unlocked"
+
+
+def remove_work_dir(run: Run) -> Step:
+    try:
+        run.instance.remove_work_dir()
+    except Exception as exc:
+        run.fail(
+            CleanupError(
+                f"could not remove {REMOTE_WORK_DIR} on {run.instance.address}: {exc}",
+                hint="Run `bbrx director ... backup-cleanup` to try again.",
+            )
+        )
+        return "cleanup_failed"
+    log.info("Removed %s on %s", REMOTE_WORK_DIR, run.instance.address)
+    return "cleaned"

@@ -1,0 +1,73 @@
+"""From a --host value to an Instance: the simulator for sim://NAME, SSH otherwise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.errors import NotSupportedError, TargetError, UsageError
+from orchestrator.instance import Instance
+
+SIM_SCHEME = "sim://"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A parsed --host: what the artifact is named after and how to reach it."""
+
+    host: str
+    name: str  # bbr: the host without scheme or port
+    simulated: bool
+    port: int = 22
+
+    @property
+    def address(self) -> str:
+        return self.host if self.simulated else f"{self.name}:{self.port}"
+
+
+def parse_host(host: str) -> Target:
+    if not host:
+        raise UsageError("--host is required", hint="Use --host sim://NAME for the simulator.")
+    if host.startswith(SIM_SCHEME):
+        name = host[len(SIM_SCHEME) :]
+        if not name:
+            raise UsageError(f"--host {host}: name the simulated director, e.g. sim://demo")
+        return Target(host=host, name=name, simulated=True)
+    if "://" in host:
+        raise UsageError(
+            f"--host {host}: unknown scheme",
+            hint="Give HOST[:PORT] for a real director or sim://NAME for the simulator.",
+        )
+    name, _, port = host.rpartition(":") if ":" in host else (host, "", "22")
+    try:
+        number = int(port)
+        if not 0 < number < 65536:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--host {host}: port must be a number from 1 to 65535") from None
+    return Target(host=host, name=name, simulated=False, port=number)
+
+
+def open_instance(
+    target: Target, *, home: Path, username: str | None, private_key_path: Path | None
+) -> Instance:
+    if target.simulated:
+        from simulator.director import SimDirector, sim_root
+        from simulator.instance import SimInstance
+
+        director = SimDirector(sim_root(home, target.name))
+        director.ensure()
+        return SimInstance(director)
+    if not username or private_key_path is None:
+        raise UsageError(
+            f"--host {target.host} is a real director: --username and --private-key-path "
+            "are required"
+        )
+    raise NotSupportedError(
+        f"cannot reach {target.address}: the SSH transport for real directors is not yet "
+        "supported in this version of bbrx",
+        hint="Practise with the built-in simulator: --host sim://NAME.",
+    )
+
+
+__all__ = ["SIM_SCHEME", "Target", "TargetError", "open_instance", "parse_host"]

@@ -1,0 +1,321 @@
+"""SimInstance: the `orchestrator.instance.Instance` contract over a SimDirector.
+
+Scripts run as real subprocesses in their own sessions, so a Ctrl-C at the terminal
+reaches bbrx alone and bbrx decides what to stop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, BinaryIO, cast
+
+from orchestrator.errors import DiscoveryError, TransportError
+from orchestrator.instance import IGNORED_JOBS, SCRIPT_NAMES, Job, ScriptCall, ScriptResult
+from simulator.director import JOBS_DIR, STORE_DIR, SimDirector
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = STORE_DIR / "bbr-backup"
+KILL_GRACE_SECONDS = 3.0
+_CHUNK = 1 << 20
+
+
+class SimInstance:
+    """The simulated director as bbrx sees it (group `bosh`, index `0`)."""
+
+    group = "bosh"
+    index = "0"
+    mode = "sim"
+
+    def __init__(self, director: SimDirector) -> None:
+        self.director = director
+        self.root = director.root
+        self.address = f"sim://{director.name}"
+        # Plain dict/set operations are atomic under the GIL; terminate_scripts relies on
+        # that instead of a lock, because it runs in a signal handler that may interrupt a
+        # thread in the middle of run_script.
+        self._running: dict[int, subprocess.Popen[bytes]] = {}
+        self._terminated: set[int] = set()
+        self._generation = 0
+
+    def __repr__(self) -> str:
+        return f"SimInstance({self.address!r})"
+
+    # -- scripts -------------------------------------------------------------------
+
+    def discover(self) -> list[Job]:
+        if not self.root.is_dir():
+            raise DiscoveryError(
+                f"cannot list the job scripts of {self.address}: {self.root} does not exist",
+                host=self.address,
+                hint=f"Create it with `bbrx sim create {self.director.name}`.",
+            )
+        jobs_dir = self.root / JOBS_DIR
+        try:
+            candidates = sorted(jobs_dir.iterdir()) if jobs_dir.is_dir() else []
+            jobs = []
+            for job_dir in candidates:
+                if job_dir.name in IGNORED_JOBS or not job_dir.is_dir():
+                    continue
+                bbr_dir = job_dir / "bin/bbr"
+                if not bbr_dir.is_dir():
+                    continue
+                scripts = frozenset(
+                    p.name
+                    for p in bbr_dir.iterdir()
+                    if p.name in SCRIPT_NAMES and p.is_file() and os.access(p, os.X_OK)
+                )
+                if scripts:
+                    jobs.append(Job(job_dir.name, scripts))
+        except OSError as error:
+            raise DiscoveryError(
+                f"cannot list the job scripts of {self.address} under {jobs_dir}: {error}",
+                host=self.address,
+            ) from error
+        return jobs
+
+    def _script_path(self, job: str, script: str) -> Path:
+        return self.root / JOBS_DIR / job / "bin/bbr" / script
+
+    def run_script(self, call: ScriptCall) -> ScriptResult:
+        path = self._script_path(call.job, call.script)
+        if not path.is_file():
+            raise TransportError(
+                f"cannot run {call.script} of job {call.job} on {self.address}: {path} not found",
+                host=self.address,
+            )
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "LANG": "C.UTF-8",
+            "HOME": os.environ.get("HOME", "/"),
+            **call.env,
+        }
+        generation = self._generation
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                [str(path)],
+                cwd=self.root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as error:
+            raise TransportError(
+                f"cannot start {call.script} of job {call.job} on {self.address}: {error}",
+                host=self.address,
+            ) from error
+        self._running[proc.pid] = proc
+        if self._generation != generation:
+            # terminate_scripts ran between Popen and registration and could not see us.
+            self._signal_group(proc, signal.SIGTERM)
+        log.debug("started %s/%s on %s (pid %d)", call.job, call.script, self.address, proc.pid)
+        try:
+            out, err = proc.communicate()
+        finally:
+            self._running.pop(proc.pid, None)
+        duration = time.monotonic() - started
+        returncode = proc.returncode
+        interrupted = proc.pid in self._terminated
+        self._terminated.discard(proc.pid)
+        exit_code: int | None = returncode
+        killed_by: str | None = None
+        if returncode < 0:
+            exit_code = None
+            killed_by = _signal_name(-returncode)
+            if interrupted:
+                killed_by += " (run interrupted)"
+        elif interrupted and returncode != 0:
+            # A script that traps SIGTERM and exits by itself was still stopped by us.
+            exit_code = None
+            killed_by = f"SIGTERM (run interrupted; exited {returncode})"
+        log.debug(
+            "%s/%s on %s ended: exit %s%s in %.3fs",
+            call.job,
+            call.script,
+            self.address,
+            exit_code,
+            f", killed by {killed_by}" if killed_by else "",
+            duration,
+        )
+        return ScriptResult(
+            job=call.job,
+            script=call.script,
+            exit_code=exit_code,
+            stdout=out.decode("utf-8", errors="replace"),
+            stderr=err.decode("utf-8", errors="replace"),
+            duration=duration,
+            killed_by=killed_by,
+        )
+
+    def terminate_scripts(self) -> None:
+        self._generation += 1
+        for proc in list(self._running.copy().values()):
+            self._terminated.add(proc.pid)
+            self._signal_group(proc, signal.SIGTERM)
+            timer = threading.Timer(KILL_GRACE_SECONDS, self._kill_if_alive, args=(proc,))
+            timer.daemon = True
+            timer.start()
+
+    def _kill_if_alive(self, proc: subprocess.Popen[bytes]) -> None:
+        # Only while the leader is unreaped: then its pid is still its group's id and
+        # cannot have been handed to an unrelated process.
+        if proc.returncode is None:
+            log.warning("script pid %d ignored SIGTERM; sending SIGKILL", proc.pid)
+            self._signal_group(proc, signal.SIGKILL)
+
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    # -- artifact directories ------------------------------------------------------
+
+    def _artifact_path(self, job: str) -> Path:
+        return self.root / WORK_DIR / job
+
+    def artifact_directory(self, job: str) -> str:
+        return f"{self._artifact_path(job)}/"
+
+    def work_dir_exists(self) -> bool:
+        return (self.root / WORK_DIR).exists()
+
+    def make_artifact_directory(self, job: str) -> None:
+        try:
+            self._artifact_path(job).mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as error:
+            raise TransportError(
+                f"cannot create the artifact directory of job {job} on {self.address}: {error}",
+                host=self.address,
+            ) from error
+
+    def remove_work_dir(self) -> None:
+        try:
+            shutil.rmtree(self.root / WORK_DIR)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise TransportError(
+                f"cannot remove {self.root / WORK_DIR} on {self.address}: {error}",
+                host=self.address,
+            ) from error
+
+    def _existing_artifact_path(self, job: str) -> Path:
+        path = self._artifact_path(job)
+        if not path.is_dir():
+            raise TransportError(f"no artifact directory for job {job} on {self.address}")
+        return path
+
+    @contextmanager
+    def stream_out(self, job: str) -> Iterator[BinaryIO]:
+        path = self._existing_artifact_path(job)
+        # stderr goes to a file: a pipe nobody reads while we stream could fill and block tar.
+        with tempfile.TemporaryFile() as errors:
+            proc = subprocess.Popen(
+                ["tar", "-C", str(path), "-cf", "-", "."],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+            )
+            stdout = proc.stdout
+            assert stdout is not None
+            try:
+                yield cast(BinaryIO, stdout)
+            except BaseException:
+                proc.kill()
+                stdout.close()
+                proc.wait()
+                raise
+            stdout.close()
+            returncode = proc.wait()
+            if returncode != 0:
+                errors.seek(0)
+                message = errors.read().decode("utf-8", errors="replace").strip()
+                raise TransportError(
+                    f"streaming the artifact of job {job} out of {self.address} failed: "
+                    f"tar exited {returncode}: {message or 'no message'}",
+                    host=self.address,
+                )
+
+    def stream_in(self, job: str, chunks: Iterator[bytes]) -> None:
+        self.make_artifact_directory(job)
+        path = self._artifact_path(job)
+        with tempfile.TemporaryFile() as errors:
+            proc = subprocess.Popen(
+                ["tar", "-C", str(path), "--no-same-owner", "-xf", "-"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+            )
+            stdin = proc.stdin
+            assert stdin is not None
+            broken = False
+            try:
+                for chunk in chunks:
+                    try:
+                        stdin.write(chunk)
+                    except BrokenPipeError:
+                        # tar gave up; its exit code and stderr below say why.
+                        broken = True
+                        break
+            except BaseException:
+                proc.kill()
+                _close_quietly(stdin)
+                proc.wait()
+                raise
+            _close_quietly(stdin)
+            returncode = proc.wait()
+            if returncode != 0 or broken:
+                errors.seek(0)
+                message = errors.read().decode("utf-8", errors="replace").strip()
+                raise TransportError(
+                    f"unpacking the artifact of job {job} into {self.address} failed: "
+                    f"tar exited {returncode}: {message or 'no message'}",
+                    host=self.address,
+                )
+
+    def checksum_artifact_directory(self, job: str) -> dict[str, str]:
+        base = self._existing_artifact_path(job)
+        checksums: dict[str, str] = {}
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                path = Path(dirpath) / filename
+                if path.is_symlink() or not path.is_file():
+                    continue
+                digest = hashlib.sha256()
+                with path.open("rb") as handle:
+                    while chunk := handle.read(_CHUNK):
+                        digest.update(chunk)
+                checksums[f"./{path.relative_to(base).as_posix()}"] = digest.hexdigest()
+        return checksums
+
+    def close(self) -> None:
+        for proc in list(self._running.copy().values()):
+            self._terminated.add(proc.pid)
+            self._signal_group(proc, signal.SIGKILL)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _close_quietly(stream: IO[bytes]) -> None:
+    with suppress(BrokenPipeError):
+        stream.close()

@@ -1,0 +1,143 @@
+# bbr-sim shared helpers, installed on the VM as /var/vcap/packages/bbr-sim/lib.sh.
+#
+# Sourced by every bbr script of the simulated director. The caller sets ROOT to the VM
+# root it derived from its own path (empty or "/" on a real VM), so nothing here depends
+# on the environment bbrx passes: the same tree works under a simulator root and when
+# bind-mounted on a real /var/vcap.
+
+SIM_ROOT="${ROOT%/}"
+SIM_SCRIPT="$(basename -- "$0")"
+SIM_JOB="$(basename -- "$(dirname -- "$(dirname -- "$(dirname -- "$0")")")")"
+SIM_VCAP="$SIM_ROOT/var/vcap"
+SIM_STORE="$SIM_VCAP/store"
+SIM_RUN_DIR="$SIM_VCAP/sys/run/bbr-sim"
+SIM_LOCK_FILE="$SIM_RUN_DIR/locks/$SIM_JOB"
+SIM_CALL_LOG="$SIM_VCAP/sys/log/bbr-sim/calls.log"
+SIM_CONFIG_DIR="$SIM_VCAP/jobs/$SIM_JOB/config"
+
+# One printf per line so concurrent scripts appending to the log never interleave.
+sim_log_event() {
+  local event="$1" extra="$2" line
+  printf -v line '%s\t%s\t%s\t%s\t%s\t%s\n' \
+    "$(date +%s.%N)" "$SIM_JOB" "$SIM_SCRIPT" "$event" "$$" "$extra"
+  mkdir -p -- "$(dirname -- "$SIM_CALL_LOG")"
+  printf '%s' "$line" >>"$SIM_CALL_LOG"
+}
+
+sim_on_exit() {
+  local rc=$?
+  sim_log_event exit "rc=$rc" || true
+}
+
+sim_err() {
+  printf '%s/%s: %s\n' "$SIM_JOB" "$SIM_SCRIPT" "$*" >&2
+}
+
+sim_say() {
+  printf '%s/%s: %s\n' "$SIM_JOB" "$SIM_SCRIPT" "$*"
+}
+
+# Faults are read from a file so tests and trainees can break one script of one job
+# without touching the scripts themselves.
+sim_apply_fault() {
+  local fault_file="$SIM_RUN_DIR/faults/$SIM_JOB/$SIM_SCRIPT" line=""
+  [[ -f $fault_file ]] || return 0
+  IFS= read -r line <"$fault_file" || true
+  local -a words=()
+  read -r -a words <<<"$line" || true
+  case "${words[0]:-}" in
+    "") ;;
+    fail)
+      local code="${words[1]:-1}" message="${words[*]:2}"
+      printf '%s\n' "${message:-injected failure}" >&2
+      exit "$code"
+      ;;
+    hang)
+      sim_say "hanging (injected fault) until killed"
+      # A loop of short sleeps rather than `exec sleep`, so the EXIT trap stays ours and
+      # a SIGTERM to the process group ends both the sleep and this shell.
+      while :; do sleep 1; done
+      ;;
+    sleep)
+      sim_say "sleeping ${words[1]:-1}s (injected fault)"
+      sleep "${words[1]:-1}"
+      ;;
+    *)
+      sim_err "unknown fault in $fault_file: $line"
+      exit 70
+      ;;
+  esac
+}
+
+# First thing every script does: log the start, arrange the exit line, apply faults.
+sim_begin() {
+  local extra=""
+  if [[ -n ${BBR_AFTER_BACKUP_SCRIPTS_SUCCESSFUL+x} ]]; then
+    extra="BBR_AFTER_BACKUP_SCRIPTS_SUCCESSFUL=$BBR_AFTER_BACKUP_SCRIPTS_SUCCESSFUL"
+  fi
+  if [[ -n ${BBR_ARTIFACT_DIRECTORY+x} ]]; then
+    extra="${extra:+$extra;}BBR_ARTIFACT_DIRECTORY=$BBR_ARTIFACT_DIRECTORY"
+  fi
+  sim_log_event start "$extra"
+  trap sim_on_exit EXIT
+  sim_apply_fault
+}
+
+sim_metadata() {
+  cat -- "$SIM_CONFIG_DIR/metadata.yml"
+}
+
+sim_lock() {
+  mkdir -p -- "$(dirname -- "$SIM_LOCK_FILE")"
+  if [[ -f $SIM_LOCK_FILE ]]; then
+    sim_say "already locked ($(cat -- "$SIM_LOCK_FILE")); taking the lock over"
+  fi
+  printf '%s %s\n' "$SIM_SCRIPT" "$$" >"$SIM_LOCK_FILE"
+  sim_say "locked"
+}
+
+sim_unlock() {
+  if [[ -n ${BBR_AFTER_BACKUP_SCRIPTS_SUCCESSFUL+x} ]]; then
+    sim_say "BBR_AFTER_BACKUP_SCRIPTS_SUCCESSFUL=$BBR_AFTER_BACKUP_SCRIPTS_SUCCESSFUL"
+  fi
+  if [[ -f $SIM_LOCK_FILE ]]; then
+    rm -f -- "$SIM_LOCK_FILE"
+    sim_say "unlocked"
+  else
+    sim_say "was not locked; nothing to do"
+  fi
+}
+
+# Backup and restore of a live (unlocked) job would copy or overwrite data in motion.
+sim_require_lock() {
+  if [[ ! -f $SIM_LOCK_FILE ]]; then
+    sim_err "$SIM_JOB is not locked: $1"
+    exit 1
+  fi
+}
+
+# Prints the artifact directory after checking bbr's contract for it.
+sim_artifact_dir() {
+  local dir="${BBR_ARTIFACT_DIRECTORY:-}"
+  if [[ -z $dir ]]; then
+    sim_err "BBR_ARTIFACT_DIRECTORY is not set"
+    return 1
+  fi
+  if [[ $dir != */ ]]; then
+    sim_err "BBR_ARTIFACT_DIRECTORY must end with '/': $dir"
+    return 1
+  fi
+  if [[ ! -d $dir ]]; then
+    sim_err "BBR_ARTIFACT_DIRECTORY does not exist: $dir"
+    return 1
+  fi
+  printf '%s' "$dir"
+}
+
+# Replaces a file atomically so a failed restore never leaves half a database.
+sim_install_file() {
+  local src="$1" dest="$2"
+  mkdir -p -- "$(dirname -- "$dest")"
+  cp -- "$src" "$dest.restoring"
+  mv -f -- "$dest.restoring" "$dest"
+}

@@ -1,0 +1,186 @@
+"""The artifact format: bbr's layout and metadata schema, one-pass checksums, safe publish."""
+
+import hashlib
+import io
+import os
+import stat
+import subprocess
+import tarfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import artifact
+from orchestrator.errors import ArtifactCorruptError, ArtifactError
+
+STARTED = datetime(2026, 5, 30, 15, 49, 2, tzinfo=UTC)
+FINISHED = datetime(2026, 5, 30, 15, 51, 40, tzinfo=UTC)
+
+
+def make_tree(root: Path) -> dict[str, str]:
+    """Files like a job's artifact directory, and their SHA-256 computed independently."""
+    files = {
+        "director.sql": b"-- dump\n" * 1000,
+        "blobs/ab/cd": os.urandom(300_000),
+        "empty": b"",
+        "deep/a/b/c.txt": b"x",
+    }
+    sums = {}
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        sums["./" + name] = hashlib.sha256(data).hexdigest()
+    return sums
+
+
+def write_from_tar(writer: artifact.ArtifactWriter, directory: Path, job: str = "director"):
+    """Stream a real GNU tar of `directory` into the writer, as a VM would send it."""
+    with subprocess.Popen(
+        ["tar", "-C", str(directory), "-cf", "-", "."], stdout=subprocess.PIPE
+    ) as proc:
+        sums = writer.write_job("bosh", "0", job, proc.stdout)
+    assert proc.returncode == 0
+    return sums
+
+
+def test_stream_hashes_equal_an_independent_computation_and_bytes_are_kept(tmp_path):
+    source = tmp_path / "job"
+    source.mkdir()
+    expected = make_tree(source)
+    writer = artifact.ArtifactWriter(tmp_path, "demo", STARTED, "run-1")
+    writer.create()
+    sums = write_from_tar(writer, source)
+    assert sums == expected
+    raw = subprocess.run(["tar", "-C", str(source), "-cf", "-", "."], capture_output=True).stdout
+    written = (writer.partial / "bosh-0-director.tar").read_bytes()
+    assert written == raw  # byte for byte what the VM's tar produced, padding included
+
+
+def test_publish_writes_bbr_layout_and_metadata(tmp_path):
+    source = tmp_path / "job"
+    source.mkdir()
+    expected = make_tree(source)
+    out = tmp_path / "backups"
+    out.mkdir()
+    writer = artifact.ArtifactWriter(out, "10.0.0.6", STARTED, "run-1")
+    writer.create()
+    assert (writer.partial / artifact.INCOMPLETE_MARKER).exists()
+    assert not (writer.partial / "metadata").exists()
+    write_from_tar(writer, source)
+    final = writer.publish(FINISHED, {"run_id": "run-1", "seq": 7, "hash": "ab"})
+
+    assert final == out / "10.0.0.6_20260530T154902Z"
+    assert stat.S_IMODE(final.stat().st_mode) == 0o700
+    assert sorted(p.name for p in final.iterdir()) == [
+        "bbrx-audit.yml",
+        "bosh-0-director.tar",
+        "metadata",
+    ]
+    assert not writer.partial.exists()
+    text = (final / "metadata").read_text()
+    assert 'index: "0"' in text
+    document = yaml.safe_load(text)
+    assert document == {
+        "instances": [
+            {
+                "name": "bosh",
+                "index": "0",
+                "artifacts": [{"name": "director", "checksums": expected}],
+            }
+        ],
+        "custom_artifacts": [],
+        "backup_activity": {
+            "start_time": "2026/05/30 15:49:02 UTC",
+            "finish_time": "2026/05/30 15:51:40 UTC",
+        },
+    }
+    assert artifact.validate(final).jobs()[0][1].checksums == expected
+
+
+def test_artifact_path_must_exist(tmp_path):
+    with pytest.raises(ArtifactError, match="is not an existing directory"):
+        artifact.ArtifactWriter(tmp_path / "nope", "demo", STARTED, "r")
+
+
+def test_discard_leaves_nothing(tmp_path):
+    writer = artifact.ArtifactWriter(tmp_path, "demo", STARTED, "r")
+    writer.create()
+    writer.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def published(tmp_path: Path) -> Path:
+    source = tmp_path / "job"
+    source.mkdir()
+    make_tree(source)
+    writer = artifact.ArtifactWriter(tmp_path, "demo", STARTED, "r")
+    writer.create()
+    write_from_tar(writer, source)
+    return writer.publish(FINISHED, {"run_id": "r"})
+
+
+def test_one_changed_byte_is_caught(tmp_path):
+    final = published(tmp_path)
+    tar = final / "bosh-0-director.tar"
+    data = bytearray(tar.read_bytes())
+    # Flip a byte inside director.sql's content (the first member's data block).
+    offset = data.index(b"-- dump")
+    data[offset] ^= 0x01
+    tar.write_bytes(bytes(data))
+    with pytest.raises(ArtifactCorruptError, match=r"Backup is corrupted: bosh-0-director.tar: ./director.sql has SHA-256"):
+        artifact.validate(final)
+
+
+def test_missing_tar_and_extra_file_are_caught(tmp_path):
+    final = published(tmp_path)
+    metadata = yaml.safe_load((final / "metadata").read_text())
+    metadata["instances"][0]["artifacts"][0]["checksums"]["./ghost"] = "0" * 64
+    (final / "metadata").write_text(yaml.safe_dump(metadata))
+    with pytest.raises(ArtifactCorruptError, match="./ghost is listed in the metadata but missing"):
+        artifact.validate(final)
+    (final / "bosh-0-director.tar").unlink()
+    with pytest.raises(ArtifactCorruptError, match="bosh-0-director.tar is missing"):
+        artifact.validate(final)
+
+
+def test_incomplete_backups_are_refused(tmp_path):
+    writer = artifact.ArtifactWriter(tmp_path, "demo", STARTED, "r")
+    writer.create()
+    with pytest.raises(ArtifactError, match="incomplete backup"):
+        artifact.read_manifest(writer.partial)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(ArtifactError, match="has no metadata file"):
+        artifact.read_manifest(bare)
+
+
+def test_reads_a_bbr_made_artifact(tmp_path):
+    """An artifact as bbr writes it (Go yaml, its own tar) restores the same way."""
+    final = tmp_path / "10.0.0.6_20260530T154902Z"
+    final.mkdir()
+    content = b"credhub dump\n"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("./credhub.sql")
+        info.size = len(content)
+        tar.addfile(info, io.BytesIO(content))
+    (final / "bosh-0-bbr-credhubdb.tar").write_bytes(buffer.getvalue())
+    (final / "metadata").write_text(
+        "instances:\n"
+        "- name: bosh\n"
+        '  index: "0"\n'
+        "  artifacts:\n"
+        "  - name: bbr-credhubdb\n"
+        "    checksums:\n"
+        f"      ./credhub.sql: {hashlib.sha256(content).hexdigest()}\n"
+        "custom_artifacts: []\n"
+        "backup_activity:\n"
+        "  start_time: 2026/05/30 15:49:02 UTC\n"
+        "  finish_time: 2026/05/30 15:51:40 UTC\n"
+        "some_future_key: ignored\n"
+    )
+    manifest = artifact.validate(final)
+    assert [(i.name, i.index, a.name) for i, a in manifest.jobs()] == [("bosh", "0", "bbr-credhubdb")]

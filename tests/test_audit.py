@@ -1,0 +1,675 @@
+"""Tests of the standalone audit package, against real SQLite files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Submodules, not the package: the editable install may map `audit` as a namespace
+# package (it was installed before audit/__init__.py existed), and submodule imports
+# work either way. test_public_api_is_reexported checks the package-level names.
+from audit.errors import AuditError
+from audit.log import AppendedEvent, AuditLog, RunSummary
+from audit.render import format_runs, format_timeline
+from audit.schema import EVENT_COLUMNS, HASHED_COLUMNS, TERMINAL_STATES, TRIGGERS, row_hash
+from audit.verify import verify_log
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+BASE: dict[str, Any] = {
+    "operation": "backup",
+    "target": "director-1",
+    "mode": "sim",
+    "operator": "alice",
+    "origin_host": "laptop",
+    "reason": "nightly",
+    "tool_version": "0.1.0",
+}
+
+
+def add(log: AuditLog, run_id: str = "run-aaaa", **overrides: Any) -> AppendedEvent:
+    fields: dict[str, Any] = {
+        **BASE,
+        "run_id": run_id,
+        "from_state": "idle",
+        "to_state": "running",
+        "trigger": "start",
+        **overrides,
+    }
+    return log.append(**fields)
+
+
+def filled(path: Path, n: int) -> Path:
+    with AuditLog(path) as log:
+        for i in range(n):
+            add(log, run_id=f"run-{i // 3}", detail={"i": i})
+    return path
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    # What a tamperer has: a plain connection with no help from the audit package.
+    return sqlite3.connect(path, isolation_level=None)
+
+
+def tamper(path: Path, *statements: str) -> None:
+    conn = raw(path)
+    try:
+        for sql in statements:
+            conn.execute(sql)
+    finally:
+        conn.close()
+
+
+def drop_all_triggers(path: Path) -> None:
+    tamper(path, *(f"DROP TRIGGER {name}" for name in TRIGGERS))
+
+
+def rows(path: Path) -> list[tuple[Any, ...]]:
+    conn = raw(path)
+    try:
+        return conn.execute("SELECT * FROM events ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+
+
+# -- schema --------------------------------------------------------------------------------
+
+
+def test_event_columns_are_the_documented_schema_in_order(tmp_path: Path) -> None:
+    names = [c[0] for c in EVENT_COLUMNS]
+    assert names == [
+        "seq", "ts", "run_id", "operation", "target", "mode", "operator", "origin_host",
+        "reason", "from_state", "to_state", "trigger", "job", "script", "outcome",
+        "exit_code", "duration", "detail", "tool_version", "prev_hash", "hash",
+    ]  # fmt: skip
+    assert all(len(c) == 3 and c[2] for c in EVENT_COLUMNS)
+    AuditLog(tmp_path / "a.db").close()
+    conn = raw(tmp_path / "a.db")
+    info = conn.execute("PRAGMA table_info(events)").fetchall()
+    assert [(r[1], r[2]) for r in info] == [(c[0], c[1]) for c in EVENT_COLUMNS]
+    assert [r[1] for r in info if r[5]] == ["seq"]
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+    assert frozenset({"succeeded", "failed", "interrupted"}) == TERMINAL_STATES
+
+
+def test_row_hash_is_sha256_of_canonical_json() -> None:
+    row: dict[str, Any] = {name: None for name in HASHED_COLUMNS}
+    row.update(
+        seq=12345678901234,
+        ts="2026-11-23T23:01:02.123456Z",
+        reason='héllo "quoted" \\ \n\t\x01 \u2028 日本 😀',
+        duration=0.1 + 0.2,
+        exit_code=-3,
+        detail='{"a":[1,2]}',
+        prev_hash="0" * 64,
+        hash="ignored",
+    )
+    expected_text = json.dumps(
+        {k: row[k] for k in HASHED_COLUMNS},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    assert row_hash(row) == hashlib.sha256(expected_text.encode()).hexdigest()
+    assert row_hash({**row, "hash": "other"}) == row_hash(row)
+    assert row_hash({**row, "seq": 1}) != row_hash(row)
+
+
+def test_public_api_is_reexported() -> None:
+    # A fresh interpreter in the repo root imports the real package, whatever the
+    # editable install's mapping says.
+    code = (
+        "import audit, audit.log, audit.verify, audit.schema, audit.errors\n"
+        "from audit import (AuditLog, AuditError, AppendedEvent, RunSummary, VerifyReport,\n"
+        "    verify_log, EVENT_COLUMNS, TERMINAL_STATES)\n"
+        "assert AuditLog is audit.log.AuditLog and verify_log is audit.verify.verify_log\n"
+        "assert AuditError is audit.errors.AuditError and issubclass(AuditError, Exception)\n"
+        "assert VerifyReport is audit.verify.VerifyReport\n"
+        "assert EVENT_COLUMNS is audit.schema.EVENT_COLUMNS\n"
+        "assert sorted(audit.__all__) == sorted(n for n in audit.__all__ if hasattr(audit, n))\n"
+        "print('ok', len(audit.__all__))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok ")
+
+
+# -- round trip ----------------------------------------------------------------------------
+
+
+def test_append_head_event_runs_timeline_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dir" / "audit.db"
+    with AuditLog(path) as log:
+        assert log.head() is None
+        assert log.runs() == []
+        first = add(log, from_state=None, to_state="running")
+        job = add(
+            log,
+            from_state="pending",
+            to_state="backed-up",
+            trigger="run_script",
+            job="bbr-director",
+            script="backup",
+            outcome="error",
+            exit_code=1,
+            duration=2,
+            detail={"stderr_tail": "disk full", "n": [1, 2]},
+        )
+        last = add(log, from_state="running", to_state="failed", trigger="fail")
+        other = add(log, run_id="run-bbbb", operation="restore", to_state="running")
+
+        assert (first.seq, job.seq, last.seq, other.seq) == (1, 2, 3, 4)
+        assert TS_RE.match(first.ts)
+        assert re.fullmatch(r"[0-9a-f]{64}", first.hash)
+        assert log.head() == other
+
+        ev = log.event(2)
+        assert ev is not None
+        assert ev["detail"] == {"stderr_tail": "disk full", "n": [1, 2]}
+        assert ev["prev_hash"] == first.hash
+        assert ev["hash"] == job.hash
+        assert ev["duration"] == 2.0 and isinstance(ev["duration"], float)
+        assert (ev["job"], ev["script"], ev["outcome"], ev["exit_code"]) == (
+            "bbr-director",
+            "backup",
+            "error",
+            1,
+        )
+        assert log.event(99) is None
+
+        runs = log.runs()
+        assert runs == [
+            RunSummary(
+                run_id="run-aaaa",
+                operation="backup",
+                target="director-1",
+                mode="sim",
+                operator="alice",
+                reason="nightly",
+                start=first.ts,
+                end=last.ts,
+                events=3,
+                outcome="failed",
+                finished=True,
+            ),
+            RunSummary(
+                run_id="run-bbbb",
+                operation="restore",
+                target="director-1",
+                mode="sim",
+                operator="alice",
+                reason="nightly",
+                start=other.ts,
+                end=other.ts,
+                events=1,
+                outcome="running",
+                finished=False,
+            ),
+        ]
+        timeline = log.timeline("run-aaaa")
+        assert [r["seq"] for r in timeline] == [1, 2, 3]
+        assert [r["to_state"] for r in timeline] == ["running", "backed-up", "failed"]
+        assert set(timeline[0]) == {c[0] for c in EVENT_COLUMNS}
+    assert verify_log(path).ok
+
+
+def test_run_outcome_ignores_job_level_rows(tmp_path: Path) -> None:
+    with AuditLog(tmp_path / "a.db") as log:
+        add(log, to_state="succeeded")
+        add(log, to_state="failed", job="late-job")
+        (run,) = log.runs()
+    assert (run.outcome, run.finished, run.events) == ("succeeded", True, 2)
+
+
+def test_appends_survive_reopen_and_chain_continues(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 3)
+    with AuditLog(path) as log:
+        ev = add(log)
+        assert ev.seq == 4
+        previous, current = log.event(3), log.event(4)
+        assert previous is not None and current is not None
+        assert current["prev_hash"] == previous["hash"]
+    report = verify_log(path)
+    assert (report.ok, report.count, report.head_seq, report.head_hash) == (True, 4, 4, ev.hash)
+
+
+def test_invalid_append_is_refused_and_appends_nothing(tmp_path: Path) -> None:
+    with AuditLog(tmp_path / "a.db") as log:
+        with pytest.raises(AuditError, match="mode must be sim or live"):
+            add(log, mode="production")
+        with pytest.raises(AuditError, match="outcome must be one of"):
+            add(log, outcome="maybe")
+        with pytest.raises(AuditError, match="run_id must not be empty"):
+            add(log, run_id="")
+        with pytest.raises(AuditError, match="not JSON-serialisable"):
+            add(log, detail={"x": object()})
+        with pytest.raises(AuditError, match="duration must be finite"):
+            add(log, duration=float("nan"))
+        assert log.head() is None
+
+
+# -- run prefixes --------------------------------------------------------------------------
+
+
+def test_timeline_accepts_unique_prefix_and_exact_id(tmp_path: Path) -> None:
+    with AuditLog(tmp_path / "a.db") as log:
+        add(log, run_id="abc")
+        add(log, run_id="abcdef")
+        add(log, run_id="xyz-123")
+        assert [r["run_id"] for r in log.timeline("xy")] == ["xyz-123"]
+        assert [r["seq"] for r in log.timeline("abcd")] == [2]
+        # An exact id wins even though it is also a prefix of another run.
+        assert [r["seq"] for r in log.timeline("abc")] == [1]
+
+
+def test_timeline_prefix_errors_name_the_prefix_and_candidates(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    with AuditLog(path) as log:
+        add(log, run_id="run-1111")
+        add(log, run_id="run-2222")
+        with pytest.raises(AuditError) as none:
+            log.timeline("nope")
+        assert "'nope'" in str(none.value) and str(path) in str(none.value)
+        with pytest.raises(AuditError) as several:
+            log.timeline("run-")
+        message = str(several.value)
+        assert "'run-'" in message and "run-1111" in message and "run-2222" in message
+        with pytest.raises(AuditError):
+            log.timeline("")
+
+
+# -- concurrency ---------------------------------------------------------------------------
+
+
+def test_threads_share_one_log_safely(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    errors: list[BaseException] = []
+    with AuditLog(path) as log:
+
+        def worker(n: int) -> None:
+            try:
+                for i in range(50):
+                    add(log, run_id=f"thread-{n}", detail={"i": i})
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert sorted(r.events for r in log.runs()) == [50, 50, 50, 50]
+    assert [r[0] for r in rows(path)] == list(range(1, 201))
+    report = verify_log(path)
+    assert (report.ok, report.count) == (True, 200)
+
+
+def test_two_logs_on_one_file_interleave_into_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    with AuditLog(path) as one, AuditLog(path) as two:
+        for i in range(10):
+            assert add(one, run_id="one").seq == 2 * i + 1
+            assert add(two, run_id="two").seq == 2 * i + 2
+        assert one.head() == two.head()
+    report = verify_log(path)
+    assert (report.ok, report.count) == (True, 20)
+
+
+def test_processes_appending_concurrently_keep_a_valid_chain(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    AuditLog(path).close()
+    script = (
+        "import sys\n"
+        "from audit import AuditLog\n"
+        "with AuditLog(sys.argv[1]) as log:\n"
+        "    for i in range(40):\n"
+        "        log.append(run_id=sys.argv[2], operation='backup', target='d', mode='live',\n"
+        "                   operator='o', origin_host='h', reason='r', from_state='a',\n"
+        "                   to_state='b', trigger='t', tool_version='1')\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(path), f"p{n}"], cwd=REPO_ROOT)
+        for n in range(3)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    report = verify_log(path)
+    assert (report.ok, report.count) == (True, 120)
+
+
+# -- append-only triggers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE events SET reason = 'changed' WHERE seq = 2",
+        "DELETE FROM events WHERE seq = 2",
+        "INSERT OR REPLACE INTO events SELECT * FROM events WHERE seq = 2",
+        "INSERT INTO events (seq, ts, run_id, operation, target, mode, operator, origin_host,"
+        " to_state, trigger, outcome, tool_version, prev_hash, hash)"
+        " VALUES (5, 't', 'r', 'o', 't', 'sim', 'o', 'h', 's', 't', 'ok', 'v', 'p', 'h')",
+        "INSERT INTO events (ts, run_id, operation, target, mode, operator, origin_host,"
+        " to_state, trigger, outcome, tool_version, prev_hash, hash)"
+        " VALUES ('t', 'r', 'o', 't', 'sim', 'o', 'h', 's', 't', 'ok', 'v', 'p', 'h')",
+        "UPDATE meta SET value = '0' WHERE key = 'schema_version'",
+        "DELETE FROM meta",
+        "INSERT OR REPLACE INTO meta VALUES ('schema_version', '0')",
+    ],
+    ids=[
+        "update",
+        "delete",
+        "insert-or-replace",
+        "insert-gap",
+        "insert-null-seq",
+        "meta-update",
+        "meta-delete",
+        "meta-replace",
+    ],
+)
+def test_plain_sqlite3_cannot_change_the_log(tmp_path: Path, sql: str) -> None:
+    path = filled(tmp_path / "a.db", 3)
+    before = rows(path)
+    conn = raw(path)
+    with pytest.raises(sqlite3.IntegrityError, match="audit log is append-only"):
+        conn.execute(sql)
+    meta = conn.execute("SELECT * FROM meta").fetchall()
+    conn.close()
+    assert rows(path) == before
+    assert meta == [("schema_version", "1")]
+    assert verify_log(path).ok
+
+
+def test_update_message_is_the_documented_one(tmp_path: Path) -> None:
+    conn = raw(filled(tmp_path / "a.db", 1))
+    with pytest.raises(sqlite3.IntegrityError) as exc:
+        conn.execute("UPDATE events SET reason = 'x'")
+    conn.close()
+    assert str(exc.value) == "audit log is append-only: UPDATE refused"
+
+
+# -- verify --------------------------------------------------------------------------------
+
+
+def test_verify_empty_log_is_ok(tmp_path: Path) -> None:
+    AuditLog(tmp_path / "a.db").close()
+    report = verify_log(tmp_path / "a.db")
+    assert report.ok and report.count == 0
+    assert (report.head_seq, report.head_hash, report.first_bad_seq, report.problem) == (
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def test_verify_catches_an_edited_row(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 10)
+    drop_all_triggers(path)
+    tamper(path, "UPDATE events SET reason = 'nothing to see' WHERE seq = 7")
+    report = verify_log(path)
+    assert not report.ok
+    assert report.first_bad_seq == 7
+    assert report.problem == "seq 7: hash does not match its content (row edited)"
+    assert (report.count, report.head_seq) == (10, 10)
+
+
+def test_verify_catches_an_edit_with_recomputed_hash_at_the_next_row(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 10)
+    drop_all_triggers(path)
+    conn = raw(path)
+    conn.row_factory = sqlite3.Row
+    row = dict(conn.execute("SELECT * FROM events WHERE seq = 7").fetchone())
+    row["reason"] = "forged"
+    conn.execute(
+        "UPDATE events SET reason = ?, hash = ? WHERE seq = 7", (row["reason"], row_hash(row))
+    )
+    conn.close()
+    report = verify_log(path)
+    assert report.first_bad_seq == 8
+    assert report.problem is not None and "prev_hash does not match the hash of seq 7" in (
+        report.problem
+    )
+
+
+def test_verify_catches_a_deleted_row(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 10)
+    drop_all_triggers(path)
+    tamper(path, "DELETE FROM events WHERE seq = 5")
+    report = verify_log(path)
+    assert not report.ok
+    assert report.first_bad_seq == 5
+    assert report.problem == "seq 5: expected seq 5, found 6 (row 5 deleted)"
+    assert report.count == 9
+
+
+def test_verify_catches_deleted_and_renumbered_rows(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 10)
+    drop_all_triggers(path)
+    conn = raw(path)
+    conn.execute("DELETE FROM events WHERE seq = 5")
+    conn.execute("UPDATE events SET seq = seq - 1 WHERE seq > 5")
+    conn.close()
+    report = verify_log(path)
+    assert report.first_bad_seq == 5
+    assert report.problem is not None and report.problem.startswith(
+        "seq 5: prev_hash does not match the hash of seq 4"
+    )
+
+
+def test_verify_catches_two_swapped_rows(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 10)
+    drop_all_triggers(path)
+    conn = raw(path)
+    conn.execute("UPDATE events SET seq = -3 WHERE seq = 3")
+    conn.execute("UPDATE events SET seq = 3 WHERE seq = 4")
+    conn.execute("UPDATE events SET seq = 4 WHERE seq = -3")
+    conn.close()
+    assert [r[0] for r in rows(path)] == list(range(1, 11))
+    report = verify_log(path)
+    assert not report.ok
+    assert report.first_bad_seq == 3
+    assert report.problem == (
+        "seq 3: prev_hash does not match the hash of seq 2 (rows reordered or removed)"
+    )
+
+
+def test_verify_reports_dropped_triggers_on_an_intact_chain(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 4)
+    tamper(path, "DROP TRIGGER events_no_update")
+    report = verify_log(path)
+    assert not report.ok
+    assert report.first_bad_seq is None
+    assert report.problem == "append-only triggers missing: events_no_update"
+    assert (report.count, report.head_seq) == (4, 4)
+
+
+def test_verify_reports_a_trigger_replaced_by_a_no_op(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 2)
+    conn = raw(path)
+    conn.execute("DROP TRIGGER events_no_delete")
+    conn.execute(
+        "CREATE TRIGGER events_no_delete BEFORE DELETE ON events WHEN 0 BEGIN SELECT 1; END"
+    )
+    conn.close()
+    report = verify_log(path)
+    assert report.problem == "append-only triggers altered: events_no_delete"
+
+
+def test_writer_open_does_not_recreate_dropped_triggers(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 2)
+    tamper(path, "DROP TRIGGER events_no_update")
+    with AuditLog(path) as log:
+        add(log)
+    assert verify_log(path).problem == "append-only triggers missing: events_no_update"
+
+
+def test_verify_is_streaming_fast_enough(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    with AuditLog(path) as log:
+        for i in range(2000):
+            add(log, run_id=f"r{i // 10}", detail={"i": i})
+    report = verify_log(path)
+    assert (report.ok, report.count, report.head_seq) == (True, 2000, 2000)
+
+
+# -- opening -------------------------------------------------------------------------------
+
+
+def test_readonly_open_of_missing_file_errors_and_creates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "audit.db"
+    with pytest.raises(AuditError, match=re.escape(f"no audit log at {path}")):
+        AuditLog(path, readonly=True)
+    with pytest.raises(AuditError, match="no audit log at"):
+        verify_log(path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_readonly_log_reads_but_refuses_appends(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 3)
+    with AuditLog(path, readonly=True) as log:
+        assert log.head() is not None and log.head().seq == 3  # type: ignore[union-attr]
+        assert len(log.runs()) == 1
+        with pytest.raises(AuditError, match="read-only"):
+            add(log)
+    assert len(rows(path)) == 3
+
+
+def test_writer_connection_uses_wal_and_full_sync(tmp_path: Path) -> None:
+    with AuditLog(tmp_path / "a.db") as log:
+        conn = log._db.conn
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10000
+
+
+def test_close_is_idempotent_and_closed_log_refuses_use(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "a.db")
+    log.close()
+    log.close()
+    with pytest.raises(AuditError, match="closed"):
+        log.head()
+    with pytest.raises(AuditError, match="closed"):
+        add(log)
+
+
+def test_other_sqlite_database_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = raw(path)
+    conn.execute("CREATE TABLE notes (x)")
+    conn.close()
+    with pytest.raises(AuditError, match="not a bbrx audit log"):
+        AuditLog(path)
+    conn = raw(path)
+    tables = conn.execute("SELECT name FROM sqlite_master").fetchall()
+    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    conn.close()
+    assert (tables, mode) == ([("notes",)], "delete")
+
+
+def test_garbage_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(AuditError, match=re.escape(str(path))):
+        AuditLog(path)
+    with pytest.raises(AuditError, match=re.escape(str(path))):
+        verify_log(path)
+
+
+def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 1)
+    conn = raw(path)
+    conn.execute("DROP TRIGGER events_meta_no_update")
+    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+    for readonly in (False, True):
+        with pytest.raises(AuditError, match=r"schema version 2.*upgrade bbrx"):
+            AuditLog(path, readonly=readonly)
+
+
+# -- rendering and the reviewer CLI -------------------------------------------------------
+
+
+def test_format_runs_and_timeline(tmp_path: Path) -> None:
+    with AuditLog(tmp_path / "a.db") as log:
+        add(log, from_state=None, to_state="running")
+        add(
+            log,
+            from_state="pending",
+            to_state="done",
+            trigger="run_script",
+            job="bbr-director",
+            script="backup",
+            outcome="error",
+            exit_code=3,
+            duration=1.25,
+            detail={"stderr_tail": "line one\nline two", "other": 1},
+        )
+        runs_text = format_runs(log.runs())
+        timeline_text = format_timeline(log.timeline("run"))
+    run_lines = runs_text.splitlines()
+    assert len(run_lines) == 2 and "run-aaaa" in run_lines[1] and "unfinished" in run_lines[1]
+    lines = timeline_text.splitlines()
+    assert len(lines) == 3
+    assert "pending -> done" in lines[2]
+    assert "bbr-director" in lines[2] and "1.25s" in lines[2]
+    assert "stderr_tail: line one line two" in lines[2]
+    # Aligned columns: the TRIGGER heading sits where each row's trigger starts.
+    column = lines[0].index("TRIGGER")
+    assert lines[1][column:].startswith("start") and lines[2][column:].startswith("run_script")
+    assert format_runs([]) == "no runs" and format_timeline([]) == "no events"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "audit", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_verify_exit_codes(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 4)
+    head = verify_log(path)
+    ok = run_cli("verify", str(path))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == (f"audit log intact: 4 events, head seq 4 hash {head.head_hash}")
+
+    drop_all_triggers(path)
+    tamper(path, "UPDATE events SET target = 'elsewhere' WHERE seq = 2")
+    broken = run_cli("verify", str(path))
+    assert broken.returncode == 1
+    assert broken.stderr.strip() == (
+        "audit log BROKEN: seq 2: hash does not match its content (row edited)"
+    )
+    assert broken.stdout == ""
+
+    missing = run_cli("verify", str(tmp_path / "nope.db"))
+    assert missing.returncode == 2
+    assert "no audit log at" in missing.stderr
+
+
+def test_cli_runs_and_show(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 4)
+    runs = run_cli("runs", str(path))
+    assert runs.returncode == 0, runs.stderr
+    assert "run-0" in runs.stdout and "run-1" in runs.stdout
+    show = run_cli("show", str(path), "run-1")
+    assert show.returncode == 0, show.stderr
+    assert len(show.stdout.strip().splitlines()) == 2  # header + seq 4
+    ambiguous = run_cli("show", str(path), "run-")
+    assert ambiguous.returncode == 2 and "matches 2 runs" in ambiguous.stderr
