@@ -7,7 +7,8 @@ import logging
 import math
 import sqlite3
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -116,6 +117,9 @@ class AuditLog:
         try:
             self._db = sqlite_utils.Database(conn, execute_plugins=False)
             self._prepare()
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            raise AuditError(f"cannot open audit log {self.path}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise AuditError(
@@ -242,10 +246,16 @@ class AuditLog:
     ) -> None:
         self.close()
 
-    def _open_db(self) -> sqlite_utils.Database:
-        if self._closed:
-            raise AuditError(f"audit log {self.path} is closed: open a new AuditLog")
-        return self._db
+    @contextmanager
+    def _using(self) -> Iterator[sqlite_utils.Database]:
+        """The database, under the lock, with SQLite errors turned into AuditError."""
+        with self._lock:
+            if self._closed:
+                raise AuditError(f"audit log {self.path} is closed: open a new AuditLog")
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise AuditError(f"cannot read or write audit log {self.path}: {exc}") from exc
 
     # -- writing -------------------------------------------------------------------------
 
@@ -304,12 +314,8 @@ class AuditLog:
                 f"cannot append to {p}: outcome must be one of {', '.join(sorted(OUTCOMES))}, "
                 f"got {outcome!r}"
             )
-        with self._lock:
-            db = self._open_db()
-            try:
-                return self._append_locked(db, fields)
-            except sqlite3.Error as exc:
-                raise AuditError(f"cannot append to audit log {p}: {exc}") from exc
+        with self._using() as db:
+            return self._append_locked(db, fields)
 
     def _append_locked(self, db: sqlite_utils.Database, fields: dict[str, Any]) -> AppendedEvent:
         conn = db.conn
@@ -364,22 +370,20 @@ class AuditLog:
 
     def head(self) -> AppendedEvent | None:
         """The last event, or None for an empty log."""
-        with self._lock:
-            row = (
-                self._open_db()
-                .execute("SELECT seq, ts, hash FROM events ORDER BY seq DESC LIMIT 1")
-                .fetchone()
-            )
+        with self._using() as db:
+            row = db.execute(
+                "SELECT seq, ts, hash FROM events ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
         return AppendedEvent(seq=row[0], ts=row[1], hash=row[2]) if row else None
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._open_db().execute("SELECT COUNT(*) FROM events").fetchone()[0])
+        with self._using() as db:
+            return int(db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
     def event(self, seq: int) -> dict[str, Any] | None:
         """One event as a dict (``detail`` decoded), or None if there is no such seq."""
-        with self._lock:
-            rows = list(self._open_db().query("SELECT * FROM events WHERE seq = ?", [seq]))
+        with self._using() as db:
+            rows = list(db.query("SELECT * FROM events WHERE seq = ?", [seq]))
         return _decoded(rows[0]) if rows else None
 
     def runs(self) -> list[RunSummary]:
@@ -401,16 +405,15 @@ class AuditLog:
             LEFT JOIN events c ON c.seq = r.seq
             ORDER BY s.first_seq
         """
-        with self._lock:
-            rows = list(self._open_db().query(sql))
+        with self._using() as db:
+            rows = list(db.query(sql))
         return [RunSummary(**row, finished=row["outcome"] in TERMINAL_STATES) for row in rows]
 
     def resolve_run(self, run: str) -> str:
         """The full run_id for ``run``, an exact id or a unique prefix of one."""
         if not run:
             raise AuditError(f"no run given for audit log {self.path}: give a run id or prefix")
-        with self._lock:
-            db = self._open_db()
+        with self._using() as db:
             if db.execute("SELECT 1 FROM events WHERE run_id = ? LIMIT 1", [run]).fetchone():
                 return run
             matches = [
@@ -439,23 +442,23 @@ class AuditLog:
     def timeline(self, run: str) -> list[dict[str, Any]]:
         """The events of one run in seq order; ``run`` may be a unique prefix of its id."""
         run_id = self.resolve_run(run)
-        with self._lock:
+        with self._using() as db:
             sql = "SELECT * FROM events WHERE run_id = ? ORDER BY seq"
-            rows = list(self._open_db().query(sql, [run_id]))
+            rows = list(db.query(sql, [run_id]))
         return [_decoded(row) for row in rows]
 
     # -- for verify ----------------------------------------------------------------------
 
     def missing_triggers(self) -> list[str]:
         """Names of the append-only triggers that are absent."""
-        with self._lock:
-            present = self._open_db().triggers_dict
+        with self._using() as db:
+            present = db.triggers_dict
         return [name for name in TRIGGERS if name not in present]
 
     def altered_triggers(self) -> list[str]:
         """Names of the append-only triggers present with SQL other than bbrx wrote."""
-        with self._lock:
-            present = self._open_db().triggers_dict
+        with self._using() as db:
+            present = db.triggers_dict
         return [n for n, sql in TRIGGERS.items() if n in present and present[n] != sql]
 
     def iter_chain(self) -> Generator[tuple[Any, ...], None, None]:
@@ -465,8 +468,8 @@ class AuditLog:
         the generator is exhausted or closed.
         """
         columns = ", ".join(("seq", "prev_hash", "hash", *HASH_ORDER))
-        with self._lock:
-            yield from self._open_db().execute(f"SELECT {columns} FROM events ORDER BY seq")
+        with self._using() as db:
+            yield from db.execute(f"SELECT {columns} FROM events ORDER BY seq")
 
 
 def _decoded(row: dict[str, Any]) -> dict[str, Any]:

@@ -201,7 +201,7 @@ JOB_MAY_BE_LOCKED = frozenset(
 # Which script each job phase runs, per operation.
 SCRIPTS = {
     "backup": {"lock": "pre-backup-lock", "backup": "backup", "unlock": "post-backup-unlock"},
-    "pre-backup-check": {},
+    "pre-backup-check": {"lock": "pre-backup-lock", "backup": "backup"},
     "backup-cleanup": {"unlock": "post-backup-unlock"},
     "restore": {"lock": "pre-restore-lock", "restore": "restore", "unlock": "post-restore-unlock"},
     "restore-cleanup": {"unlock": "post-restore-unlock"},

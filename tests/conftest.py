@@ -1,0 +1,151 @@
+"""Shared fixtures: an isolated BBRX_HOME, the `bbrx` command run as a real process, and a
+director target behind each transport (the behaviour suite is parametrised over them)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from audit import AuditLog
+from simulator.director import SimDirector, sim_root
+
+BBRX = [sys.executable, "-m", "orchestrator"]
+
+
+@dataclass
+class Result:
+    args: list[str]
+    code: int
+    stdout: str
+    stderr: str
+
+    def __str__(self) -> str:
+        return f"bbrx {' '.join(self.args)} -> {self.code}\n{self.stdout}\n{self.stderr}"
+
+
+@dataclass
+class Bbrx:
+    """Runs `bbrx` as a separate process, as an operator would."""
+
+    home: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def environ(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BBRX_")}
+        env.update({"BBRX_HOME": str(self.home), "BBRX_OPERATOR": "trainee@test"}, **self.env)
+        return env
+
+    def __call__(self, *args: str, cwd: Path | None = None, timeout: float = 120) -> Result:
+        proc = subprocess.run(
+            [*BBRX, *args],
+            capture_output=True,
+            text=True,
+            env=self.environ(),
+            cwd=cwd or self.home,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        return Result(list(args), proc.returncode, proc.stdout, proc.stderr)
+
+    def start(self, *args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*BBRX, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.environ(),
+            cwd=cwd or self.home,
+            stdin=subprocess.DEVNULL,
+        )
+
+    @property
+    def audit_db(self) -> Path:
+        return self.home / "audit.db"
+
+    def audit_rows(self, run_id: str | None = None) -> list[dict]:
+        with AuditLog(self.audit_db, readonly=True) as audit:
+            if run_id is None:
+                run_id = audit.runs()[-1].run_id
+            return audit.timeline(run_id)
+
+
+@pytest.fixture
+def bbrx(tmp_path: Path) -> Bbrx:
+    home = tmp_path / "bbrx-home"
+    home.mkdir()
+    return Bbrx(home)
+
+
+@dataclass
+class Target:
+    """A director to run against, and the VM tree behind it for inspection."""
+
+    transport: str
+    host: str
+    vm: SimDirector
+    bbrx: Bbrx
+    extra_args: list[str] = field(default_factory=list)
+
+    def director(self, *args: str, **kwargs) -> Result:
+        return self.bbrx("director", "--host", self.host, *self.extra_args, *args, **kwargs)
+
+    def start(self, *args: str, **kwargs) -> subprocess.Popen[str]:
+        return self.bbrx.start("director", "--host", self.host, *self.extra_args, *args, **kwargs)
+
+    # --- what the VM's scripts say happened (their own call log, not bbrx's say-so) ---
+
+    def calls(self) -> list[tuple[str, str, str]]:
+        return [(c.job, c.script, c.event) for c in self.vm.calls()]
+
+    def scripts_run(self, script: str) -> list[str]:
+        return [c.job for c in self.vm.calls() if c.script == script and c.event == "start"]
+
+    def unlock_env(self) -> dict[str, str]:
+        return {
+            c.job: c.extra.get("BBR_AFTER_BACKUP_SCRIPTS_SUCCESSFUL", "")
+            for c in self.vm.calls()
+            if c.script == "post-backup-unlock" and c.event == "start"
+        }
+
+    def work_dir(self) -> Path:
+        return self.vm.root / "var/vcap/store/bbr-backup"
+
+    def set_metadata(self, job: str, text: str) -> None:
+        (self.vm.root / "var/vcap/jobs" / job / "config/metadata.yml").write_text(text)
+
+
+TRANSPORTS = ["sim"]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def target(request: pytest.FixtureRequest, bbrx: Bbrx) -> Iterator[Target]:
+    """The same director, reached through each transport bbrx has."""
+    if request.param == "sim":
+        vm = SimDirector(sim_root(bbrx.home, "demo"))
+        vm.create()
+        yield Target("sim", "sim://demo", vm, bbrx)
+    else:  # pragma: no cover - new transports add their branch here
+        raise AssertionError(request.param)
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def interrupt(proc: subprocess.Popen[str], sig: signal.Signals) -> tuple[int, str, str]:
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stdout, stderr

@@ -1,0 +1,269 @@
+"""Backup behaviour, asserted through what a user sees: exit codes, error text, files on disk,
+which scripts ran in what order (from the VM's own call log), and audit rows."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.artifact import validate
+
+ALL_JOBS = {"bbr-credhubdb", "blobstore", "director", "uaa"}
+BACKUP_JOBS = {"bbr-credhubdb", "blobstore", "director"}
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    """The operator's --artifact-path on the jump box."""
+    path = tmp_path / "generated-backup"
+    path.mkdir()
+    return path
+
+
+def backups(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir())
+
+
+def test_happy_backup(target, out):
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 0, result
+
+    [artifact] = backups(out)
+    assert artifact.name.startswith("demo_") and artifact.name.endswith("Z")
+    assert stat.S_IMODE(artifact.stat().st_mode) == 0o700
+    assert sorted(p.name for p in artifact.iterdir()) == [
+        "bbrx-audit.yml",
+        "bosh-0-bbr-credhubdb.tar",
+        "bosh-0-blobstore.tar",
+        "bosh-0-director.tar",
+        "metadata",
+    ]
+    assert f"Backup created: {artifact}" in result.stdout
+    manifest = validate(artifact)
+    assert {a.name for _, a in manifest.jobs()} == BACKUP_JOBS
+    assert "./director.sql" in dict(
+        (a.name, a.checksums) for _, a in manifest.jobs()
+    )["director"]
+
+    # Every job locked, backed up, unlocked with SUCCESSFUL=true; nothing left on the VM.
+    assert set(target.scripts_run("pre-backup-lock")) == ALL_JOBS
+    assert set(target.scripts_run("backup")) == BACKUP_JOBS
+    assert target.unlock_env() == {job: "true" for job in ALL_JOBS}
+    assert target.vm.locked_jobs() == []
+    assert not target.work_dir().exists()
+
+    rows = target.bbrx.audit_rows()
+    run_rows = [r for r in rows if r["job"] is None]
+    assert [r["to_state"] for r in run_rows] == [
+        "discovering",
+        "checking",
+        "locking",
+        "backing_up",
+        "unlocking",
+        "draining",
+        "cleaning",
+        "succeeded",
+    ]
+    assert {r["operator"] for r in rows} == {"trainee@test"}
+    assert {r["mode"] for r in rows} == {"sim"}
+    assert {r["target"] for r in rows} == {"sim://demo"}
+    lock_rows = [r for r in rows if r["script"] == "pre-backup-lock" and r["to_state"] == "locked"]
+    assert {r["job"] for r in lock_rows} == ALL_JOBS
+    assert all(r["exit_code"] == 0 and r["duration"] >= 0 for r in lock_rows)
+
+    head = yaml.safe_load((artifact / "bbrx-audit.yml").read_text())
+    assert head["run_id"] == rows[0]["run_id"]
+    assert any(r["seq"] == head["seq"] and r["hash"] == head["hash"] for r in rows)
+
+
+def test_backup_defaults_to_the_current_directory(target, out):
+    result = target.director("backup", cwd=out)
+    assert result.code == 0, result
+    assert [p.name[:5] for p in backups(out)] == ["demo_"]
+
+
+def test_lock_levels_and_reverse_unlock(target, out):
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 0, result
+    calls = target.vm.calls()
+
+    def first(job, script, event):
+        return next(
+            i for i, c in enumerate(calls) if (c.job, c.script, c.event) == (job, script, event)
+        )
+
+    # Level 0 {bbr-credhubdb, uaa} -> level 1 {director} -> level 2 {blobstore}.
+    for job in ("bbr-credhubdb", "uaa"):
+        assert first(job, "pre-backup-lock", "exit") < first("director", "pre-backup-lock", "start")
+    assert first("director", "pre-backup-lock", "exit") < first("blobstore", "pre-backup-lock", "start")
+    last_lock = max(i for i, c in enumerate(calls) if c.script == "pre-backup-lock")
+    assert last_lock < min(i for i, c in enumerate(calls) if c.script == "backup")
+    # Unlocks in reverse: blobstore, then director, then the first level.
+    assert first("blobstore", "post-backup-unlock", "exit") < first(
+        "director", "post-backup-unlock", "start"
+    )
+    for job in ("bbr-credhubdb", "uaa"):
+        assert first("director", "post-backup-unlock", "exit") < first(job, "post-backup-unlock", "start")
+    assert "Lock level 0: bbr-credhubdb, uaa" in result.stderr
+    assert "Lock level 2: blobstore" in result.stderr
+
+    plan_row = next(r for r in target.bbrx.audit_rows() if r["trigger"] == "checks_passed")
+    assert [level["jobs"] for level in plan_row["detail"]["lock_plan"]] == [
+        ["bbr-credhubdb", "uaa"],
+        ["director"],
+        ["blobstore"],
+    ]
+
+
+def test_cycle_is_refused_before_anything_is_locked(target, out):
+    target.set_metadata(
+        "blobstore",
+        "backup_should_be_locked_before:\n- job_name: uaa\n  release: uaa\n",
+    )
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 1, result
+    assert "Error: job locking dependency graph is cyclic: " in result.stderr
+    assert target.scripts_run("pre-backup-lock") == []
+    assert target.scripts_run("post-backup-unlock") == []
+    assert backups(out) == []
+    assert target.bbrx.audit_rows()[-1]["to_state"] == "failed"
+
+
+def test_pre_backup_lock_failure(target, out):
+    target.vm.set_fault("director", "pre-backup-lock", "fail 3 database is busy")
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 4, result
+    assert (
+        "Error: pre-backup-lock script for job director on sim://demo failed: it exited 3"
+        in result.stderr
+    )
+    assert "stderr: database is busy" in result.stderr
+    assert target.scripts_run("backup") == []
+    # Blobstore (the level after director) was never locked, yet every job is unlocked.
+    assert "blobstore" not in target.scripts_run("pre-backup-lock")
+    assert target.unlock_env() == {job: "false" for job in ALL_JOBS}
+    assert target.vm.locked_jobs() == []
+    assert not target.work_dir().exists()
+    assert backups(out) == []
+
+    rows = target.bbrx.audit_rows()
+    failed = next(r for r in rows if r["trigger"] == "lock_error")
+    assert (failed["job"], failed["script"], failed["exit_code"]) == ("director", "pre-backup-lock", 3)
+    assert failed["outcome"] == "error"
+    assert failed["detail"]["stderr_tail"] == "database is busy"
+    run_states = [r["to_state"] for r in rows if r["job"] is None]
+    assert run_states[-4:] == ["locking", "unlocking", "cleaning", "failed"]
+
+
+def test_backup_script_failure(target, out):
+    target.vm.set_fault("blobstore", "backup", "fail 1 disk full")
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 1, result
+    assert "Error: backup script for job blobstore on sim://demo failed: it exited 1" in result.stderr
+    assert target.unlock_env() == {job: "false" for job in ALL_JOBS}
+    assert target.vm.locked_jobs() == []
+    assert not target.work_dir().exists()
+    assert backups(out) == []  # not even an incomplete one
+    states = [r["to_state"] for r in target.bbrx.audit_rows() if r["job"] is None]
+    assert states[-4:] == ["backing_up", "unlocking", "cleaning", "failed"]
+
+
+def test_unlock_failure_after_a_good_backup_still_transfers(target, out):
+    target.vm.set_fault("director", "post-backup-unlock", "fail 2 cannot restart workers")
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 8, result
+    assert "post-backup-unlock script for job director on sim://demo failed: it exited 2" in result.stderr
+    assert target.unlock_env() == {job: "true" for job in ALL_JOBS}
+    [artifact] = backups(out)
+    assert {a.name for _, a in validate(artifact).jobs()} == BACKUP_JOBS
+    assert not target.work_dir().exists()
+    states = [r["to_state"] for r in target.bbrx.audit_rows() if r["job"] is None]
+    assert states[-4:] == ["unlocking", "draining", "cleaning", "failed"]
+
+
+def test_leftover_remote_work_dir_is_refused(target, out):
+    target.work_dir().mkdir(parents=True)
+    (target.work_dir() / "director").mkdir()
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 1, result
+    assert "Directory /var/vcap/store/bbr-backup already exists on instance bosh/0" in result.stderr
+    assert "backup-cleanup" in result.stderr
+    assert target.scripts_run("pre-backup-lock") == []
+    assert target.work_dir().exists()  # the earlier run's trace is the operator's to clear
+    assert backups(out) == []
+
+    cleanup = target.director("backup-cleanup")
+    assert cleanup.code == 0, cleanup
+    assert not target.work_dir().exists()
+    again = target.director("backup", "--artifact-path", str(out))
+    assert again.code == 0, again
+
+
+def test_backup_cleanup_unlocks_everything_in_reverse_order(target):
+    target.vm.clear_calls()
+    target.work_dir().mkdir(parents=True)
+    result = target.director("backup-cleanup")
+    assert result.code == 0, result
+    assert "Backup cleanup of sim://demo done" in result.stdout
+    order = target.scripts_run("post-backup-unlock")
+    assert order.index("blobstore") < order.index("director") < min(
+        order.index("uaa"), order.index("bbr-credhubdb")
+    )
+    assert target.unlock_env() == {job: "false" for job in ALL_JOBS}
+    assert target.scripts_run("pre-backup-lock") == []
+    assert not target.work_dir().exists()
+    states = [r["to_state"] for r in target.bbrx.audit_rows() if r["job"] is None]
+    assert states == ["discovering", "unlocking", "cleaning", "succeeded"]
+
+
+def test_restore_cleanup_runs_post_restore_unlock(target):
+    target.work_dir().mkdir(parents=True)
+    result = target.director("restore-cleanup")
+    assert result.code == 0, result
+    assert set(target.scripts_run("post-restore-unlock")) == ALL_JOBS
+    assert target.scripts_run("post-backup-unlock") == []
+    assert not target.work_dir().exists()
+
+
+def test_invalid_metadata_yaml(target, out):
+    target.set_metadata("uaa", "backup_should_be_locked_before: [job_name: director\n")
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 1, result
+    assert "Error: metadata script for job uaa printed invalid YAML" in result.stderr
+    assert target.scripts_run("pre-backup-lock") == []
+    assert backups(out) == []
+
+
+def test_skip_bbr_scripts_removes_the_job(target, out):
+    target.set_metadata("uaa", "skip_bbr_scripts: true\n")
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 0, result
+    assert "uaa" not in target.scripts_run("pre-backup-lock")
+    assert "uaa" not in target.scripts_run("post-backup-unlock")
+    assert set(target.scripts_run("pre-backup-lock")) == ALL_JOBS - {"uaa"}
+    discovered = next(r for r in target.bbrx.audit_rows() if r["trigger"] == "discovered")
+    assert discovered["detail"]["skipped"] == ["uaa"]
+
+
+def test_pre_backup_check(target):
+    ok = target.director("pre-backup-check")
+    assert ok.code == 0, ok
+    assert "Director sim://demo can be backed up." in ok.stdout
+    assert target.scripts_run("pre-backup-lock") == []
+
+    target.work_dir().mkdir(parents=True)
+    bad = target.director("pre-backup-check")
+    assert bad.code == 1, bad
+    assert "Director sim://demo cannot be backed up." in bad.stderr
+    assert "already exists" in bad.stderr
+    assert target.work_dir().exists()
+
+
+def test_artifact_path_must_exist(target, out):
+    result = target.director("backup", "--artifact-path", str(out / "missing"))
+    assert result.code == 1, result
+    assert "is not an existing directory" in result.stderr
+    assert target.scripts_run("pre-backup-lock") == []
