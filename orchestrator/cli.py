@@ -13,8 +13,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, NoReturn
 
-import click
 import typer
+
+try:  # typer >= 0.22 vendors its own click; older releases use the click package
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
 from audit import AuditError, AuditLog
 from audit.render import format_runs, format_timeline
@@ -337,16 +341,16 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except AuditError as error:
         _print_error(error)
         code = 1
-    except click.exceptions.UsageError as error:
+    except click_exceptions.UsageError as error:
         # bbr exits 1 on usage errors; so does bbrx (click's own default would be 2).
         error.show()
         code = 1
-    except click.exceptions.Abort:
+    except click_exceptions.Abort:
         typer.echo("Aborted.", err=True)
         code = 1
-    except click.exceptions.Exit as exit_:
+    except click_exceptions.Exit as exit_:
         code = exit_.exit_code
-    except click.exceptions.ClickException as error:
+    except click_exceptions.ClickException as error:
         error.show()
         code = 1
     sys.exit(code)

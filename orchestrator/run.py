@@ -197,6 +197,13 @@ class Run:
         return "error" if trigger.endswith("_failed") else "ok"
 
     def fail(self, error: BbrxError) -> None:
+        if self.interrupted_by and (
+            isinstance(error, InterruptedRunError) or getattr(error, "killed_by", None)
+        ):
+            # What the interruption itself stopped is in the audit log; the run reports
+            # the interruption once, not as a lock or backup failure of its own.
+            log.info("stopped by the interruption: %s", error.message)
+            return
         self.errors.append(error)
         log.error("%s", error.message)
 

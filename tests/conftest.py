@@ -70,6 +70,10 @@ class Bbrx:
     def audit_db(self) -> Path:
         return self.home / "audit.db"
 
+    def audit_runs(self) -> list:
+        with AuditLog(self.audit_db, readonly=True) as audit:
+            return audit.runs()
+
     def audit_rows(self, run_id: str | None = None) -> list[dict]:
         with AuditLog(self.audit_db, readonly=True) as audit:
             if run_id is None:
