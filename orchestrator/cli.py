@@ -59,14 +59,13 @@ AuditDbOption = Annotated[
     Path | None,
     typer.Option(
         "--audit-db",
-        envvar="BBRX_AUDIT_DB",
-        help="The audit log (SQLite). Default: $BBRX_HOME/audit.db.",
+        help="The audit log (SQLite). Default: $BBRX_AUDIT_DB, else $BBRX_HOME/audit.db.",
         show_default=False,
     ),
 ]
 OperatorOption = Annotated[
     str | None,
-    typer.Option("--operator", envvar="BBRX_OPERATOR", help="Who runs this. Default: user@host."),
+    typer.Option("--operator", help="Who runs this. Default: $BBRX_OPERATOR, else user@host."),
 ]
 ReasonOption = Annotated[
     str | None,
@@ -77,6 +76,8 @@ ReasonOption = Annotated[
 
 
 def _merge(ctx: typer.Context, **values: object) -> Globals:
+    # Options may be given before or after the subcommand group; the environment is
+    # consulted later (settings.py), so an explicit option anywhere wins over it.
     parent: Globals = ctx.obj if isinstance(ctx.obj, Globals) else Globals()
     given = {k: v for k, v in values.items() if v is not None}
     merged = replace(parent, **given)  # type: ignore[arg-type]
@@ -352,5 +353,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = exit_.exit_code
     except click_exceptions.ClickException as error:
         error.show()
+        code = 1
+    except Exception as error:  # a bug: say so plainly, keep the traceback for --debug
+        log.debug("internal error", exc_info=True)
+        typer.echo(f"Error: internal error in bbrx: {error!r} (run with --debug for details)", err=True)
         code = 1
     sys.exit(code)

@@ -18,6 +18,8 @@ from typing import Any
 
 from transitions import Machine
 
+from orchestrator.errors import UsageError
+
 TERMINAL = ("succeeded", "failed", "interrupted")
 
 # Where a run may be interrupted and where that leads. Absent states ignore the signal
@@ -239,6 +241,10 @@ def mermaid(operation: str) -> str:
     """The run-level machine of `operation` as a Mermaid state diagram."""
     from transitions.extensions import GraphMachine
 
+    if operation not in (*MACHINES, "job"):
+        raise UsageError(
+            f"unknown operation {operation}; choose one of: {', '.join((*MACHINES, 'job'))}"
+        )
     if operation == "job":
         states, transitions, initial = JOB_STATES, JOB_TRANSITIONS, "idle"
     else:
