@@ -346,7 +346,7 @@ def validate(directory: Path) -> Manifest:
             )
         try:
             with open(path, "rb") as handle:
-                actual = hash_tar_stream(handle)  # type: ignore[arg-type]
+                actual = hash_tar_stream(handle)
         except (tarfile.TarError, OSError) as exc:
             raise ArtifactCorruptError(
                 f"Backup is corrupted: {path.name} cannot be read as a tar: {exc}",

@@ -14,7 +14,7 @@ from orchestrator.run import Action, Run
 
 def cleanup_actions() -> dict[str, Action]:
     def discover(run: Run) -> steps.Step:
-        trigger, detail = steps.discover(run)  # type: ignore[misc]
+        trigger, detail = steps.discover(run)
         steps.plan_levels(run, strict=False)
         return trigger, {**detail, "levels": run.data["levels"]}
 

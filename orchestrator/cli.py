@@ -346,16 +346,18 @@ def main(argv: list[str] | None = None) -> NoReturn:
         # bbr exits 1 on usage errors; so does bbrx (click's own default would be 2).
         error.show()
         code = 1
-    except click_exceptions.Abort:
+    except typer.Abort:
         typer.echo("Aborted.", err=True)
         code = 1
-    except click_exceptions.Exit as exit_:
+    except typer.Exit as exit_:
         code = exit_.exit_code
     except click_exceptions.ClickException as error:
         error.show()
         code = 1
     except Exception as error:  # a bug: say so plainly, keep the traceback for --debug
         log.debug("internal error", exc_info=True)
-        typer.echo(f"Error: internal error in bbrx: {error!r} (run with --debug for details)", err=True)
+        typer.echo(
+            f"Error: internal error in bbrx: {error!r} (run with --debug for details)", err=True
+        )
         code = 1
     sys.exit(code)

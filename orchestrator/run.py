@@ -152,9 +152,9 @@ class Run:
                     self.fail(error)
                 except Exception as exc:  # a bug must not skip the unlock path
                     log.exception("internal error in %s", current)
-                    error = BbrxError(f"internal error while {current}: {exc!r}")
-                    trigger, detail = self._failure_trigger(current), error.detail()
-                    self.fail(error)
+                    internal = BbrxError(f"internal error while {current}: {exc!r}")
+                    trigger, detail = self._failure_trigger(current), internal.detail()
+                    self.fail(internal)
                 if self.interrupted_by and not self._interrupt_fired and self._can("interrupt"):
                     self._interrupt_fired = True
                     self.fire("interrupt", outcome="error", detail={"signal": self.interrupted_by})
@@ -293,14 +293,14 @@ class Run:
     # --- audit -----------------------------------------------------------------------------
 
     def record_run_event(self, event: EventData) -> None:
-        self._record(event, job=None)
+        self._record(event, job=None, state=self.state)
 
     def record_job_event(self, event: EventData) -> None:
         tracker = event.model
         assert isinstance(tracker, JobTracker)
-        self._record(event, job=tracker.name)
+        self._record(event, job=tracker.name, state=tracker.state)
 
-    def _record(self, event: EventData, job: str | None) -> None:
+    def _record(self, event: EventData, job: str | None, state: str) -> None:
         kwargs = event.kwargs
         result: ScriptResult | None = kwargs.get("result")
         error: BbrxError | None = kwargs.get("error")
@@ -317,16 +317,7 @@ class Run:
                 detail["killed_by"] = result.killed_by
         if error is not None:
             detail.update(error.detail())
-        if (
-            job is None
-            and event.event.name != "start"
-            and self.errors
-            and event.model.state
-            in (
-                "failed",
-                "interrupted",
-            )
-        ):
+        if job is None and self.errors and state in ("failed", "interrupted"):
             detail["errors"] = [e.message for e in self.errors]
         try:
             self.audit.append(
@@ -339,7 +330,7 @@ class Run:
                 reason=self.identity.reason,
                 # After a transition event.state is the destination; the source is on it.
                 from_state=event.transition.source if event.transition else event.state.name,
-                to_state=event.model.state,
+                to_state=state,
                 trigger=event.event.name,
                 job=job,
                 script=kwargs.get("script"),

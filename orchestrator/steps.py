@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 Step = str | tuple[str, dict[str, Any]]
 
 
-def discover(run: Run) -> Step:
+def discover(run: Run) -> tuple[str, dict[str, Any]]:
     """List the jobs and their scripts, read each job's metadata, drop skipped jobs."""
     log.info("Looking for scripts on %s", run.instance.address)
     jobs = run.instance.discover()

@@ -13,9 +13,17 @@ def audited(target, tmp_path):
     out = tmp_path / "backups"
     out.mkdir()
     result = target.bbrx(
-        "--operator", "alice", "--reason", "CHG-1234 quarterly drill",
-        "director", "--host", target.host, *target.extra_args,
-        "backup", "--artifact-path", str(out),
+        "--operator",
+        "alice",
+        "--reason",
+        "CHG-1234 quarterly drill",
+        "director",
+        "--host",
+        target.host,
+        *target.extra_args,
+        "backup",
+        "--artifact-path",
+        str(out),
     )
     assert result.code == 0, result
     assert target.director("--reason", "after the drill", "backup-cleanup").code == 0
@@ -80,7 +88,9 @@ def test_append_only_even_for_plain_sqlite3(audited, statement):
 
 def tamper(db, *statements: str) -> None:
     connection = sqlite3.connect(db)
-    names = [r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type='trigger'")]
+    names = [
+        r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type='trigger'")
+    ]
     for name in names:
         connection.execute(f"DROP TRIGGER {name}")
     for statement in statements:
@@ -140,15 +150,17 @@ def test_verify_ties_a_backup_to_its_run(audited, tmp_path):
     ok = audited.bbrx("audit", "verify", "--artifact", str(artifact))
     assert ok.code == 0, ok
     assert "is tied to run" in ok.stdout
-    other = audited.bbrx("--audit-db", str(tmp_path / "other.db"), "audit", "verify",
-                         "--artifact", str(artifact))
+    other = audited.bbrx(
+        "--audit-db", str(tmp_path / "other.db"), "audit", "verify", "--artifact", str(artifact)
+    )
     assert other.code == 1
 
 
 def test_audit_db_option_and_env(target, tmp_path):
     db = tmp_path / "elsewhere" / "trail.db"
-    result = target.bbrx("--audit-db", str(db), "director", "--host", "sim://demo",
-                         "pre-backup-check")
+    result = target.bbrx(
+        "--audit-db", str(db), "director", "--host", "sim://demo", "pre-backup-check"
+    )
     assert result.code == 0, result
     assert db.exists()
     target.bbrx.env["BBRX_AUDIT_DB"] = str(db)

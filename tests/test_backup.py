@@ -44,9 +44,7 @@ def test_happy_backup(target, out):
     assert f"Backup created: {artifact}" in result.stdout
     manifest = validate(artifact)
     assert {a.name for _, a in manifest.jobs()} == BACKUP_JOBS
-    assert "./director.sql" in dict(
-        (a.name, a.checksums) for _, a in manifest.jobs()
-    )["director"]
+    assert "./director.sql" in dict((a.name, a.checksums) for _, a in manifest.jobs())["director"]
 
     # Every job locked, backed up, unlocked with SUCCESSFUL=true; nothing left on the VM.
     assert set(target.scripts_run("pre-backup-lock")) == ALL_JOBS
@@ -98,7 +96,9 @@ def test_lock_levels_and_reverse_unlock(target, out):
     # Level 0 {bbr-credhubdb, uaa} -> level 1 {director} -> level 2 {blobstore}.
     for job in ("bbr-credhubdb", "uaa"):
         assert first(job, "pre-backup-lock", "exit") < first("director", "pre-backup-lock", "start")
-    assert first("director", "pre-backup-lock", "exit") < first("blobstore", "pre-backup-lock", "start")
+    assert first("director", "pre-backup-lock", "exit") < first(
+        "blobstore", "pre-backup-lock", "start"
+    )
     last_lock = max(i for i, c in enumerate(calls) if c.script == "pre-backup-lock")
     assert last_lock < min(i for i, c in enumerate(calls) if c.script == "backup")
     # Unlocks in reverse: blobstore, then director, then the first level.
@@ -106,7 +106,9 @@ def test_lock_levels_and_reverse_unlock(target, out):
         "director", "post-backup-unlock", "start"
     )
     for job in ("bbr-credhubdb", "uaa"):
-        assert first("director", "post-backup-unlock", "exit") < first(job, "post-backup-unlock", "start")
+        assert first("director", "post-backup-unlock", "exit") < first(
+            job, "post-backup-unlock", "start"
+        )
     assert "Lock level 0: bbr-credhubdb, uaa" in result.stderr
     assert "Lock level 2: blobstore" in result.stderr
 
@@ -151,7 +153,11 @@ def test_pre_backup_lock_failure(target, out):
 
     rows = target.bbrx.audit_rows()
     failed = next(r for r in rows if r["trigger"] == "lock_error")
-    assert (failed["job"], failed["script"], failed["exit_code"]) == ("director", "pre-backup-lock", 3)
+    assert (failed["job"], failed["script"], failed["exit_code"]) == (
+        "director",
+        "pre-backup-lock",
+        3,
+    )
     assert failed["outcome"] == "error"
     assert failed["detail"]["stderr_tail"] == "database is busy"
     run_states = [r["to_state"] for r in rows if r["job"] is None]
@@ -162,7 +168,9 @@ def test_backup_script_failure(target, out):
     target.vm.set_fault("blobstore", "backup", "fail 1 disk full")
     result = target.director("backup", "--artifact-path", str(out))
     assert result.code == 1, result
-    assert "Error: backup script for job blobstore on sim://demo failed: it exited 1" in result.stderr
+    assert (
+        "Error: backup script for job blobstore on sim://demo failed: it exited 1" in result.stderr
+    )
     assert target.unlock_env() == {job: "false" for job in ALL_JOBS}
     assert target.vm.locked_jobs() == []
     assert not target.work_dir().exists()
@@ -175,7 +183,10 @@ def test_unlock_failure_after_a_good_backup_still_transfers(target, out):
     target.vm.set_fault("director", "post-backup-unlock", "fail 2 cannot restart workers")
     result = target.director("backup", "--artifact-path", str(out))
     assert result.code == 8, result
-    assert "post-backup-unlock script for job director on sim://demo failed: it exited 2" in result.stderr
+    assert (
+        "post-backup-unlock script for job director on sim://demo failed: it exited 2"
+        in result.stderr
+    )
     assert target.unlock_env() == {job: "true" for job in ALL_JOBS}
     [artifact] = backups(out)
     assert {a.name for _, a in validate(artifact).jobs()} == BACKUP_JOBS
@@ -209,8 +220,10 @@ def test_backup_cleanup_unlocks_everything_in_reverse_order(target):
     assert result.code == 0, result
     assert "Backup cleanup of sim://demo done" in result.stdout
     order = target.scripts_run("post-backup-unlock")
-    assert order.index("blobstore") < order.index("director") < min(
-        order.index("uaa"), order.index("bbr-credhubdb")
+    assert (
+        order.index("blobstore")
+        < order.index("director")
+        < min(order.index("uaa"), order.index("bbr-credhubdb"))
     )
     assert target.unlock_env() == {job: "false" for job in ALL_JOBS}
     assert target.scripts_run("pre-backup-lock") == []

@@ -35,20 +35,29 @@ def test_real_hosts_need_credentials_and_are_not_yet_supported(bbrx, tmp_path):
     assert missing.code == 1
     assert "--username and --private-key-path are required" in missing.stderr
     ssh = bbrx(
-        "director", "--host", "10.0.0.6:2222", "--username", "bbr",
-        "--private-key-path", str(key), "pre-backup-check",
+        "director",
+        "--host",
+        "10.0.0.6:2222",
+        "--username",
+        "bbr",
+        "--private-key-path",
+        str(key),
+        "pre-backup-check",
     )
     assert ssh.code == 1
     assert "cannot reach 10.0.0.6:2222: the SSH transport" in ssh.stderr
     assert "not yet supported" in ssh.stderr
 
 
-@pytest.mark.parametrize("host, message", [
-    ("sim://", "name the simulated director"),
-    ("sim://Bad Name", "sim"),
-    ("ftp://x", "unknown scheme"),
-    ("10.0.0.6:99999", "port must be a number"),
-])
+@pytest.mark.parametrize(
+    "host, message",
+    [
+        ("sim://", "name the simulated director"),
+        ("sim://Bad Name", "sim"),
+        ("ftp://x", "unknown scheme"),
+        ("10.0.0.6:99999", "port must be a number"),
+    ],
+)
 def test_bad_hosts_are_named(bbrx, host, message):
     result = bbrx("director", "--host", host, "pre-backup-check")
     assert result.code == 1, result

@@ -13,9 +13,7 @@ ALL_JOBS = {"bbr-credhubdb", "blobstore", "director", "uaa"}
 
 
 def started(target, job: str, script: str) -> bool:
-    return any(
-        (c.job, c.script, c.event) == (job, script, "start") for c in target.vm.calls()
-    )
+    return any((c.job, c.script, c.event) == (job, script, "start") for c in target.vm.calls())
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -41,7 +39,9 @@ def test_interrupted_backup_releases_every_lock(target, tmp_path, sig, job, scri
     assert locked <= unlocked == ALL_JOBS
     assert set(target.unlock_env().values()) == {"false"}
     # The hung script was killed, not waited for.
-    hung = [c.pid for c in target.vm.calls() if (c.job, c.script, c.event) == (job, script, "start")]
+    hung = [
+        c.pid for c in target.vm.calls() if (c.job, c.script, c.event) == (job, script, "start")
+    ]
     assert hung and not any(_alive(pid) for pid in hung)
     assert not target.work_dir().exists()
     assert list(tmp_path.glob("demo_*")) == []  # no partial backup left behind either

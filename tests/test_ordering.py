@@ -45,7 +45,10 @@ def test_invalid_yaml_names_the_job():
     [
         ("- a\n- b\n", "printed a list, not a mapping"),
         ("backup_should_be_locked_before: director\n", "must be a list"),
-        ("backup_should_be_locked_before:\n- job_name: director\n", "needs both job_name and release"),
+        (
+            "backup_should_be_locked_before:\n- job_name: director\n",
+            "needs both job_name and release",
+        ),
         ("skip_bbr_scripts: maybe\n", "skip_bbr_scripts must be true or false"),
     ],
 )

@@ -78,8 +78,12 @@ def test_the_seed_runbook_end_to_end(target, tmp_path):
     out = tmp_path / "generated-backup"
     out.mkdir()
     before = target.vm.data_digest()
-    for step in (["backup-cleanup"], ["pre-backup-check"], ["backup", "--artifact-path", str(out)],
-                 ["backup-cleanup"]):
+    for step in (
+        ["backup-cleanup"],
+        ["pre-backup-check"],
+        ["backup", "--artifact-path", str(out)],
+        ["backup-cleanup"],
+    ):
         result = target.director(*step)
         assert result.code == 0, result
     [artifact] = list(out.iterdir())
@@ -113,7 +117,10 @@ def test_corrupted_artifact_is_refused_and_target_untouched(target, backup):
 
     result = target.director("restore", "--artifact-path", str(backup))
     assert result.code == 1, result
-    assert "Error: Backup is corrupted: bosh-0-director.tar: ./director.sql has SHA-256" in result.stderr
+    assert (
+        "Error: Backup is corrupted: bosh-0-director.tar: ./director.sql has SHA-256"
+        in result.stderr
+    )
     assert "Nothing on the target was touched" in result.stderr
     assert target.vm.calls() == []  # not even discovery's metadata scripts ran
     assert target.vm.data_digest() == before
