@@ -105,7 +105,7 @@ def verify_log(path: str | Path) -> VerifyReport:
         problem=problem,
     )
     if report.ok:
-        logger.info("audit log %s intact: %d events", path, count)
+        logger.debug("audit log %s intact: %d events", path, count)
     else:
         logger.warning("audit log %s BROKEN: %s", path, problem)
     return report
