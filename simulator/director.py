@@ -19,7 +19,7 @@ from orchestrator.errors import TargetError
 from orchestrator.instance import SCRIPT_NAMES
 from simulator.calllog import CALL_LOG, ScriptCallRecord, parse_call_log
 from simulator.director_db import Deployment, parse_dump, render_dump, render_vms_table
-from simulator.faults import validate_fault
+from simulator.faults import TRANSFER, validate_fault, validate_transfer_fault
 from simulator.seed_data import default_credentials, default_deployments, write_blobs
 
 log = logging.getLogger(__name__)
@@ -227,13 +227,17 @@ class SimDirector:
                 f"no job {job!r} on sim://{self.name}", hint=f"Jobs: {', '.join(self.jobs())}"
             )
         scripts = self.root / JOBS_DIR / job / "bin/bbr"
-        if script not in SCRIPT_NAMES or not (scripts / script).is_file():
+        if script == TRANSFER:
+            normalised = validate_transfer_fault(spec)
+        elif script not in SCRIPT_NAMES or not (scripts / script).is_file():
             present = sorted(p.name for p in scripts.iterdir()) if scripts.is_dir() else []
             raise TargetError(
                 f"job {job!r} on sim://{self.name} has no {script!r} script",
-                hint=f"Scripts of {job}: {', '.join(present) or 'none'}",
+                hint=f"Scripts of {job}: {', '.join(present) or 'none'} "
+                f"(or '{TRANSFER}' for the copy of its artifact)",
             )
-        normalised = validate_fault(spec)
+        else:
+            normalised = validate_fault(spec)
         path = self.root / FAULTS_DIR / job / script
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(normalised + "\n")

@@ -8,6 +8,25 @@ from orchestrator.errors import TargetError
 
 FAULT_GRAMMAR = "fail [EXIT_CODE [MESSAGE...]] | hang | sleep SECONDS"
 
+# Not a script: a fault on the copy of a job's artifact between the VM and the jump box
+# (a dropped connection), applied by SimInstance.stream_out / stream_in.
+TRANSFER = "transfer"
+TRANSFER_GRAMMAR = "fail [MESSAGE...] (the connection drops mid-copy)"
+_TRANSFER_FAIL = re.compile(r"^fail(?: (\S.*))?$")
+
+
+def validate_transfer_fault(spec: str) -> str:
+    normalised = " ".join(spec.split())
+    if not _TRANSFER_FAIL.match(normalised):
+        raise TargetError(f"invalid transfer fault {spec!r}: expected {TRANSFER_GRAMMAR}")
+    return normalised
+
+
+def transfer_failure_message(spec: str) -> str:
+    match = _TRANSFER_FAIL.match(spec.strip())
+    return (match.group(1) if match and match.group(1) else None) or "connection reset by peer"
+
+
 _FAIL = re.compile(r"^fail(?: (\d{1,3})(?: (\S.*))?)?$")
 _SLEEP = re.compile(r"^sleep (\d+(?:\.\d+)?)$")
 

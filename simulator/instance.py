@@ -22,7 +22,8 @@ from typing import IO, BinaryIO, cast
 
 from orchestrator.errors import DiscoveryError, TransportError
 from orchestrator.instance import IGNORED_JOBS, SCRIPT_NAMES, Job, ScriptCall, ScriptResult
-from simulator.director import JOBS_DIR, STORE_DIR, SimDirector
+from simulator.director import FAULTS_DIR, JOBS_DIR, STORE_DIR, SimDirector
+from simulator.faults import TRANSFER, transfer_failure_message
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +233,12 @@ class SimInstance:
             )
             stdout = proc.stdout
             assert stdout is not None
+            fault = self._transfer_fault(job)
             try:
-                yield cast(BinaryIO, stdout)
+                if fault is None:
+                    yield cast(BinaryIO, stdout)
+                else:
+                    yield cast(BinaryIO, _DroppingReader(stdout, self._dropped(job, fault)))
             except BaseException:
                 proc.kill()
                 stdout.close()
@@ -263,8 +268,11 @@ class SimInstance:
             stdin = proc.stdin
             assert stdin is not None
             broken = False
+            fault = self._transfer_fault(job)
             try:
-                for chunk in chunks:
+                for number, chunk in enumerate(chunks):
+                    if fault is not None and number == 1:
+                        raise self._dropped(job, fault)
                     try:
                         stdin.write(chunk)
                     except BrokenPipeError:
@@ -286,6 +294,17 @@ class SimInstance:
                     f"tar exited {returncode}: {message or 'no message'}",
                     host=self.address,
                 )
+
+    def _transfer_fault(self, job: str) -> str | None:
+        path = self.root / FAULTS_DIR / job / TRANSFER
+        return path.read_text().strip() if path.is_file() else None
+
+    def _dropped(self, job: str, fault: str) -> TransportError:
+        return TransportError(
+            f"connection to {self.address} lost while copying the artifact of job {job}: "
+            f"{transfer_failure_message(fault)}",
+            host=self.address,
+        )
 
     def checksum_artifact_directory(self, job: str) -> dict[str, str]:
         base = self._existing_artifact_path(job)
@@ -319,3 +338,25 @@ def _signal_name(number: int) -> str:
 def _close_quietly(stream: IO[bytes]) -> None:
     with suppress(BrokenPipeError):
         stream.close()
+
+
+class _DroppingReader:
+    """A tar stream that breaks after at most 64 KiB, and never reaches its end, as a
+    connection dropped mid-copy would."""
+
+    LIMIT = 64 * 1024
+
+    def __init__(self, source: IO[bytes], error: TransportError) -> None:
+        self._source = source
+        self._error = error
+        self._given = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self._given >= self.LIMIT:
+            raise self._error
+        want = self.LIMIT - self._given if size < 0 else min(size, self.LIMIT - self._given)
+        data = self._source.read(want)
+        if not data:
+            raise self._error
+        self._given += len(data)
+        return data

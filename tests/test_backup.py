@@ -3,6 +3,7 @@ which scripts ran in what order (from the VM's own call log), and audit rows."""
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 
@@ -280,3 +281,51 @@ def test_artifact_path_must_exist(target, out):
     assert result.code == 1, result
     assert "is not an existing directory" in result.stderr
     assert target.scripts_run("pre-backup-lock") == []
+
+
+def test_transfer_failure_publishes_nothing_and_leaves_no_lock(target, out):
+    target.vm.set_fault("blobstore", "transfer", "fail connection reset by peer")
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 1, result
+    assert (
+        "Error: connection to sim://demo lost while copying the artifact of job blobstore: "
+        "connection reset by peer" in result.stderr
+    )
+    # Locks were released before the drain (bbr's order), with a good backup behind them.
+    assert target.unlock_env() == {job: "true" for job in ALL_JOBS}
+    assert target.vm.locked_jobs() == []
+    assert backups(out) == []  # neither a published nor an .incomplete directory
+    assert not target.work_dir().exists()
+    rows = target.bbrx.audit_rows()
+    drain_error = next(r for r in rows if r["trigger"] == "drain_error")
+    assert drain_error["job"] == "blobstore"
+    assert "connection reset by peer" in drain_error["detail"]["message"]
+    states = [r["to_state"] for r in rows if r["job"] is None]
+    assert states[-3:] == ["draining", "cleaning", "failed"]
+
+
+def test_metadata_follows_bbrs_schema(target, out):
+    """Checked as bbr's Go structs read it: field names, types, the quoted index, time format."""
+    assert target.director("backup", "--artifact-path", str(out)).code == 0
+    [artifact] = backups(out)
+    text = (artifact / "metadata").read_text()
+    document = yaml.safe_load(text)
+    assert set(document) == {"instances", "custom_artifacts", "backup_activity"}
+    assert document["custom_artifacts"] == []
+    [instance] = document["instances"]
+    assert set(instance) == {"name", "index", "artifacts"}
+    assert instance["name"] == "bosh" and instance["index"] == "0"
+    assert '  index: "0"\n' in text  # a YAML string, as Go's yaml writes it
+    for entry in instance["artifacts"]:
+        assert set(entry) == {"name", "checksums"}
+        assert (artifact / f"bosh-0-{entry['name']}.tar").is_file()
+        for member, digest in entry["checksums"].items():
+            assert member.startswith("./")
+            assert len(digest) == 64 and int(digest, 16) >= 0
+    activity = document["backup_activity"]
+    for key in ("start_time", "finish_time"):
+        assert re.fullmatch(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d UTC", activity[key])
+    assert activity["start_time"] <= activity["finish_time"]
+    assert artifact.name == "demo_" + activity["start_time"].replace("/", "").replace(
+        " UTC", "Z"
+    ).replace(" ", "T").replace(":", "")

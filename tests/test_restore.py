@@ -184,3 +184,18 @@ def test_restore_refuses_a_leftover_work_dir(target, backup):
     assert result.code == 1, result
     assert "already exists" in result.stderr
     assert target.scripts_run("pre-restore-lock") == []
+
+
+def test_transfer_failure_during_copy_locks_nothing(target, backup):
+    target.vm.wipe()
+    target.vm.set_fault("blobstore", "transfer", "fail broken pipe")
+    result = target.director("restore", "--artifact-path", str(backup))
+    assert result.code == 1, result
+    assert "connection to sim://demo lost while copying the artifact of job blobstore" in (
+        result.stderr
+    )
+    assert target.scripts_run("pre-restore-lock") == []
+    assert target.scripts_run("restore") == []
+    assert not target.work_dir().exists()
+    states = [r["to_state"] for r in target.bbrx.audit_rows() if r["job"] is None]
+    assert states[-3:] == ["copying", "cleaning", "failed"]
