@@ -53,6 +53,8 @@ class Globals:
     host: str = ""
     username: str | None = None
     private_key_path: Path | None = None
+    accept_new_host_key: bool = False
+    known_hosts: Path | None = None
 
 
 AuditDbOption = Annotated[
@@ -104,6 +106,21 @@ def director(
         Path | None, typer.Option("--private-key-path", help="SSH private key.")
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show scripts' output.")] = False,
+    accept_new_host_key: Annotated[
+        bool,
+        typer.Option(
+            "--accept-new-host-key",
+            help="Trust an unknown host key on first use (recorded in the audit log).",
+        ),
+    ] = False,
+    known_hosts: Annotated[
+        Path | None,
+        typer.Option(
+            "--known-hosts",
+            envvar="BBRX_KNOWN_HOSTS",
+            help="known_hosts file to verify the director against. Default: ssh's own.",
+        ),
+    ] = None,
     audit_db: AuditDbOption = None,
     operator: OperatorOption = None,
     reason: ReasonOption = None,
@@ -115,6 +132,8 @@ def director(
         host=host,
         username=username,
         private_key_path=private_key_path,
+        accept_new_host_key=accept_new_host_key or None,
+        known_hosts=known_hosts,
         audit_db=audit_db,
         operator=operator,
         reason=reason,
@@ -132,6 +151,8 @@ def _request(ctx: typer.Context, operation: str, artifact_path: Path | None = No
         artifact_path=artifact_path,
         username=options.username,
         private_key_path=options.private_key_path,
+        accept_new_host_key=options.accept_new_host_key,
+        known_hosts=options.known_hosts,
     )
 
 
@@ -175,24 +196,31 @@ def restore(
     ],
 ) -> None:
     """Restore a backup onto the director."""
-    outcome = run_director(_request(ctx, "restore", artifact_path))
-    typer.echo(f"Restored {artifact_path} to {ctx.obj.host}")
+    request = _request(ctx, "restore", artifact_path)
+    outcome = run_director(request)
+    typer.echo(f"Restored {artifact_path} to {request.target.address}")
     _audit_footer(outcome)
 
 
 @director_app.command("backup-cleanup")
 def backup_cleanup(ctx: typer.Context) -> None:
     """Unlock every job and remove what a failed backup left on the director."""
-    outcome = run_director(_request(ctx, "backup-cleanup"))
-    typer.echo(f"Backup cleanup of {ctx.obj.host} done: every job unlocked, work dir removed.")
+    request = _request(ctx, "backup-cleanup")
+    outcome = run_director(request)
+    typer.echo(
+        f"Backup cleanup of {request.target.address} done: every job unlocked, work dir removed."
+    )
     _audit_footer(outcome)
 
 
 @director_app.command("restore-cleanup")
 def restore_cleanup(ctx: typer.Context) -> None:
     """Unlock every job and remove what a failed restore left on the director."""
-    outcome = run_director(_request(ctx, "restore-cleanup"))
-    typer.echo(f"Restore cleanup of {ctx.obj.host} done: every job unlocked, work dir removed.")
+    request = _request(ctx, "restore-cleanup")
+    outcome = run_director(request)
+    typer.echo(
+        f"Restore cleanup of {request.target.address} done: every job unlocked, work dir removed."
+    )
     _audit_footer(outcome)
 
 

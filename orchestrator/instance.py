@@ -84,6 +84,8 @@ class Instance(Protocol):
     address: str
     #: "sim" or "live": recorded in the audit log.
     mode: str
+    #: Facts worth auditing once known (e.g. the host key fingerprint); never secrets.
+    info: dict[str, str]
 
     def discover(self) -> list[Job]:
         """Every job with at least one known bbr script, sorted by name.

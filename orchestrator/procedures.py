@@ -31,6 +31,8 @@ class Request:
     artifact_path: Path | None = None
     username: str | None = None
     private_key_path: Path | None = None
+    accept_new_host_key: bool = False
+    known_hosts: Path | None = None
 
 
 def run_director(request: Request) -> Outcome:
@@ -42,6 +44,8 @@ def run_director(request: Request) -> Outcome:
         home=request.home,
         username=request.username,
         private_key_path=request.private_key_path,
+        accept_new_host_key=request.accept_new_host_key,
+        known_hosts=request.known_hosts,
     )
     try:
         return run_on(request, instance)

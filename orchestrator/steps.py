@@ -57,7 +57,10 @@ def discover(run: Run) -> tuple[str, dict[str, Any]]:
     scripts = {job.name: sorted(job.scripts) for job in active}
     for name, names in scripts.items():
         log.info("Found job %s with scripts: %s", name, ", ".join(names))
-    return "discovered", {"jobs": scripts, "skipped": skipped}
+    detail: dict[str, Any] = {"jobs": scripts, "skipped": skipped}
+    if run.instance.info:
+        detail["instance"] = dict(run.instance.info)
+    return "discovered", detail
 
 
 def _metadata(run: Run, job: Job) -> tuple[str, JobMetadata]:

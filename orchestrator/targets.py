@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.errors import NotSupportedError, TargetError, UsageError
+from orchestrator.errors import TargetError, UsageError
 from orchestrator.instance import Instance
 
 SIM_SCHEME = "sim://"
@@ -49,7 +49,13 @@ def parse_host(host: str) -> Target:
 
 
 def open_instance(
-    target: Target, *, home: Path, username: str | None, private_key_path: Path | None
+    target: Target,
+    *,
+    home: Path,
+    username: str | None,
+    private_key_path: Path | None,
+    accept_new_host_key: bool = False,
+    known_hosts: Path | None = None,
 ) -> Instance:
     if target.simulated:
         from simulator.director import SimDirector, sim_root
@@ -63,10 +69,15 @@ def open_instance(
             f"--host {target.host} is a real director: --username and --private-key-path "
             "are required"
         )
-    raise NotSupportedError(
-        f"cannot reach {target.address}: the SSH transport for real directors is not yet "
-        "supported in this version of bbrx",
-        hint="Practise with the built-in simulator: --host sim://NAME.",
+    from orchestrator.ssh import SshInstance
+
+    return SshInstance(
+        target.name,
+        target.port,
+        username,
+        private_key_path,
+        accept_new_host_key=accept_new_host_key,
+        known_hosts=known_hosts,
     )
 
 

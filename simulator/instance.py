@@ -42,6 +42,7 @@ class SimInstance:
     def __init__(self, director: SimDirector) -> None:
         self.director = director
         self.root = director.root
+        self.info: dict[str, str] = {}
         self.address = f"sim://{director.name}"
         # Plain dict/set operations are atomic under the GIL; terminate_scripts relies on
         # that instead of a lock, because it runs in a signal handler that may interrupt a

@@ -3,6 +3,7 @@ director target behind each transport (the behaviour suite is parametrised over 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import pytest
 
 from audit import AuditLog
 from simulator.director import SimDirector, sim_root
+from tests import sshd
+from tests.sshd import Keys
 
 BBRX = [sys.executable, "-m", "orchestrator"]
 
@@ -98,6 +101,20 @@ class Target:
     bbrx: Bbrx
     extra_args: list[str] = field(default_factory=list)
 
+    @property
+    def address(self) -> str:
+        """How bbrx names the target in messages and the audit log."""
+        return self.host
+
+    @property
+    def name(self) -> str:
+        """What backups are named after: the host without scheme or port."""
+        return self.host.removeprefix("sim://").rsplit(":", 1)[0]
+
+    def require_sim(self, why: str) -> None:
+        if self.transport != "sim":
+            pytest.skip(why)
+
     def director(self, *args: str, **kwargs) -> Result:
         return self.bbrx("director", "--host", self.host, *self.extra_args, *args, **kwargs)
 
@@ -126,7 +143,39 @@ class Target:
         (self.vm.root / "var/vcap/jobs" / job / "config/metadata.yml").write_text(text)
 
 
-TRANSPORTS = ["sim"]
+TRANSPORTS = ["sim", "ssh"]
+
+
+@pytest.fixture(scope="session")
+def ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    keys = Keys.make(tmp_path_factory.mktemp("ssh-keys"))
+    os.chmod(keys.client_key, 0o600)
+    return keys
+
+
+@pytest.fixture(scope="session")
+def vcap_mount_point() -> Iterator[None]:
+    """/var/vcap must exist as a mount point; create it empty if missing, remove it after."""
+    created = not sshd.VCAP.exists()
+    if created:
+        sshd.VCAP.mkdir(parents=True)
+    yield
+    if created:
+        with contextlib.suppress(OSError):
+            sshd.VCAP.rmdir()
+
+
+@pytest.fixture
+def ssh_server(request, ssh_keys, tmp_path) -> Iterator[sshd.TestSshd]:
+    reason = sshd.available()
+    if reason:
+        pytest.skip(reason)
+    request.getfixturevalue("vcap_mount_point")
+    vm = SimDirector(tmp_path / "vm")
+    vm.create()
+    server = sshd.TestSshd(ssh_keys, vm.root, tmp_path / "sshd").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -136,8 +185,19 @@ def target(request: pytest.FixtureRequest, bbrx: Bbrx) -> Iterator[Target]:
         vm = SimDirector(sim_root(bbrx.home, "demo"))
         vm.create()
         yield Target("sim", "sim://demo", vm, bbrx)
-    else:  # pragma: no cover - new transports add their branch here
-        raise AssertionError(request.param)
+    else:
+        server = request.getfixturevalue("ssh_server")
+        yield Target(
+            "ssh",
+            f"127.0.0.1:{server.port}",
+            SimDirector(server.vm_root),
+            bbrx,
+            extra_args=[
+                "--username", "root",
+                "--private-key-path", str(server.keys.client_key),
+                "--known-hosts", str(server.known_hosts),
+            ],
+        )  # fmt: skip
 
 
 def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:

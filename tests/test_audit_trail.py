@@ -38,7 +38,7 @@ def test_runs_and_show(audited):
     assert lines[0].split()[:3] == ["RUN", "OPERATION", "TARGET"]
     assert len(lines) == 3
     backup_line, cleanup_line = lines[1], lines[2]
-    for word in ("backup", "sim://demo", "alice", "succeeded", "CHG-1234"):
+    for word in ("backup", audited.address, "alice", "succeeded", "CHG-1234"):
         assert word in backup_line
     assert "backup-cleanup" in cleanup_line and "trainee@test" in cleanup_line
 
@@ -159,7 +159,13 @@ def test_verify_ties_a_backup_to_its_run(audited, tmp_path):
 def test_audit_db_option_and_env(target, tmp_path):
     db = tmp_path / "elsewhere" / "trail.db"
     result = target.bbrx(
-        "--audit-db", str(db), "director", "--host", "sim://demo", "pre-backup-check"
+        "--audit-db",
+        str(db),
+        "director",
+        "--host",
+        target.host,
+        *target.extra_args,
+        "pre-backup-check",
     )
     assert result.code == 0, result
     assert db.exists()

@@ -33,7 +33,7 @@ def test_happy_backup(target, out):
     assert result.code == 0, result
 
     [artifact] = backups(out)
-    assert artifact.name.startswith("demo_") and artifact.name.endswith("Z")
+    assert artifact.name.startswith(f"{target.name}_") and artifact.name.endswith("Z")
     assert stat.S_IMODE(artifact.stat().st_mode) == 0o700
     assert sorted(p.name for p in artifact.iterdir()) == [
         "bbrx-audit.yml",
@@ -67,8 +67,8 @@ def test_happy_backup(target, out):
         "succeeded",
     ]
     assert {r["operator"] for r in rows} == {"trainee@test"}
-    assert {r["mode"] for r in rows} == {"sim"}
-    assert {r["target"] for r in rows} == {"sim://demo"}
+    assert {r["mode"] for r in rows} == {"sim" if target.transport == "sim" else "live"}
+    assert {r["target"] for r in rows} == {f"{target.address}"}
     lock_rows = [r for r in rows if r["script"] == "pre-backup-lock" and r["to_state"] == "locked"]
     assert {r["job"] for r in lock_rows} == ALL_JOBS
     assert all(r["exit_code"] == 0 and r["duration"] >= 0 for r in lock_rows)
@@ -81,7 +81,7 @@ def test_happy_backup(target, out):
 def test_backup_defaults_to_the_current_directory(target, out):
     result = target.director("backup", cwd=out)
     assert result.code == 0, result
-    assert [p.name[:5] for p in backups(out)] == ["demo_"]
+    assert [p.name[:5] for p in backups(out)] == [f"{target.name}_"[:5]]
 
 
 def test_lock_levels_and_reverse_unlock(target, out):
@@ -140,7 +140,7 @@ def test_pre_backup_lock_failure(target, out):
     result = target.director("backup", "--artifact-path", str(out))
     assert result.code == 4, result
     assert (
-        "Error: pre-backup-lock script for job director on sim://demo failed: it exited 3"
+        f"Error: pre-backup-lock script for job director on {target.address} failed: it exited 3"
         in result.stderr
     )
     assert "stderr: database is busy" in result.stderr
@@ -170,7 +170,8 @@ def test_backup_script_failure(target, out):
     result = target.director("backup", "--artifact-path", str(out))
     assert result.code == 1, result
     assert (
-        "Error: backup script for job blobstore on sim://demo failed: it exited 1" in result.stderr
+        f"Error: backup script for job blobstore on {target.address} failed: it exited 1"
+        in result.stderr
     )
     assert target.unlock_env() == {job: "false" for job in ALL_JOBS}
     assert target.vm.locked_jobs() == []
@@ -185,7 +186,7 @@ def test_unlock_failure_after_a_good_backup_still_transfers(target, out):
     result = target.director("backup", "--artifact-path", str(out))
     assert result.code == 8, result
     assert (
-        "post-backup-unlock script for job director on sim://demo failed: it exited 2"
+        f"post-backup-unlock script for job director on {target.address} failed: it exited 2"
         in result.stderr
     )
     assert target.unlock_env() == {job: "true" for job in ALL_JOBS}
@@ -219,7 +220,7 @@ def test_backup_cleanup_unlocks_everything_in_reverse_order(target):
     target.work_dir().mkdir(parents=True)
     result = target.director("backup-cleanup")
     assert result.code == 0, result
-    assert "Backup cleanup of sim://demo done" in result.stdout
+    assert f"Backup cleanup of {target.address} done" in result.stdout
     order = target.scripts_run("post-backup-unlock")
     assert (
         order.index("blobstore")
@@ -265,13 +266,13 @@ def test_skip_bbr_scripts_removes_the_job(target, out):
 def test_pre_backup_check(target):
     ok = target.director("pre-backup-check")
     assert ok.code == 0, ok
-    assert "Director sim://demo can be backed up." in ok.stdout
+    assert f"Director {target.address} can be backed up." in ok.stdout
     assert target.scripts_run("pre-backup-lock") == []
 
     target.work_dir().mkdir(parents=True)
     bad = target.director("pre-backup-check")
     assert bad.code == 1, bad
-    assert "Director sim://demo cannot be backed up." in bad.stderr
+    assert f"Director {target.address} cannot be backed up." in bad.stderr
     assert "already exists" in bad.stderr
     assert target.work_dir().exists()
 
@@ -284,11 +285,12 @@ def test_artifact_path_must_exist(target, out):
 
 
 def test_transfer_failure_publishes_nothing_and_leaves_no_lock(target, out):
+    target.require_sim("transfer faults are simulated; SSH drops a real connection instead")
     target.vm.set_fault("blobstore", "transfer", "fail connection reset by peer")
     result = target.director("backup", "--artifact-path", str(out))
     assert result.code == 1, result
     assert (
-        "Error: connection to sim://demo lost while copying the artifact of job blobstore: "
+        f"Error: connection to {target.address} lost while copying the artifact of job blobstore: "
         "connection reset by peer" in result.stderr
     )
     # Locks were released before the drain (bbr's order), with a good backup behind them.
@@ -326,6 +328,6 @@ def test_metadata_follows_bbrs_schema(target, out):
     for key in ("start_time", "finish_time"):
         assert re.fullmatch(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d UTC", activity[key])
     assert activity["start_time"] <= activity["finish_time"]
-    assert artifact.name == "demo_" + activity["start_time"].replace("/", "").replace(
+    assert artifact.name == f"{target.name}_" + activity["start_time"].replace("/", "").replace(
         " UTC", "Z"
     ).replace(" ", "T").replace(":", "")

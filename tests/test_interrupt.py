@@ -44,7 +44,7 @@ def test_interrupted_backup_releases_every_lock(target, tmp_path, sig, job, scri
     ]
     assert hung and not any(_alive(pid) for pid in hung)
     assert not target.work_dir().exists()
-    assert list(tmp_path.glob("demo_*")) == []  # no partial backup left behind either
+    assert list(tmp_path.glob(f"{target.name}_*")) == []  # no partial backup left behind either
 
     rows = target.bbrx.audit_rows()
     interrupt_row = next(r for r in rows if r["trigger"] == "interrupt")

@@ -1,0 +1,438 @@
+"""The live transport: a real director VM over SSH, with the OpenSSH client as the engine.
+
+The `ssh` binary (not a Python SSH library) honours the operator's ~/.ssh/config, bastions
+(ProxyJump), known_hosts with hashed entries and CA lines, agents and every key type, and
+is what operators debug with `ssh -v`. bbrx drives it without a shell in between and keeps
+one multiplexed master connection per run (ControlMaster in a private directory), so each
+remote command costs a channel, not a handshake. Host keys are verified against
+known_hosts unless the operator asks to trust a new key on first use.
+
+Remote side, as bbr does it: scripts under /var/vcap/jobs/*/bin/bbr/ run with `sudo` and
+bbr's environment; each job's artifact directory travels as an uncompressed tar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, BinaryIO, cast
+
+from orchestrator.errors import DiscoveryError, TargetError, TransportError
+from orchestrator.instance import (
+    IGNORED_JOBS,
+    REMOTE_WORK_DIR,
+    SCRIPT_NAMES,
+    Job,
+    ScriptCall,
+    ScriptResult,
+)
+
+log = logging.getLogger(__name__)
+
+JOBS_GLOB = "/var/vcap/jobs/*/bin/bbr/*"
+PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: a 1 MiB pipe measured 1.4x faster than the 64 KiB default
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+# Preferred first, the rest of OpenSSH's defaults after it: AES-GCM uses the CPU's AES
+# instructions and measured 1.2x faster than chacha20 here.
+CIPHERS = "^aes128-gcm@openssh.com"
+_PID_LINE = re.compile(rb"^bbrx-pid (\d+)\n")
+_SSH_FAILURE = 255
+
+
+class SshInstance:
+    """A director VM reached with the OpenSSH client. Thread-safe."""
+
+    group = "bosh"
+    index = "0"
+    mode = "live"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        username: str,
+        private_key_path: Path,
+        *,
+        accept_new_host_key: bool = False,
+        known_hosts: Path | None = None,
+        connect_timeout: int = 15,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.username = username
+        self.key = private_key_path.expanduser()
+        self.address = f"{host}:{port}"
+        self.accept_new_host_key = accept_new_host_key
+        self.known_hosts = known_hosts.expanduser() if known_hosts else None
+        self.connect_timeout = connect_timeout
+        self.info: dict[str, str] = {}
+        self._check_key()
+        self._control_dir = Path(tempfile.mkdtemp(prefix="bbrx-ssh-"))  # mode 0700
+        self._connected = False
+        self._connect_lock = threading.Lock()
+        self._running: dict[subprocess.Popen[bytes], int | None] = {}
+        # Scripts running when the run was interrupted: their failure is the kill's doing.
+        self._killed: set[subprocess.Popen[bytes]] = set()
+
+    # --- connection ------------------------------------------------------------------------
+
+    def _check_key(self) -> None:
+        try:
+            mode = self.key.stat().st_mode
+        except FileNotFoundError:
+            raise TargetError(
+                f"private key {self.key} does not exist",
+                hint="Pass --private-key-path the key the director's bbr user accepts.",
+            ) from None
+        if stat.S_IMODE(mode) & 0o077:
+            raise TargetError(
+                f"private key {self.key} is readable by group or others "
+                f"(mode {stat.S_IMODE(mode):04o}): refusing to use it, as ssh does",
+                hint=f"Make it private: chmod 600 {self.key}",
+            )
+
+    def _options(self) -> list[str]:
+        options = [
+            "-p", str(self.port),
+            "-l", self.username,
+            "-i", str(self.key),
+            "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes",
+            "-o", f"ConnectTimeout={self.connect_timeout}",
+            "-o", "ServerAliveInterval=15",
+            "-o", "ServerAliveCountMax=4",
+            "-o", f"Ciphers={CIPHERS}",
+            "-o", f"ControlPath={self._control_dir}/master",
+            "-o", "StrictHostKeyChecking=" + ("accept-new" if self.accept_new_host_key else "yes"),
+        ]  # fmt: skip
+        if self.known_hosts is not None:
+            options += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        return options
+
+    def _ssh(self, remote: str) -> list[str]:
+        # ControlMaster=no: every command rides the master, none may become one itself.
+        return ["ssh", *self._options(), "-o", "ControlMaster=no", self.host, "--", remote]
+
+    def connect(self) -> None:
+        """Open the master connection (once), verifying the host key."""
+        with self._connect_lock:
+            if self._connected:
+                return
+            command = [
+                "ssh",
+                *self._options(),
+                "-o", "ControlMaster=yes",
+                "-o", "ControlPersist=yes",
+                "-f", "-N",
+                self.host,
+            ]  # fmt: skip
+            proc = subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL)
+            stderr = proc.stderr.decode("utf-8", "replace")
+            if proc.returncode != 0:
+                raise self._connect_error(stderr)
+            self._connected = True
+            if "Permanently added" in stderr:
+                log.warning("Trusted the new host key of %s on first use", self.address)
+                self.info["host_key_trusted_on_first_use"] = "yes"
+            fingerprint = self._fingerprint()
+            if fingerprint:
+                self.info["host_key_fingerprint"] = fingerprint
+            log.info("Connected to %s as %s", self.address, self.username)
+
+    def _connect_error(self, stderr: str) -> DiscoveryError:
+        known = str(self.known_hosts or "~/.ssh/known_hosts")
+        spec = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr:
+            return DiscoveryError(
+                f"the host key of {self.address} has CHANGED since it was trusted: refusing to "
+                "connect (this is what a man-in-the-middle looks like)",
+                host=self.address,
+                hint=f"If the director VM was rebuilt, check its new key's fingerprint, then "
+                f"forget the old one with: ssh-keygen -R '{spec}' -f {known}",
+            )
+        if "Host key verification failed" in stderr:
+            return DiscoveryError(
+                f"the host key of {self.address} is not in {known}: refusing to connect",
+                host=self.address,
+                hint=f"Check its fingerprint (ssh-keyscan -p {self.port} {self.host} | "
+                f"ssh-keygen -lf -) with whoever runs the director, then trust it with "
+                f"ssh-keyscan -p {self.port} {self.host} >> {known}, or run once with "
+                "--accept-new-host-key.",
+            )
+        if "Permission denied" in stderr:
+            return DiscoveryError(
+                f"{self.address} refused the key {self.key} for user {self.username}",
+                host=self.address,
+                hint="Check --username and --private-key-path (the director's bbr user and key).",
+            )
+        detail = " ".join(line for line in stderr.strip().splitlines() if line)[-400:]
+        return DiscoveryError(
+            f"cannot reach {self.address}: {detail or 'ssh failed'}",
+            host=self.address,
+            hint="Check the address, the port and that this jump box can reach the director.",
+        )
+
+    def _fingerprint(self) -> str | None:
+        spec = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        command = ["ssh-keygen", "-l", "-F", spec]
+        if self.known_hosts is not None:
+            command += ["-f", str(self.known_hosts)]
+        proc = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        prints = [line.split()[-1] for line in proc.stdout.splitlines() if "SHA256:" in line]
+        return ", ".join(sorted(set(prints))) or None
+
+    def close(self) -> None:
+        if self._connected:
+            subprocess.run(
+                ["ssh", *self._options(), "-O", "exit", self.host],
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                timeout=30,
+            )
+            self._connected = False
+        shutil.rmtree(self._control_dir, ignore_errors=True)
+
+    # --- small remote commands -------------------------------------------------------------
+
+    def _run(self, remote: str, *, what: str, ok_codes: tuple[int, ...] = (0,)) -> bytes:
+        self.connect()
+        proc = subprocess.run(self._ssh(remote), capture_output=True, stdin=subprocess.DEVNULL)
+        if proc.returncode not in ok_codes:
+            message = proc.stderr.decode("utf-8", "replace").strip()[-400:]
+            raise TransportError(
+                f"{what} on {self.address} failed (exit {proc.returncode}): {message}",
+                host=self.address,
+            )
+        return proc.stdout
+
+    def discover(self) -> list[Job]:
+        listing = self._run(
+            "sudo -n sh -c "
+            + shlex.quote(
+                f'for f in {JOBS_GLOB}; do [ -f "$f" ] && [ -x "$f" ] && echo "$f"; done; true'
+            ),
+            what="listing the job scripts",
+        ).decode("utf-8", "replace")
+        scripts: dict[str, set[str]] = {}
+        for line in listing.splitlines():
+            parts = line.split("/")
+            if len(parts) != 8:
+                continue
+            job, script = parts[4], parts[7]
+            if job in IGNORED_JOBS or script not in SCRIPT_NAMES:
+                continue
+            scripts.setdefault(job, set()).add(script)
+        return [Job(name, frozenset(found)) for name, found in sorted(scripts.items())]
+
+    def artifact_directory(self, job: str) -> str:
+        return f"{REMOTE_WORK_DIR}/{job}/"
+
+    def work_dir_exists(self) -> bool:
+        code = self._returncode(f"sudo -n test -e {REMOTE_WORK_DIR}")
+        return code == 0
+
+    def _returncode(self, remote: str) -> int:
+        self.connect()
+        proc = subprocess.run(self._ssh(remote), capture_output=True, stdin=subprocess.DEVNULL)
+        if proc.returncode == _SSH_FAILURE:
+            raise TransportError(
+                f"lost the connection to {self.address}: "
+                + proc.stderr.decode("utf-8", "replace").strip()[-400:],
+                host=self.address,
+            )
+        return proc.returncode
+
+    def make_artifact_directory(self, job: str) -> None:
+        self._run(
+            f"sudo -n mkdir -p {shlex.quote(self.artifact_directory(job))}",
+            what=f"creating the artifact directory of job {job}",
+        )
+
+    def remove_work_dir(self) -> None:
+        self._run(f"sudo -n rm -rf {REMOTE_WORK_DIR}", what=f"removing {REMOTE_WORK_DIR}")
+
+    def checksum_artifact_directory(self, job: str) -> dict[str, str]:
+        directory = shlex.quote(self.artifact_directory(job))
+        output = self._run(
+            "sudo -n sh -c "
+            + shlex.quote(f"cd {directory} && find . -type f -print0 | xargs -0 -r sha256sum"),
+            what=f"hashing the artifact of job {job}",
+        ).decode("utf-8", "replace")
+        checksums = {}
+        for line in output.splitlines():
+            digest, _, name = line.partition("  ")
+            if digest and name:
+                checksums[name] = digest
+        return checksums
+
+    # --- scripts ---------------------------------------------------------------------------
+
+    def run_script(self, call: ScriptCall) -> ScriptResult:
+        path = f"/var/vcap/jobs/{call.job}/bin/bbr/{call.script}"
+        env = [f"{key}={value}" for key, value in call.env.items()]
+        # setsid gives the script a process group of its own on the VM, and its pid (printed
+        # first on stderr) lets an interruption kill that group there, not just our ssh.
+        wrapper = 'echo "bbrx-pid $$" >&2; exec "$0" "$@"'
+        remote = " ".join(
+            ["sudo", "-n", "setsid", "-w", "sh", "-c", shlex.quote(wrapper), "env"]
+            + [shlex.quote(part) for part in (*env, path)]
+        )
+        self.connect()
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            self._ssh(remote),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self._running[proc] = None
+        stderr_parts: list[bytes] = []
+        reader = threading.Thread(target=self._read_stderr, args=(proc, stderr_parts), daemon=True)
+        reader.start()
+        assert proc.stdout is not None
+        stdout = proc.stdout.read()
+        reader.join()
+        returncode = proc.wait()
+        remote_pid = self._running.pop(proc, None)
+        stderr = b"".join(stderr_parts).decode("utf-8", "replace")
+        duration = time.monotonic() - started
+        killed = proc in self._killed
+        self._killed.discard(proc)
+        if remote_pid is None and not killed:
+            raise TransportError(
+                f"could not start the {call.script} script of job {call.job} on {self.address}: "
+                + (stderr.strip()[-400:] or f"ssh exited {returncode}"),
+                host=self.address,
+            )
+        killed_by: str | None = None
+        exit_code: int | None = returncode
+        if killed and returncode != 0:
+            killed_by, exit_code = "SIGTERM (run interrupted)", None
+        return ScriptResult(
+            job=call.job,
+            script=call.script,
+            exit_code=exit_code,
+            stdout=stdout.decode("utf-8", "replace"),
+            stderr=stderr,
+            duration=duration,
+            killed_by=killed_by,
+        )
+
+    def _read_stderr(self, proc: subprocess.Popen[bytes], parts: list[bytes]) -> None:
+        stream = proc.stderr
+        assert stream is not None
+        first = stream.readline()
+        match = _PID_LINE.match(first)
+        if match:
+            self._running[proc] = int(match.group(1))
+        else:
+            parts.append(first)
+        parts.append(stream.read())
+
+    def terminate_scripts(self) -> None:
+        """Kill the running scripts' process groups on the VM (from a signal handler)."""
+        running = dict(self._running)
+        self._killed.update(running)
+        pids = [pid for pid in running.values() if pid]
+        if not pids:
+            return
+        groups = " ".join(f"-{pid}" for pid in pids)
+        remote = "sudo -n sh -c " + shlex.quote(
+            f"kill -TERM -- {groups} 2>/dev/null; sleep 3; kill -KILL -- {groups} 2>/dev/null; true"
+        )
+        # Not here: a signal handler must not block on the network.
+        threading.Thread(target=self._kill_remote, args=(remote,), daemon=True).start()
+
+    def _kill_remote(self, remote: str) -> None:
+        with contextlib.suppress(Exception):
+            subprocess.run(
+                self._ssh(remote), capture_output=True, stdin=subprocess.DEVNULL, timeout=60
+            )
+        # If the connection itself is gone, the local ssh clients are all that is left.
+        for proc in list(self._killed):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+
+    # --- streams ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def stream_out(self, job: str) -> Iterator[BinaryIO]:
+        directory = shlex.quote(self.artifact_directory(job))
+        self.connect()
+        with tempfile.TemporaryFile() as errors:
+            proc = subprocess.Popen(
+                self._ssh(f"sudo -n tar -C {directory} -cf - ."),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+            )
+            stdout = cast(IO[bytes], proc.stdout)
+            _enlarge_pipe(stdout)
+            try:
+                yield cast(BinaryIO, stdout)
+            except BaseException:
+                proc.kill()
+                stdout.close()
+                proc.wait()
+                raise
+            stdout.close()
+            returncode = proc.wait()
+            if returncode != 0:
+                raise TransportError(
+                    f"copying the artifact of job {job} from {self.address} failed "
+                    f"(exit {returncode}): {_tail(errors)}",
+                    host=self.address,
+                )
+
+    def stream_in(self, job: str, chunks: Iterator[bytes]) -> None:
+        directory = shlex.quote(self.artifact_directory(job))
+        self.connect()
+        with tempfile.TemporaryFile() as errors:
+            proc = subprocess.Popen(
+                self._ssh(f"sudo -n mkdir -p {directory} && sudo -n tar -C {directory} -xf -"),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+            )
+            stdin = cast(IO[bytes], proc.stdin)
+            _enlarge_pipe(stdin)
+            try:
+                for chunk in chunks:
+                    stdin.write(chunk)
+                stdin.close()
+            except BrokenPipeError:
+                pass  # the far side gave up: its exit code and stderr say why
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            returncode = proc.wait()
+            if returncode != 0:
+                raise TransportError(
+                    f"copying the artifact of job {job} to {self.address} failed "
+                    f"(exit {returncode}): {_tail(errors)}",
+                    host=self.address,
+                )
+
+
+def _enlarge_pipe(stream: IO[bytes]) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(stream.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
+
+
+def _tail(errors: IO[bytes]) -> str:
+    errors.seek(0)
+    text = errors.read().decode("utf-8", "replace").strip()
+    return " ".join(text.splitlines())[-400:] or "no message"

@@ -1,0 +1,112 @@
+"""A real OpenSSH server on 127.0.0.1 whose sessions see a test director tree at /var/vcap.
+
+sshd runs inside a private mount namespace (`unshare --mount`) where a temporary directory is
+bind-mounted on /var/vcap and a tmpfs on /run, so nothing of the host's real /var/vcap or
+/run is touched. It runs as root (CI does), and is stopped by its own PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+VCAP = Path("/var/vcap")
+
+
+def available() -> str | None:
+    """Why the SSH fixture cannot run here, or None when it can."""
+    if os.geteuid() != 0:
+        return "the test sshd needs root (for unshare --mount and sudo)"
+    for tool in (SSHD, shutil.which("unshare"), shutil.which("ssh"), shutil.which("sudo")):
+        if not tool or not Path(tool).exists():
+            return "openssh-server, openssh-client, sudo and util-linux are required"
+    return None
+
+
+@dataclass
+class Keys:
+    host_key: Path
+    client_key: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> Keys:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in ("host_key", "client_key"):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"bbrx-test-{name}",
+                 "-f", str(directory / name)],
+                check=True,
+            )  # fmt: skip
+        return cls(directory / "host_key", directory / "client_key")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TestSshd:
+    """One sshd, serving `vm_root/var/vcap` as /var/vcap, on a free loopback port."""
+
+    def __init__(self, keys: Keys, vm_root: Path, workdir: Path) -> None:
+        self.keys = keys
+        self.vm_root = vm_root
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.known_hosts = workdir / "known_hosts"
+
+    def start(self) -> TestSshd:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        authorized = self.workdir / "authorized_keys"
+        authorized.write_text(Path(f"{self.keys.client_key}.pub").read_text())
+        config = self.workdir / "sshd_config"
+        config.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.keys.host_key}\n"
+            f"AuthorizedKeysFile {authorized}\nPermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            "PidFile none\nStrictModes no\nMaxSessions 100\nMaxStartups 100:30:200\n"
+            "LogLevel ERROR\n"
+        )
+        host_pub = Path(f"{self.keys.host_key}.pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        mounts = (
+            "mount -t tmpfs tmpfs /run && mkdir -p /run/sshd && "
+            f"mount --bind {self.vm_root / 'var/vcap'} {VCAP} && "
+            f"exec {SSHD} -D -e -f {config}"
+        )
+        # unshare execs sh, which execs sshd: self.proc.pid is sshd's own PID.
+        self._log = open(self.workdir / "sshd.log", "wb")  # noqa: SIM115 - lives with sshd
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", mounts],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sshd exited: {(self.workdir / 'sshd.log').read_text()}")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.02)
+        raise RuntimeError("sshd did not start listening")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
