@@ -126,15 +126,23 @@ class SshInstance:
         return ["ssh", *self._options(), "-o", "ControlMaster=no", self.host, "--", remote]
 
     def connect(self) -> None:
-        """Open the master connection (once), verifying the host key."""
+        """Make sure the master connection is up, verifying the host key when opening it.
+
+        A master that died (the connection dropped) is replaced by a fresh one, so the
+        unlock and cleanup after a failure still reach the VM.
+        """
         with self._connect_lock:
             if self._connected:
-                return
+                if self._master_alive():
+                    return
+                log.warning("The connection to %s dropped; reconnecting", self.address)
+                self._connected = False
+                (self._control_dir / "master").unlink(missing_ok=True)
             command = [
                 "ssh",
                 *self._options(),
                 "-o", "ControlMaster=yes",
-                "-o", "ControlPersist=yes",
+                "-o", "ControlPersist=300",  # outlives a gap, not a crash
                 "-f", "-N",
                 self.host,
             ]  # fmt: skip
@@ -183,6 +191,10 @@ class SshInstance:
             host=self.address,
             hint="Check the address, the port and that this jump box can reach the director.",
         )
+
+    def _master_alive(self) -> bool:
+        check = ["ssh", *self._options(), "-O", "check", self.host]
+        return subprocess.run(check, capture_output=True, stdin=subprocess.DEVNULL).returncode == 0
 
     def _fingerprint(self) -> str | None:
         spec = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
@@ -298,13 +310,23 @@ class SshInstance:
             stderr=subprocess.PIPE,
         )
         self._running[proc] = None
+        stdout_parts: list[bytes] = []
         stderr_parts: list[bytes] = []
-        reader = threading.Thread(target=self._read_stderr, args=(proc, stderr_parts), daemon=True)
-        reader.start()
-        assert proc.stdout is not None
-        stdout = proc.stdout.read()
-        reader.join()
+        readers = [
+            threading.Thread(target=self._read_stderr, args=(proc, stderr_parts), daemon=True),
+            threading.Thread(
+                target=lambda: stdout_parts.append(cast(IO[bytes], proc.stdout).read()),
+                daemon=True,
+            ),
+        ]
+        for reader in readers:
+            reader.start()
+        # The ssh client's exit, not the pipes' EOF, ends the call: the master connection
+        # holds copies of our pipes and would keep a read blocked if the session hung.
         returncode = proc.wait()
+        for reader in readers:
+            reader.join(timeout=5)
+        stdout = b"".join(stdout_parts)
         remote_pid = self._running.pop(proc, None)
         stderr = b"".join(stderr_parts).decode("utf-8", "replace")
         duration = time.monotonic() - started
@@ -348,9 +370,10 @@ class SshInstance:
         pids = [pid for pid in running.values() if pid]
         if not pids:
             return
-        groups = " ".join(f"-{pid}" for pid in pids)
+        groups = ",".join(str(pid) for pid in pids)
+        # pkill -g: dash's kill builtin cannot signal a process group portably.
         remote = "sudo -n sh -c " + shlex.quote(
-            f"kill -TERM -- {groups} 2>/dev/null; sleep 3; kill -KILL -- {groups} 2>/dev/null; true"
+            f"pkill -TERM -g {groups}; sleep 3; pkill -KILL -g {groups}; true"
         )
         # Not here: a signal handler must not block on the network.
         threading.Thread(target=self._kill_remote, args=(remote,), daemon=True).start()
@@ -382,6 +405,22 @@ class SshInstance:
             _enlarge_pipe(stdout)
             try:
                 yield cast(BinaryIO, stdout)
+            except Exception as error:
+                # A stream cut short looks like a broken tar to the reader; when ssh itself
+                # failed, that failure is the news.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=2)
+                failed = proc.returncode not in (None, 0)
+                proc.kill()
+                stdout.close()
+                proc.wait()
+                if failed:
+                    raise TransportError(
+                        f"copying the artifact of job {job} from {self.address} failed "
+                        f"(exit {proc.returncode}): {_tail(errors)}",
+                        host=self.address,
+                    ) from error
+                raise
             except BaseException:
                 proc.kill()
                 stdout.close()

@@ -103,6 +103,7 @@ def test_sim_lifecycle(bbrx):
     assert "bbrx sim create lab" in gone.stderr
 
 
+@pytest.mark.parametrize("target", ["sim"], indirect=True)
 def test_sim_faults_from_the_command_line(target, tmp_path):
     bbrx = target.bbrx
     assert bbrx("sim", "fault", "demo", "director", "backup", "fail 7 broken dump").code == 0
@@ -115,6 +116,7 @@ def test_sim_faults_from_the_command_line(target, tmp_path):
     assert bad.code == 1 and "has no 'nosuchscript' script" in bad.stderr
 
 
+@pytest.mark.parametrize("target", ["sim"], indirect=True)
 def test_locked_director_shows_in_sim_vms(target):
     target.vm.set_fault("director", "backup", "fail 1 x")
     # A lock taken by hand, as if a run had died: `sim vms` plays the director's API.

@@ -1,0 +1,166 @@
+"""What only the SSH transport has: host keys, key permissions, unreachable hosts, a
+connection killed mid-copy, and a large artifact through a real sshd."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import wait_for
+
+
+pytestmark = pytest.mark.parametrize("target", ["ssh"], indirect=True)
+
+
+def with_known_hosts(target, path: Path) -> list[str]:
+    args = list(target.extra_args)
+    args[args.index("--known-hosts") + 1] = str(path)
+    return args
+
+
+def fingerprint(public_key: Path) -> str:
+    out = subprocess.run(["ssh-keygen", "-lf", str(public_key)], capture_output=True, text=True)
+    return out.stdout.split()[1]
+
+
+def test_unknown_host_key_is_refused(target, tmp_path):
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    result = target.bbrx(
+        "director", "--host", target.host, *with_known_hosts(target, empty), "pre-backup-check"
+    )
+    assert result.code == 1, result
+    assert f"Error: the host key of {target.address} is not in {empty}: refusing to connect" in (
+        result.stderr
+    )
+    assert "--accept-new-host-key" in result.stderr
+    assert target.vm.calls() == []
+    assert empty.read_text() == ""
+    states = [r["to_state"] for r in target.bbrx.audit_rows()]
+    assert states == ["discovering", "failed"]
+
+
+def test_new_host_key_accepted_on_request_and_audited(target, tmp_path, ssh_server):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    result = target.bbrx(
+        "director", "--host", target.host, *with_known_hosts(target, empty),
+        "--accept-new-host-key", "pre-backup-check",
+    )  # fmt: skip
+    assert result.code == 0, result
+    host_key = Path(f"{ssh_server.keys.host_key}.pub").read_text().split()[1]
+    assert host_key in empty.read_text()  # trusted, under a hashed name (HashKnownHosts)
+    lookup = ["ssh-keygen", "-F", f"[127.0.0.1]:{ssh_server.port}", "-f", str(empty)]
+    assert subprocess.run(lookup, capture_output=True).returncode == 0
+    discovered = next(r for r in target.bbrx.audit_rows() if r["trigger"] == "discovered")
+    expected = fingerprint(Path(f"{ssh_server.keys.host_key}.pub"))
+    assert discovered["detail"]["instance"]["host_key_fingerprint"] == expected
+    assert discovered["detail"]["instance"]["host_key_trusted_on_first_use"] == "yes"
+
+
+def test_changed_host_key_is_refused(target, tmp_path, ssh_server):
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kind, key = Path(f"{other}.pub").read_text().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{ssh_server.port} {kind} {key}\n")
+    result = target.bbrx(
+        "director", "--host", target.host, *with_known_hosts(target, known),
+        "--accept-new-host-key", "backup", "--artifact-path", str(tmp_path),
+    )  # fmt: skip
+    assert result.code == 1, result
+    assert "has CHANGED since it was trusted" in result.stderr
+    assert "ssh-keygen -R" in result.stderr
+    assert target.vm.calls() == []
+
+
+def test_private_key_readable_by_others_is_refused(target, tmp_path, ssh_server):
+    loose = tmp_path / "loose_key"
+    shutil.copy(ssh_server.keys.client_key, loose)
+    loose.chmod(0o644)
+    args = list(target.extra_args)
+    args[args.index("--private-key-path") + 1] = str(loose)
+    result = target.bbrx("director", "--host", target.host, *args, "pre-backup-check")
+    assert result.code == 1, result
+    assert f"private key {loose} is readable by group or others (mode 0644)" in result.stderr
+    assert f"chmod 600 {loose}" in result.stderr
+    assert target.vm.calls() == []
+
+
+def test_unreachable_host_fails_before_anything_is_locked(target, tmp_path, ssh_server):
+    ssh_server.stop()
+    result = target.director("backup", "--artifact-path", str(tmp_path))
+    assert result.code == 1, result
+    assert f"Error: cannot reach {target.address}" in result.stderr
+    assert target.vm.calls() == []
+    assert [r["to_state"] for r in target.bbrx.audit_rows()] == ["discovering", "failed"]
+    assert list(tmp_path.glob("127.0.0.1_*")) == []
+
+
+def big_blob(target, size: int) -> tuple[Path, str]:
+    """An incompressible blob in the director's blobstore, and its SHA-256."""
+    path = target.vm.root / "var/vcap/store/blobstore/store/ff/big-release"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with open(path, "wb") as handle:
+        for _ in range(size // (1 << 20)):
+            chunk = os.urandom(1 << 20)
+            digest.update(chunk)
+            handle.write(chunk)
+    return path, digest.hexdigest()
+
+
+def test_200_mb_round_trip(target, tmp_path):
+    _, expected = big_blob(target, 200 << 20)
+    out = tmp_path / "backups"
+    out.mkdir()
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 0, result
+    [artifact] = list(out.iterdir())
+    metadata = yaml.safe_load((artifact / "metadata").read_text())
+    blobstore = next(a for a in metadata["instances"][0]["artifacts"] if a["name"] == "blobstore")
+    assert blobstore["checksums"]["./blobs/ff/big-release"] == expected
+    before = target.vm.data_digest()
+
+    target.vm.wipe()
+    restored = target.director("restore", "--artifact-path", str(artifact))
+    assert restored.code == 0, restored
+    assert target.vm.data_digest() == before
+
+
+def test_connection_killed_mid_drain(target, tmp_path, ssh_server):
+    big_blob(target, 300 << 20)
+    out = tmp_path / "backups"
+    out.mkdir()
+    proc = target.start("backup", "--artifact-path", str(out))
+
+    def tar_growing() -> bool:
+        return any(
+            p.stat().st_size > (20 << 20) for p in out.glob("*.incomplete/bosh-0-blobstore.tar")
+        )
+
+    wait_for(tar_growing, timeout=60, what="the blobstore drain to be under way")
+    # Kill the sshd processes serving this run's connections (children of our test sshd).
+    children = subprocess.run(
+        ["pgrep", "-P", str(ssh_server.proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert children
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 1, stderr
+    assert "copying the artifact of job blobstore from" in stderr
+    assert list(out.iterdir()) == []  # nothing published, no .incomplete left
+    # Unlocks ran before the drain (bbr's order) and every lock is released.
+    assert target.vm.locked_jobs() == []
+    rows = target.bbrx.audit_rows()
+    assert any(r["trigger"] == "drain_error" and r["job"] == "blobstore" for r in rows)
+    assert rows[-1]["to_state"] == "failed"
