@@ -15,7 +15,6 @@ import yaml
 
 from tests.conftest import wait_for
 
-
 pytestmark = pytest.mark.parametrize("target", ["ssh"], indirect=True)
 
 
@@ -154,7 +153,7 @@ def test_connection_killed_mid_drain(target, tmp_path, ssh_server):
     assert children
     for pid in children:
         os.kill(int(pid), signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=120)
+    _stdout, stderr = proc.communicate(timeout=120)
 
     assert proc.returncode == 1, stderr
     assert "copying the artifact of job blobstore from" in stderr
