@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,8 +15,27 @@ REASON_WIDTH = 40
 _DETAIL_KEYS = ("message", "error", "stderr_tail", "stdout_tail")
 
 
+def printable(text: str) -> str:
+    """The text with control and bidirectional-override characters shown as escapes.
+
+    Rows hold what operators and scripts wrote; rendering them raw would let an escape
+    sequence recolour, hide or reorder what a reviewer reads.
+    """
+    return "".join(
+        ch
+        if ch.isprintable()
+        and not unicodedata.category(ch).startswith("C")
+        and unicodedata.bidirectional(ch) not in _BIDI_CONTROLS
+        else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+
+
+_BIDI_CONTROLS = frozenset({"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"})
+
+
 def _short(text: str, width: int) -> str:
-    flat = " ".join(text.split())
+    flat = printable(" ".join(text.split()))
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
@@ -49,7 +69,7 @@ def short_detail(detail: Any, width: int = DETAIL_WIDTH) -> str:
 
 
 def _dash(value: Any) -> str:
-    return "-" if value is None or value == "" else str(value)
+    return "-" if value is None or value == "" else printable(str(value))
 
 
 def format_runs(runs: Sequence[RunSummary]) -> str:

@@ -159,11 +159,18 @@ class ArtifactWriter:
             raise ArtifactError(f"{self.partial} already exists (another run writing?)") from exc
         except OSError as exc:
             raise ArtifactError(f"cannot create artifact directory {self.partial}: {exc}") from exc
-        (self.partial / INCOMPLETE_MARKER).write_text(
-            f"This backup is incomplete: bbrx run {self.run_id} was writing it and did not\n"
-            "finish. It has no metadata file; neither bbr nor bbrx will restore from it.\n"
-            "Find out why with: bbrx audit show " + self.run_id + "\n"
-        )
+        try:
+            (self.partial / INCOMPLETE_MARKER).write_text(
+                f"This backup is incomplete: bbrx run {self.run_id} was writing it and did not\n"
+                "finish. It has no metadata file; neither bbr nor bbrx will restore from it.\n"
+                "Find out why with: bbrx audit show " + self.run_id + "\n"
+            )
+        except OSError as exc:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            raise ArtifactError(
+                f"cannot write in {self.partial.parent}: {exc.strerror or exc}",
+                hint="Free some space (or pick another --artifact-path) and try again.",
+            ) from exc
         log.info("Writing the backup in %s", self.partial)
 
     def write_job(

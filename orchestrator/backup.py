@@ -27,8 +27,8 @@ def backup_actions(artifact_path: Path, name: str) -> dict[str, Action]:
     def check(run: Run) -> steps.Step:
         step = steps.check_backupable(run)
         writer = ArtifactWriter(artifact_path, name, run.started, run.run_id)
+        run.data["writer"] = writer  # so that finish() removes whatever create() left
         writer.create()
-        run.data["writer"] = writer
         return step
 
     return {
@@ -94,7 +94,7 @@ def drain(run: Run) -> steps.Step:
     if errors or run.interrupted_by:
         writer.discard()
         return "drain_failed"
-    head = run.audit.head()
+    head = run.last_event  # this run's own latest row, not another run's
     run.artifact = writer.publish(
         datetime.now(UTC),
         {

@@ -14,7 +14,7 @@ from orchestrator.run import Action, Run
 
 def cleanup_actions() -> dict[str, Action]:
     def discover(run: Run) -> steps.Step:
-        trigger, detail = steps.discover(run)
+        trigger, detail = steps.discover(run, lenient=True)
         steps.plan_levels(run, strict=False)
         return trigger, {**detail, "levels": run.data["levels"]}
 

@@ -183,7 +183,14 @@ def backup(
     ] = None,
 ) -> None:
     """Lock, back up, unlock, and copy the backup to this machine."""
-    outcome = run_director(_request(ctx, "backup", artifact_path))
+    try:
+        outcome = run_director(_request(ctx, "backup", artifact_path))
+    except RunFailed as failure:
+        # An unlock failure after a good backup still publishes it (exit 8): say where.
+        published = getattr(failure.outcome, "artifact", None)
+        if published is not None:
+            typer.echo(f"Backup created: {published}")
+        raise
     typer.echo(f"Backup created: {outcome.artifact}")
     _audit_footer(outcome)
 

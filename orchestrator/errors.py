@@ -60,9 +60,12 @@ class DiscoveryError(TransportError):
 class MetadataError(BbrxError):
     """A job's `metadata` script failed or printed something bbr would reject."""
 
-    def __init__(self, message: str, *, job: str, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, job: str, hint: str | None = None, killed_by: str | None = None
+    ) -> None:
         super().__init__(message, hint=hint)
         self.job = job
+        self.killed_by = killed_by
 
 
 class CheckError(BbrxError):
@@ -153,6 +156,10 @@ class CleanupError(BbrxError):
     """The remote work directory could not be removed."""
 
     exit_bit = EXIT_CLEANUP
+
+
+class AuditBrokenError(BbrxError):
+    """The audit log, or a backup's tie to it, failed verification."""
 
 
 class InterruptedRunError(BbrxError):

@@ -164,6 +164,19 @@ for _cleanup in ("backup-cleanup", "restore-cleanup"):
 
 OPERATIONS = tuple(MACHINES)
 
+# States whose work a signal must not cut short: they are how the run gets the director
+# back to normal. A signal there is noted and the work goes on.
+PROTECTED_STATES = frozenset({"unlocking", "cleaning"})
+
+
+def failure_trigger(operation: str, state: str) -> str:
+    """The trigger that takes `state` down its failure path (what a raised error fires)."""
+    for transition in MACHINES[operation]["transitions"]:
+        if transition["source"] == state and transition["trigger"].endswith("_failed"):
+            return str(transition["trigger"])
+    raise KeyError(f"{operation}: state {state} has no failure transition")
+
+
 # A job's life within one run. Script phases go intent -> ok | error, so the log holds
 # what was about to happen before it happened, and what came of it.
 _JOB_PHASES = {

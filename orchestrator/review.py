@@ -8,11 +8,7 @@ import yaml
 
 from audit import AuditLog, verify_log
 from orchestrator.artifact import AUDIT_HEAD_FILE
-from orchestrator.errors import ArtifactError, BbrxError
-
-
-class AuditBrokenError(BbrxError):
-    """The audit log failed verification."""
+from orchestrator.errors import ArtifactError, AuditBrokenError
 
 
 def verify(audit_db: Path, artifact: Path | None = None) -> list[str]:

@@ -25,15 +25,22 @@ from typing import Any
 
 from transitions import EventData, MachineError
 
-from audit import AuditLog
+from audit import AppendedEvent, AuditLog
 from orchestrator import __version__
 from orchestrator.errors import (
     BbrxError,
     InterruptedRunError,
     ScriptError,
+    TransportError,
 )
 from orchestrator.instance import Instance, Job, ScriptCall, ScriptResult
-from orchestrator.machine import JOB_MAY_BE_LOCKED, build_job_machine, build_run_machine
+from orchestrator.machine import (
+    JOB_MAY_BE_LOCKED,
+    PROTECTED_STATES,
+    build_job_machine,
+    build_run_machine,
+    failure_trigger,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +123,12 @@ class Run:
         self.jobs: dict[str, JobTracker] = {}
         self.interrupted_by: str | None = None
         self._interrupt_fired = False
+        self._interrupt_noted = False
         self._killable = True
         self.audit_failed = False
+        # This run's own latest audit row: the chain head a backup is sealed with.
+        self.last_event: AppendedEvent | None = None
+        self._last_event_lock = threading.Lock()
         # Filled by actions as the run goes; see the procedure modules.
         self.data: dict[str, Any] = {}
         self.artifact: Path | None = None
@@ -141,7 +152,7 @@ class Run:
         with self._signals():
             self.fire("start", detail={"pid": os.getpid(), **start_detail})
             while self.state in actions:
-                self._killable = self.state not in ("unlocking", "cleaning")
+                self._killable = self.state not in PROTECTED_STATES
                 current = self.state
                 detail: dict[str, Any] = {}
                 try:
@@ -151,22 +162,25 @@ class Run:
                     trigger, detail = self._failure_trigger(current), error.detail()
                     self.fail(error)
                 except Exception as exc:  # a bug must not skip the unlock path
-                    log.exception("internal error in %s", current)
+                    log.debug("internal error in %s", current, exc_info=True)
                     internal = BbrxError(f"internal error while {current}: {exc!r}")
                     trigger, detail = self._failure_trigger(current), internal.detail()
                     self.fail(internal)
                 if self.interrupted_by and not self._interrupt_fired and self._can("interrupt"):
-                    self._interrupt_fired = True
+                    self._interrupt_fired = self._interrupt_noted = True
                     self.fire("interrupt", outcome="error", detail={"signal": self.interrupted_by})
-                else:
-                    self.fire(trigger, outcome=self._outcome_of(trigger), detail=detail)
+                    continue
+                if self.interrupted_by and not self._interrupt_noted:
+                    # Signalled in a state that runs to its end: say so on its own row.
+                    self._interrupt_noted = True
+                    detail = {**detail, "interrupted_by": self.interrupted_by}
+                self.fire(trigger, outcome=self._outcome_of(trigger), detail=detail)
         if self.interrupted_by:
             self.errors.insert(
                 0,
                 InterruptedRunError(
                     f"{self.operation} was interrupted by {self.interrupted_by}; "
                     + self._unlock_summary(),
-                    hint=f"See what ran: bbrx audit show {self.run_id}",
                 ),
             )
         return Outcome(
@@ -189,8 +203,7 @@ class Run:
         return trigger in self.machine.get_triggers(self.state)
 
     def _failure_trigger(self, state: str) -> str:
-        failures = [t for t in self.machine.get_triggers(state) if t.endswith("_failed")]
-        return failures[0] if failures else "cleanup_failed"
+        return failure_trigger(self.operation, state)
 
     @staticmethod
     def _outcome_of(trigger: str) -> str:
@@ -223,7 +236,19 @@ class Run:
     ) -> ScriptError | None:
         """Run one job script as a job-machine phase: intent row, script, outcome row."""
         tracker.trigger(phase, script=script)
-        result = self.instance.run_script(ScriptCall(tracker.name, script, dict(env or {})))
+        try:
+            result = self.instance.run_script(ScriptCall(tracker.name, script, dict(env or {})))
+        except TransportError as exc:
+            # The script could not even start: a failure of this phase for this job all the same.
+            error = error_class(
+                job=tracker.name,
+                script=script,
+                host=self.instance.address,
+                exit_code=None,
+                stderr_tail=exc.message,
+            )
+            tracker.trigger(f"{phase}_error", outcome="error", script=script, error=error)
+            return error
         self._log_script_output(result)
         if result.ok:
             tracker.trigger(f"{phase}_ok", outcome="ok", script=script, result=result)
@@ -320,7 +345,7 @@ class Run:
         if job is None and self.errors and state in ("failed", "interrupted"):
             detail["errors"] = [e.message for e in self.errors]
         try:
-            self.audit.append(
+            appended = self.audit.append(
                 run_id=self.run_id,
                 operation=self.operation,
                 target=self.target,
@@ -340,6 +365,9 @@ class Run:
                 detail=detail or None,
                 tool_version=f"bbrx {__version__}",
             )
+            with self._last_event_lock:
+                if self.last_event is None or appended.seq > self.last_event.seq:
+                    self.last_event = appended
         except Exception as exc:
             # Losing the audit trail must not stop the unlock path; it fails the run instead.
             if not self.audit_failed:

@@ -17,7 +17,6 @@ from orchestrator.errors import (
     CyclicLockOrderError,
     MetadataError,
     ScriptError,
-    TransportError,
     UnlockError,
 )
 from orchestrator.instance import REMOTE_WORK_DIR, Job, ScriptCall
@@ -30,13 +29,27 @@ log = logging.getLogger(__name__)
 Step = str | tuple[str, dict[str, Any]]
 
 
-def discover(run: Run) -> tuple[str, dict[str, Any]]:
-    """List the jobs and their scripts, read each job's metadata, drop skipped jobs."""
+def discover(run: Run, *, lenient: bool = False) -> tuple[str, dict[str, Any]]:
+    """List the jobs and their scripts, read each job's metadata, drop skipped jobs.
+
+    `lenient` (the cleanups): a job whose metadata fails is still unlocked, in no order,
+    because leaving it locked is worse than unlocking it out of order.
+    """
     log.info("Looking for scripts on %s", run.instance.address)
     jobs = run.instance.discover()
-    metadata = dict(
-        run.parallel([j for j in jobs if j.has("metadata")], lambda j: _metadata(run, j))
-    )
+    broken: dict[str, str] = {}
+
+    def read(job: Job) -> tuple[str, JobMetadata]:
+        try:
+            return _metadata(run, job)
+        except MetadataError as error:
+            if not lenient:
+                raise
+            log.warning("%s; unlocking job %s anyway", error.message, job.name)
+            broken[job.name] = error.message
+            return job.name, JobMetadata()
+
+    metadata = dict(run.parallel([j for j in jobs if j.has("metadata")], read))
     skipped = sorted(name for name, meta in metadata.items() if meta.skip_bbr_scripts)
     for name in skipped:
         log.info("Job %s sets skip_bbr_scripts: it takes no part in this run", name)
@@ -58,6 +71,8 @@ def discover(run: Run) -> tuple[str, dict[str, Any]]:
     for name, names in scripts.items():
         log.info("Found job %s with scripts: %s", name, ", ".join(names))
     detail: dict[str, Any] = {"jobs": scripts, "skipped": skipped}
+    if broken:
+        detail["metadata_errors"] = broken
     if run.instance.info:
         detail["instance"] = dict(run.instance.info)
     return "discovered", detail
@@ -75,6 +90,7 @@ def _metadata(run: Run, job: Job) -> tuple[str, JobMetadata]:
             f"metadata script for job {job.name} on {run.instance.address} failed: it {how}"
             + (f"\n  stderr: {result.stderr_tail()}" if result.stderr_tail() else ""),
             job=job.name,
+            killed_by=result.killed_by,
         )
     return job.name, parse_metadata(job.name, result.stdout)
 
@@ -180,12 +196,7 @@ def unlock(run: Run, *, parallel: bool = True) -> Step:
         log.info("Unlocking %s", ", ".join(t.name for t in trackers))
 
         def unlock_one(tracker: JobTracker) -> ScriptError | None:
-            try:
-                return run.run_job_script(tracker, "unlock", script, UnlockError, env)
-            except TransportError as exc:
-                # The script could not even start: still an unlock failure of this job.
-                run.fail(exc)
-                return None
+            return run.run_job_script(tracker, "unlock", script, UnlockError, env)
 
         results = run.parallel(trackers, unlock_one) if parallel else map(unlock_one, trackers)
         for error in results:

@@ -22,7 +22,9 @@ class Target:
 
     @property
     def address(self) -> str:
-        return self.host if self.simulated else f"{self.name}:{self.port}"
+        if self.simulated:
+            return self.host
+        return f"[{self.name}]:{self.port}" if ":" in self.name else f"{self.name}:{self.port}"
 
 
 def parse_host(host: str) -> Target:
@@ -38,7 +40,18 @@ def parse_host(host: str) -> Target:
             f"--host {host}: unknown scheme",
             hint="Give HOST[:PORT] for a real director or sim://NAME for the simulator.",
         )
-    name, _, port = host.rpartition(":") if ":" in host else (host, "", "22")
+    if host.startswith("["):  # [IPv6]:PORT or [IPv6]
+        name, _, rest = host[1:].partition("]")
+        port = rest.removeprefix(":") if rest else "22"
+        if rest and not rest.startswith(":"):
+            raise UsageError(f"--host {host}: expected [ADDRESS]:PORT")
+    elif host.count(":") > 1:  # a bare IPv6 address
+        name, port = host, "22"
+    else:
+        name, _, port = host.partition(":")
+        port = port or "22"
+    if not name:
+        raise UsageError(f"--host {host}: the host name is empty")
     try:
         number = int(port)
         if not 0 < number < 65536:

@@ -11,13 +11,16 @@ FAULT_GRAMMAR = "fail [EXIT_CODE [MESSAGE...]] | hang | sleep SECONDS"
 # Not a script: a fault on the copy of a job's artifact between the VM and the jump box
 # (a dropped connection), applied by SimInstance.stream_out / stream_in.
 TRANSFER = "transfer"
-TRANSFER_GRAMMAR = "fail [MESSAGE...] (the connection drops mid-copy)"
+TRANSFER_GRAMMAR = (
+    "fail [MESSAGE...] (the connection drops mid-copy) | corrupt (one byte changes in flight)"
+)
 _TRANSFER_FAIL = re.compile(r"^fail(?: (\S.*))?$")
+CORRUPT = "corrupt"
 
 
 def validate_transfer_fault(spec: str) -> str:
     normalised = " ".join(spec.split())
-    if not _TRANSFER_FAIL.match(normalised):
+    if normalised != CORRUPT and not _TRANSFER_FAIL.match(normalised):
         raise TargetError(f"invalid transfer fault {spec!r}: expected {TRANSFER_GRAMMAR}")
     return normalised
 

@@ -23,7 +23,7 @@ from typing import IO, BinaryIO, cast
 from orchestrator.errors import DiscoveryError, TransportError
 from orchestrator.instance import IGNORED_JOBS, SCRIPT_NAMES, Job, ScriptCall, ScriptResult
 from simulator.director import FAULTS_DIR, JOBS_DIR, STORE_DIR, SimDirector
-from simulator.faults import TRANSFER, transfer_failure_message
+from simulator.faults import CORRUPT, TRANSFER, transfer_failure_message
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,8 @@ class SimInstance:
             try:
                 if fault is None:
                     yield cast(BinaryIO, stdout)
+                elif fault == CORRUPT:
+                    yield cast(BinaryIO, _CorruptingReader(stdout))
                 else:
                     yield cast(BinaryIO, _DroppingReader(stdout, self._dropped(job, fault)))
             except BaseException:
@@ -271,8 +273,11 @@ class SimInstance:
             broken = False
             fault = self._transfer_fault(job)
             try:
+                corrupt = _Corrupter() if fault == CORRUPT else None
                 for number, chunk in enumerate(chunks):
-                    if fault is not None and number == 1:
+                    if corrupt is not None:
+                        chunk = corrupt(chunk)
+                    elif fault is not None and number == 1:
                         raise self._dropped(job, fault)
                     try:
                         stdin.write(chunk)
@@ -361,3 +366,30 @@ class _DroppingReader:
             raise self._error
         self._given += len(data)
         return data
+
+
+class _Corrupter:
+    """Flips one bit at a fixed offset of a byte stream: in file data, for the seed's
+    blobstore (whose tar is mostly blob content), so the tar stays readable."""
+
+    OFFSET = 600_000
+
+    def __init__(self) -> None:
+        self._seen = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        start, self._seen = self._seen, self._seen + len(chunk)
+        if start <= self.OFFSET < self._seen:
+            data = bytearray(chunk)
+            data[self.OFFSET - start] ^= 0x01
+            return bytes(data)
+        return chunk
+
+
+class _CorruptingReader:
+    def __init__(self, source: IO[bytes]) -> None:
+        self._source = source
+        self._corrupt = _Corrupter()
+
+    def read(self, size: int = -1) -> bytes:
+        return self._corrupt(self._source.read(size))

@@ -122,7 +122,7 @@ def restore_triggers(db) -> None:
                 "UPDATE events SET seq = 6 WHERE seq = -1",
             ],
             5,
-            "",
+            "prev_hash",
         ),
     ],
     ids=["edited", "deleted", "reordered"],
@@ -150,10 +150,23 @@ def test_verify_ties_a_backup_to_its_run(audited, tmp_path):
     ok = audited.bbrx("audit", "verify", "--artifact", str(artifact))
     assert ok.code == 0, ok
     assert "is tied to run" in ok.stdout
-    other = audited.bbrx(
-        "--audit-db", str(tmp_path / "other.db"), "audit", "verify", "--artifact", str(artifact)
+    # The same backup checked against another (intact) audit log: no such event there.
+    other_db = tmp_path / "other.db"
+    made = audited.bbrx(
+        "--audit-db",
+        str(other_db),
+        "director",
+        "--host",
+        audited.host,
+        *audited.extra_args,
+        "pre-backup-check",
     )
-    assert other.code == 1
+    assert made.code == 0, made
+    other = audited.bbrx(
+        "--audit-db", str(other_db), "audit", "verify", "--artifact", str(artifact)
+    )
+    assert other.code == 1, other
+    assert "but " in other.stderr and "has no such event" in other.stderr
 
 
 def test_audit_db_option_and_env(target, tmp_path):

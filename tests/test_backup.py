@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from orchestrator.artifact import validate
+from tests.conftest import wait_for
 
 ALL_JOBS = {"bbr-credhubdb", "blobstore", "director", "uaa"}
 BACKUP_JOBS = {"bbr-credhubdb", "blobstore", "director"}
@@ -323,7 +324,7 @@ def test_metadata_follows_bbrs_schema(target, out):
         assert (artifact / f"bosh-0-{entry['name']}.tar").is_file()
         for member, digest in entry["checksums"].items():
             assert member.startswith("./")
-            assert len(digest) == 64 and int(digest, 16) >= 0
+            assert re.fullmatch(r"[0-9a-f]{64}", digest)
     activity = document["backup_activity"]
     for key in ("start_time", "finish_time"):
         assert re.fullmatch(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d UTC", activity[key])
@@ -331,3 +332,41 @@ def test_metadata_follows_bbrs_schema(target, out):
     assert artifact.name == f"{target.name}_" + activity["start_time"].replace("/", "").replace(
         " UTC", "Z"
     ).replace(" ", "T").replace(":", "")
+
+
+def test_a_copy_that_differs_from_the_vm_is_not_published(target, out):
+    target.require_sim("in-flight corruption is simulated")
+    target.vm.set_fault("blobstore", "transfer", "corrupt")
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 1, result
+    assert f"Error: Backup is corrupted: blobstore on {target.address}: ./blobs/" in result.stderr
+    assert "the VM says" in result.stderr
+    assert backups(out) == []
+    assert target.vm.locked_jobs() == []
+
+
+def test_an_unlock_script_that_cannot_start_is_an_unlock_failure(target, out):
+    target.vm.set_fault("director", "backup", "sleep 2")
+    proc = target.start("backup", "--artifact-path", str(out))
+    wait_for(lambda: "director" in target.scripts_run("backup"), what="the director backup")
+    (target.vm.root / "var/vcap/jobs/uaa/bin/bbr/post-backup-unlock").unlink()
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 8, stderr
+    assert "post-backup-unlock script for job uaa" in stderr
+    assert set(target.scripts_run("post-backup-unlock")) == ALL_JOBS - {"uaa"}
+    rows = target.bbrx.audit_rows()
+    failed = next(r for r in rows if r["trigger"] == "unlock_error")
+    assert (failed["job"], failed["to_state"]) == ("uaa", "unlock_failed")
+    assert len(backups(out)) == 1  # the backup itself was good and is published
+
+
+def test_backup_cleanup_unlocks_even_when_metadata_is_broken(target):
+    target.vm.set_fault("uaa", "metadata", "fail 1 metadata exploded")
+    target.work_dir().mkdir(parents=True)
+    result = target.director("backup-cleanup")
+    assert result.code == 0, result
+    assert "unlocking job uaa anyway" in result.stderr
+    assert set(target.scripts_run("post-backup-unlock")) == ALL_JOBS
+    assert not target.work_dir().exists()
+    discovered = next(r for r in target.bbrx.audit_rows() if r["trigger"] == "discovered")
+    assert "uaa" in discovered["detail"]["metadata_errors"]

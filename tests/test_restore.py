@@ -202,3 +202,17 @@ def test_transfer_failure_during_copy_locks_nothing(target, backup):
     assert not target.work_dir().exists()
     states = [r["to_state"] for r in target.bbrx.audit_rows() if r["job"] is None]
     assert states[-3:] == ["copying", "cleaning", "failed"]
+
+
+def test_a_copy_that_differs_on_the_vm_is_not_restored(target, backup):
+    target.require_sim("in-flight corruption is simulated")
+    target.vm.wipe()
+    target.vm.set_fault("blobstore", "transfer", "corrupt")
+    result = target.director("restore", "--artifact-path", str(backup))
+    assert result.code == 1, result
+    assert f"Backup is corrupted: blobstore after copying to {target.address}: ./blobs/" in (
+        result.stderr
+    )
+    assert target.scripts_run("pre-restore-lock") == []
+    assert target.scripts_run("restore") == []
+    assert not target.work_dir().exists()
