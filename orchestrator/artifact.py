@@ -15,7 +15,6 @@ written: the file is never read back.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -29,6 +28,7 @@ from typing import BinaryIO
 import yaml
 
 from orchestrator.errors import ArtifactCorruptError, ArtifactError
+from orchestrator.tarstream import TarHasher, TarStreamError
 
 log = logging.getLogger(__name__)
 
@@ -81,55 +81,20 @@ class Manifest:
 # --- writing -----------------------------------------------------------------------------
 
 
-class _TeeReader:
-    """A read-only stream that copies every byte it hands out into `sink`.
-
-    tarfile parses what it reads for the checksums while the same bytes land on disk,
-    so the tar is read once, from the wire.
-    """
-
-    def __init__(
-        self, source: BinaryIO, sink: BinaryIO, check: Callable[[], None] | None = None
-    ) -> None:
-        self._source = source
-        self._sink = sink
-        self._check = check
-        self.bytes = 0
-
-    def read(self, size: int = -1) -> bytes:
-        if self._check is not None:
-            self._check()
-        data = self._source.read(size if size and size > 0 else CHUNK)
-        if data:
-            self._sink.write(data)
-            self.bytes += len(data)
-        return data
-
-    def drain(self) -> None:
-        """Copy what follows the end-of-archive marker (tar's record padding)."""
-        while self.read(CHUNK):
-            pass
-
-
-def hash_tar_stream(source: BinaryIO) -> Checksums:
+def hash_tar_stream(source: BinaryIO, check: Callable[[], None] | None = None) -> Checksums:
     """SHA-256 of every regular file in a tar stream, keyed `./path` as bbr keys them."""
-    checksums: Checksums = {}
-    with tarfile.open(fileobj=source, mode="r|", bufsize=CHUNK) as archive:
-        for member in archive:
-            if not member.isreg():
-                continue
-            digest = hashlib.sha256()
-            extracted = archive.extractfile(member)
-            if extracted is None:
-                continue
-            while chunk := extracted.read(CHUNK):
-                digest.update(chunk)
-            checksums[_member_key(member.name)] = digest.hexdigest()
-    return checksums
-
-
-def _member_key(name: str) -> str:
-    return name if name.startswith("./") else "./" + name.lstrip("/")
+    hasher = TarHasher()
+    try:
+        while True:
+            if check is not None:
+                check()
+            chunk = source.read(CHUNK)
+            if not chunk:
+                break
+            hasher.feed(chunk)
+        return hasher.finish()
+    except TarStreamError as exc:
+        raise tarfile.TarError(str(exc)) from exc
 
 
 class ArtifactWriter:
@@ -180,22 +145,33 @@ class ArtifactWriter:
         job: str,
         stream: BinaryIO,
         check: Callable[[], None] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Checksums:
         """Write one job's tar from `stream`, hashing its files on the way."""
         path = self.partial / tar_name(group, index, job)
+        hasher = TarHasher()
         try:
             with open(path, "xb") as sink:
-                tee = _TeeReader(stream, sink, check)
-                checksums = hash_tar_stream(tee)  # type: ignore[arg-type]
-                tee.drain()
+                # One pass: each chunk goes to disk and through the hasher, never read back.
+                while True:
+                    if check is not None:
+                        check()
+                    chunk = stream.read(CHUNK)
+                    if not chunk:
+                        break
+                    sink.write(chunk)
+                    hasher.feed(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
                 sink.flush()
                 os.fsync(sink.fileno())
-        except tarfile.TarError as exc:
+            checksums = hasher.finish()
+        except TarStreamError as exc:
             raise ArtifactError(f"the tar stream of job {job} is not a valid tar: {exc}") from exc
         except OSError as exc:
             raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from exc
         self.checksums[(group, index, job)] = checksums
-        log.info("Copied %s (%d files, %d bytes)", path.name, len(checksums), tee.bytes)
+        log.debug("Copied %s (%d files, %d bytes)", path.name, len(checksums), hasher.bytes)
         return checksums
 
     def publish(self, finished: datetime, audit_head: dict[str, object]) -> Path:
@@ -220,6 +196,24 @@ class ArtifactWriter:
         if self.partial.exists():
             shutil.rmtree(self.partial, ignore_errors=True)
             log.info("Removed the incomplete backup %s", self.partial)
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    """Refuse a drain that cannot fit, before a byte is written (bbr never checks)."""
+    free = shutil.disk_usage(directory).free
+    # tar's headers and padding, and the metadata, add a little to the data's size.
+    margin = 64 * 1024 * 1024
+    if needed + margin > free:
+        raise ArtifactError(
+            f"not enough space for the backup in {directory.parent}: it needs about "
+            f"{_mib(needed)} MiB (plus a {_mib(margin)} MiB margin), {_mib(free)} MiB are free",
+            hint="Free some space or pick another --artifact-path, then run backup again "
+            "(every job has already been unlocked).",
+        )
+
+
+def _mib(n: int) -> int:
+    return -(-n // (1024 * 1024))
 
 
 def metadata_document(

@@ -8,11 +8,12 @@ discover -> check -> (create the local artifact) -> lock by levels -> backup scr
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 from orchestrator import __version__, steps
-from orchestrator.artifact import ArtifactWriter, compare_checksums
+from orchestrator.artifact import ArtifactWriter, check_free_space, compare_checksums, tar_name
 from orchestrator.errors import BackupScriptError, BbrxError, LockError, ScriptError
 from orchestrator.run import Action, JobTracker, Outcome, Run
 
@@ -66,26 +67,37 @@ def drain(run: Run) -> steps.Step:
     writer: ArtifactWriter = run.data["writer"]
     trackers = steps.jobs_with(run, "backup")
 
+    sizes = {t.name: run.instance.artifact_size(t.name) for t in trackers}
+    check_free_space(writer.partial, sum(sizes.values()))
+    progress = run.progress
+
     def drain_one(tracker: JobTracker) -> BbrxError | None:
         tracker.trigger("drain")
+        label = tar_name(run.instance.group, run.instance.index, tracker.name)
         try:
-            with run.instance.stream_out(tracker.name) as stream:
-                checksums = writer.write_job(
-                    run.instance.group,
-                    run.instance.index,
-                    tracker.name,
-                    stream,
-                    run.check_interrupt,
-                )
-            # One hashing pass on the VM proves the copy is whole; the local tar is not re-read.
-            remote = run.instance.checksum_artifact_directory(tracker.name)
+            with ThreadPoolExecutor(max_workers=1) as side:
+                # The VM hashes its copy while the same bytes stream here: one pass on
+                # each side, in parallel, and the local tar is never read back.
+                remote_hashes = side.submit(run.instance.checksum_artifact_directory, tracker.name)
+                advance = progress.start(label, sizes[tracker.name])
+                with run.instance.stream_out(tracker.name) as stream:
+                    checksums = writer.write_job(
+                        run.instance.group,
+                        run.instance.index,
+                        tracker.name,
+                        stream,
+                        run.check_interrupt,
+                        advance,
+                    )
+                progress.done(label)
+                remote = remote_hashes.result()
             compare_checksums(
                 f"{tracker.name} on {run.instance.address}", remote, checksums, "the VM"
             )
         except BbrxError as error:
             tracker.trigger("drain_error", outcome="error", error=error)
             return error
-        tracker.trigger("drain_ok", detail={"files": len(checksums)})
+        tracker.trigger("drain_ok", detail={"files": len(checksums), "bytes": sizes[tracker.name]})
         return None
 
     errors = [error for error in run.parallel(trackers, drain_one, limit=4) if error]

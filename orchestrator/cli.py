@@ -25,6 +25,7 @@ from audit.render import format_runs, format_timeline
 from orchestrator import __version__, machine, review, settings, simulation
 from orchestrator.errors import BbrxError, RunFailed
 from orchestrator.procedures import Request, run_director
+from orchestrator.progress import progress_for
 from orchestrator.run import Outcome
 from orchestrator.targets import parse_host
 
@@ -55,6 +56,7 @@ class Globals:
     private_key_path: Path | None = None
     accept_new_host_key: bool = False
     known_hosts: Path | None = None
+    quiet: bool = False
 
 
 AuditDbOption = Annotated[
@@ -106,6 +108,9 @@ def director(
         Path | None, typer.Option("--private-key-path", help="SSH private key.")
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show scripts' output.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", help="No progress and no log lines: errors only.")
+    ] = False,
     accept_new_host_key: Annotated[
         bool,
         typer.Option(
@@ -127,6 +132,8 @@ def director(
 ) -> None:
     if debug:
         logging.getLogger().setLevel(logging.DEBUG)
+    elif quiet:
+        logging.getLogger().setLevel(logging.WARNING)
     _merge(
         ctx,
         host=host,
@@ -134,6 +141,7 @@ def director(
         private_key_path=private_key_path,
         accept_new_host_key=accept_new_host_key or None,
         known_hosts=known_hosts,
+        quiet=quiet or None,
         audit_db=audit_db,
         operator=operator,
         reason=reason,
@@ -156,6 +164,12 @@ def _request(ctx: typer.Context, operation: str, artifact_path: Path | None = No
     )
 
 
+def _run(ctx: typer.Context, request: Request) -> Outcome:
+    """Run a director operation with the progress display this terminal calls for."""
+    with progress_for(ctx.obj.quiet, sys.stderr.isatty()) as sink:
+        return run_director(replace(request, progress=sink))
+
+
 def _audit_footer(outcome: Outcome) -> None:
     typer.echo(f"Audit: run {outcome.run_id} in {outcome.audit_db}")
     typer.echo(f"  see it with: bbrx audit show {outcome.run_id}")
@@ -166,7 +180,7 @@ def pre_backup_check(ctx: typer.Context) -> None:
     """Check that the director can be backed up (nothing is locked)."""
     request = _request(ctx, "pre-backup-check")
     try:
-        outcome = run_director(request)
+        outcome = _run(ctx, request)
     except RunFailed:
         typer.echo(f"Director {request.target.address} cannot be backed up.", err=True)
         raise
@@ -184,7 +198,7 @@ def backup(
 ) -> None:
     """Lock, back up, unlock, and copy the backup to this machine."""
     try:
-        outcome = run_director(_request(ctx, "backup", artifact_path))
+        outcome = _run(ctx, _request(ctx, "backup", artifact_path))
     except RunFailed as failure:
         # An unlock failure after a good backup still publishes it (exit 8): say where.
         published = getattr(failure.outcome, "artifact", None)
@@ -204,7 +218,7 @@ def restore(
 ) -> None:
     """Restore a backup onto the director."""
     request = _request(ctx, "restore", artifact_path)
-    outcome = run_director(request)
+    outcome = _run(ctx, request)
     typer.echo(f"Restored {artifact_path} to {request.target.address}")
     _audit_footer(outcome)
 
@@ -213,7 +227,7 @@ def restore(
 def backup_cleanup(ctx: typer.Context) -> None:
     """Unlock every job and remove what a failed backup left on the director."""
     request = _request(ctx, "backup-cleanup")
-    outcome = run_director(request)
+    outcome = _run(ctx, request)
     typer.echo(
         f"Backup cleanup of {request.target.address} done: every job unlocked, work dir removed."
     )
@@ -224,7 +238,7 @@ def backup_cleanup(ctx: typer.Context) -> None:
 def restore_cleanup(ctx: typer.Context) -> None:
     """Unlock every job and remove what a failed restore left on the director."""
     request = _request(ctx, "restore-cleanup")
-    outcome = run_director(request)
+    outcome = _run(ctx, request)
     typer.echo(
         f"Restore cleanup of {request.target.address} done: every job unlocked, work dir removed."
     )

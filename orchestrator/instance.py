@@ -122,6 +122,10 @@ class Instance(Protocol):
         """Create the job's artifact directory (and the work dir) before backup or restore."""
         ...
 
+    def artifact_size(self, job: str) -> int:
+        """Bytes in the job's artifact directory (what a drain will move, before tar's framing)."""
+        ...
+
     def stream_out(self, job: str) -> AbstractContextManager[BinaryIO]:
         """A readable stream of an uncompressed tar of the job's artifact directory.
 

@@ -15,6 +15,7 @@ from audit import AuditLog
 from orchestrator import backup, cleanup, restore
 from orchestrator.errors import RunFailed, UsageError
 from orchestrator.instance import Instance
+from orchestrator.progress import ProgressSink
 from orchestrator.run import Identity, Outcome, Run
 from orchestrator.targets import Target, open_instance
 
@@ -33,6 +34,7 @@ class Request:
     private_key_path: Path | None = None
     accept_new_host_key: bool = False
     known_hosts: Path | None = None
+    progress: ProgressSink | None = None
 
 
 def run_director(request: Request) -> Outcome:
@@ -57,7 +59,14 @@ def run_on(request: Request, instance: Instance) -> Outcome:
     """Run one director operation on `instance`, recording it in the audit log."""
     operation = request.operation
     with AuditLog(request.audit_db) as audit:
-        run = Run(operation, instance, audit, request.identity, request.target.address)
+        run = Run(
+            operation,
+            instance,
+            audit,
+            request.identity,
+            request.target.address,
+            progress=request.progress,
+        )
         log.info("Run %s: %s of %s (audit log %s)", run.run_id, operation, run.target, audit.path)
         artifact_path = request.artifact_path.resolve() if request.artifact_path else None
         start = {"artifact_path": str(artifact_path) if artifact_path else None}

@@ -41,6 +41,7 @@ from orchestrator.machine import (
     build_run_machine,
     failure_trigger,
 )
+from orchestrator.progress import NoProgress, ProgressSink
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,10 @@ class Run:
         audit: AuditLog,
         identity: Identity,
         target: str,
+        progress: ProgressSink | None = None,
     ) -> None:
         self.operation = operation
+        self.progress: ProgressSink = progress or NoProgress()
         self.instance = instance
         self.audit = audit
         self.identity = identity

@@ -266,6 +266,11 @@ class SshInstance:
             )
         return proc.returncode
 
+    def artifact_size(self, job: str) -> int:
+        directory = shlex.quote(self.artifact_directory(job))
+        output = self._run(f"sudo -n du -sb {directory}", what=f"sizing the artifact of job {job}")
+        return int(output.split()[0])
+
     def make_artifact_directory(self, job: str) -> None:
         self._run(
             f"sudo -n mkdir -p {shlex.quote(self.artifact_directory(job))}",

@@ -312,6 +312,10 @@ class SimInstance:
             host=self.address,
         )
 
+    def artifact_size(self, job: str) -> int:
+        base = self._existing_artifact_path(job)
+        return sum(p.stat().st_size for p in base.rglob("*") if p.is_file() and not p.is_symlink())
+
     def checksum_artifact_directory(self, job: str) -> dict[str, str]:
         base = self._existing_artifact_path(job)
         checksums: dict[str, str] = {}
