@@ -334,17 +334,6 @@ def test_metadata_follows_bbrs_schema(target, out):
     ).replace(" ", "T").replace(":", "")
 
 
-def test_a_copy_that_differs_from_the_vm_is_not_published(target, out):
-    target.require_sim("in-flight corruption is simulated")
-    target.vm.set_fault("blobstore", "transfer", "corrupt")
-    result = target.director("backup", "--artifact-path", str(out))
-    assert result.code == 1, result
-    assert f"Error: Backup is corrupted: blobstore on {target.address}: ./blobs/" in result.stderr
-    assert "the VM says" in result.stderr
-    assert backups(out) == []
-    assert target.vm.locked_jobs() == []
-
-
 def test_an_unlock_script_that_cannot_start_is_an_unlock_failure(target, out):
     target.vm.set_fault("director", "backup", "sleep 2")
     proc = target.start("backup", "--artifact-path", str(out))
