@@ -8,6 +8,7 @@ discover -> check -> (create the local artifact) -> lock by levels -> backup scr
 from __future__ import annotations
 
 import logging
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,8 +20,29 @@ from orchestrator.run import Action, JobTracker, Outcome, Run
 log = logging.getLogger(__name__)
 
 
-def check_actions() -> dict[str, Action]:
-    return {"discovering": steps.discover, "checking": steps.check_backupable}
+def check_actions(artifact_path: Path) -> dict[str, Action]:
+    def check(run: Run) -> steps.Step:
+        trigger, detail = steps.check_backupable(run)
+        return trigger, {**detail, **space_estimate(run, artifact_path)}
+
+    return {"discovering": steps.discover, "checking": check}
+
+
+def space_estimate(run: Run, artifact_path: Path) -> dict[str, object]:
+    """Pre-flight (bbr has none): will a backup fit at the artifact path? Warn if not."""
+    needed = run.instance.store_size()
+    free = shutil.disk_usage(artifact_path).free if artifact_path.is_dir() else 0
+    if needed > free:
+        log.warning(
+            "A backup may not fit: the director's stores hold %d MiB, %s has %d MiB free",
+            needed >> 20,
+            artifact_path,
+            free >> 20,
+        )
+    else:
+        log.info("Space: the stores hold %d MiB, %s has %d MiB free", needed >> 20,
+                 artifact_path, free >> 20)  # fmt: skip
+    return {"store_bytes": needed, "free_bytes": free, "artifact_path": str(artifact_path)}
 
 
 def backup_actions(artifact_path: Path, name: str) -> dict[str, Action]:

@@ -176,9 +176,15 @@ def _audit_footer(outcome: Outcome) -> None:
 
 
 @director_app.command("pre-backup-check")
-def pre_backup_check(ctx: typer.Context) -> None:
+def pre_backup_check(
+    ctx: typer.Context,
+    artifact_path: Annotated[
+        Path | None,
+        typer.Option("--artifact-path", help="Where the backup will go, for the space check."),
+    ] = None,
+) -> None:
     """Check that the director can be backed up (nothing is locked)."""
-    request = _request(ctx, "pre-backup-check")
+    request = _request(ctx, "pre-backup-check", artifact_path)
     try:
         outcome = _run(ctx, request)
     except RunFailed:

@@ -126,6 +126,10 @@ class Instance(Protocol):
         """Bytes in the job's artifact directory (what a drain will move, before tar's framing)."""
         ...
 
+    def store_size(self) -> int:
+        """Bytes under /var/vcap/store, bbr's work dir aside: an upper bound for a backup."""
+        ...
+
     def stream_out(self, job: str) -> AbstractContextManager[BinaryIO]:
         """A readable stream of an uncompressed tar of the job's artifact directory.
 

@@ -75,7 +75,8 @@ def run_on(request: Request, instance: Instance) -> Outcome:
             actions = backup.backup_actions(parent, request.target.name)
             outcome = backup.finish(run, run.drive(actions, **start))
         elif operation == "pre-backup-check":
-            outcome = run.drive(backup.check_actions(), **start)
+            parent = (request.artifact_path or Path.cwd()).resolve()
+            outcome = run.drive(backup.check_actions(parent), **start)
         elif operation == "restore":
             assert request.artifact_path is not None
             outcome = run.drive(restore.restore_actions(request.artifact_path.resolve()), **start)

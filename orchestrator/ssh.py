@@ -271,6 +271,13 @@ class SshInstance:
         output = self._run(f"sudo -n du -sb {directory}", what=f"sizing the artifact of job {job}")
         return int(output.split()[0])
 
+    def store_size(self) -> int:
+        output = self._run(
+            f"sudo -n du -sb --exclude={REMOTE_WORK_DIR} /var/vcap/store",
+            what="sizing /var/vcap/store",
+        )
+        return int(output.split()[0])
+
     def make_artifact_directory(self, job: str) -> None:
         self._run(
             f"sudo -n mkdir -p {shlex.quote(self.artifact_directory(job))}",

@@ -126,7 +126,7 @@ def check_work_dir_absent(run: Run) -> None:
         )
 
 
-def check_backupable(run: Run) -> Step:
+def check_backupable(run: Run) -> tuple[str, dict[str, Any]]:
     """bbr's pre-backup-check: backup scripts exist, no leftover work dir, no lock cycle."""
     if not jobs_with(run, "backup"):
         raise CheckError(

@@ -316,6 +316,15 @@ class SimInstance:
         base = self._existing_artifact_path(job)
         return sum(p.stat().st_size for p in base.rglob("*") if p.is_file() and not p.is_symlink())
 
+    def store_size(self) -> int:
+        store = self.root / STORE_DIR
+        work = store / "bbr-backup"
+        return sum(
+            p.stat().st_size
+            for p in store.rglob("*")
+            if p.is_file() and not p.is_symlink() and work not in p.parents
+        )
+
     def checksum_artifact_directory(self, job: str) -> dict[str, str]:
         base = self._existing_artifact_path(job)
         checksums: dict[str, str] = {}

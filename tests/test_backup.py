@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,35 @@ def test_backup_cleanup_unlocks_even_when_metadata_is_broken(target):
     assert not target.work_dir().exists()
     discovered = next(r for r in target.bbrx.audit_rows() if r["trigger"] == "discovered")
     assert "uaa" in discovered["detail"]["metadata_errors"]
+
+
+def test_pre_backup_check_estimates_the_space_needed(target, out):
+    result = target.director("pre-backup-check", "--artifact-path", str(out))
+    assert result.code == 0, result
+    assert "has " in result.stderr and "MiB free" in result.stderr
+    checked = next(r for r in target.bbrx.audit_rows() if r["trigger"] == "checks_passed")
+    assert checked["detail"]["store_bytes"] >= sum(
+        p.stat().st_size
+        for p in (target.vm.root / "var/vcap/store/blobstore").rglob("*")
+        if p.is_file()
+    )
+    assert checked["detail"]["free_bytes"] > 0
+
+
+def test_a_drain_that_cannot_fit_is_refused_after_unlocking(target, tmp_path):
+    """A tiny filesystem at the artifact path: refused before a byte is copied."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)])
+    if mounted.returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        result = target.director("backup", "--artifact-path", str(small))
+        assert result.code == 1, result
+        assert "Error: not enough space for the backup in" in result.stderr
+        assert target.vm.locked_jobs() == []
+        assert set(target.unlock_env().values()) == {"true"}
+        assert list(small.iterdir()) == []
+        assert not target.work_dir().exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
