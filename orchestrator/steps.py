@@ -136,7 +136,21 @@ def check_backupable(run: Run) -> tuple[str, dict[str, Any]]:
     check_work_dir_absent(run)
     levels = plan_levels(run)
     plan = lock_plan(run, levels)
-    return "checks_passed", {"lock_plan": plan}
+    # bbr runs such a job's lock and never unlocks it; say so before it happens.
+    one_way = sorted(
+        t.name for t in run.jobs.values() if t.job.has("pre-backup-lock")
+        and not t.job.has("post-backup-unlock")
+    )  # fmt: skip
+    for name in one_way:
+        log.warning(
+            "Job %s has a pre-backup-lock script but no post-backup-unlock: "
+            "it will stay locked after the backup (bbr behaves the same)",
+            name,
+        )
+    detail: dict[str, Any] = {"lock_plan": plan}
+    if one_way:
+        detail["lock_without_unlock"] = one_way
+    return "checks_passed", detail
 
 
 def lock_plan(run: Run, levels: list[list[str]]) -> list[dict[str, Any]]:

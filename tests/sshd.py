@@ -1,8 +1,9 @@
 """A real OpenSSH server on 127.0.0.1 whose sessions see a test director tree at /var/vcap.
 
 sshd runs inside a private mount namespace (`unshare --mount`) where a temporary directory is
-bind-mounted on /var/vcap and a tmpfs on /run, so nothing of the host's real /var/vcap or
-/run is touched. It runs as root (CI does), and is stopped by its own PID.
+bind-mounted on /var/vcap, a tmpfs on /run and a copy of /etc/passwd (root's shell: /bin/sh)
+on /etc/passwd, so nothing of the host's real /var/vcap, /run or /etc is touched. It runs as
+root (CI does), and is stopped by its own PID.
 """
 
 from __future__ import annotations
@@ -78,7 +79,17 @@ class TestSshd:
         )
         host_pub = Path(f"{self.keys.host_key}.pub").read_text().split()
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        # Sessions run the login shell; root's bash here sources a slow ~/.bashrc (pyenv)
+        # that a director's bbr user does not have. The namespace sees root with /bin/sh.
+        passwd = self.workdir / "passwd"
+        passwd.write_text(
+            "".join(
+                line.replace(":/bin/bash", ":/bin/sh") if line.startswith("root:") else line
+                for line in Path("/etc/passwd").read_text().splitlines(keepends=True)
+            )
+        )
         mounts = (
+            f"mount --bind {passwd} /etc/passwd && "
             "mount -t tmpfs tmpfs /run && mkdir -p /run/sshd && "
             f"mount --bind {self.vm_root / 'var/vcap'} {VCAP} && "
             f"exec {SSHD} -D -e -f {config}"
