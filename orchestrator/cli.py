@@ -133,7 +133,11 @@ def director(
     if debug:
         logging.getLogger().setLevel(logging.DEBUG)
     elif quiet:
-        logging.getLogger().setLevel(logging.WARNING)
+        # Warnings still show; errors are printed once, as the final "Error:" lines.
+        root_logger = logging.getLogger()
+        root_logger.setLevel(logging.WARNING)
+        for handler in root_logger.handlers:
+            handler.addFilter(lambda record: record.levelno != logging.ERROR)
     _merge(
         ctx,
         host=host,

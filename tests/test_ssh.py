@@ -160,6 +160,9 @@ def test_connection_killed_mid_drain(target, tmp_path, ssh_server):
     assert list(out.iterdir()) == []  # nothing published, no .incomplete left
     # Unlocks ran before the drain (bbr's order) and every lock is released.
     assert target.vm.locked_jobs() == []
+    # The remote cleanup after the failure went over a fresh connection.
+    assert "reconnecting" in stderr
+    assert not target.work_dir().exists()
     rows = target.bbrx.audit_rows()
     assert any(r["trigger"] == "drain_error" and r["job"] == "blobstore" for r in rows)
     assert rows[-1]["to_state"] == "failed"
