@@ -86,16 +86,22 @@ def hash_tar_stream(source: BinaryIO, check: Callable[[], None] | None = None) -
     """SHA-256 of every regular file in a tar stream, keyed `./path` as bbr keys them."""
     hasher = TarHasher()
     try:
-        while True:
-            if check is not None:
-                check()
-            chunk = source.read(CHUNK)
-            if not chunk:
-                break
+        for chunk in _chunks(source, check):
             hasher.feed(chunk)
         return hasher.finish()
     except TarStreamError as exc:
         raise tarfile.TarError(str(exc)) from exc
+
+
+def _chunks(source: BinaryIO, check: Callable[[], None] | None) -> Iterator[bytes]:
+    """CHUNK-sized reads until EOF, calling `check` (the interruption test) before each."""
+    while True:
+        if check is not None:
+            check()
+        chunk = source.read(CHUNK)
+        if not chunk:
+            return
+        yield chunk
 
 
 class ArtifactWriter:
@@ -154,12 +160,7 @@ class ArtifactWriter:
         try:
             with open(path, "xb") as sink, _BackgroundSync(sink) as syncer:
                 # One pass: each chunk goes to disk and through the hasher, never read back.
-                while True:
-                    if check is not None:
-                        check()
-                    chunk = stream.read(CHUNK)
-                    if not chunk:
-                        break
+                for chunk in _chunks(stream, check):
                     sink.write(chunk)
                     hasher.feed(chunk)
                     syncer.wrote(len(chunk))

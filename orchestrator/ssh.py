@@ -427,11 +427,7 @@ class SshInstance:
                 stdout.close()
                 proc.wait()
                 if failed:
-                    raise TransportError(
-                        f"copying the artifact of job {job} from {self.address} failed "
-                        f"(exit {proc.returncode}): {_tail(errors)}",
-                        host=self.address,
-                    ) from error
+                    raise self._copy_failed(job, "from", proc.returncode, errors) from error
                 raise
             except BaseException:
                 proc.kill()
@@ -441,11 +437,7 @@ class SshInstance:
             stdout.close()
             returncode = proc.wait()
             if returncode != 0:
-                raise TransportError(
-                    f"copying the artifact of job {job} from {self.address} failed "
-                    f"(exit {returncode}): {_tail(errors)}",
-                    host=self.address,
-                )
+                raise self._copy_failed(job, "from", returncode, errors)
 
     def stream_in(self, job: str, chunks: Iterator[bytes]) -> None:
         directory = shlex.quote(self.artifact_directory(job))
@@ -471,11 +463,16 @@ class SshInstance:
                 raise
             returncode = proc.wait()
             if returncode != 0:
-                raise TransportError(
-                    f"copying the artifact of job {job} to {self.address} failed "
-                    f"(exit {returncode}): {_tail(errors)}",
-                    host=self.address,
-                )
+                raise self._copy_failed(job, "to", returncode, errors)
+
+    def _copy_failed(
+        self, job: str, way: str, returncode: int, errors: IO[bytes]
+    ) -> TransportError:
+        return TransportError(
+            f"copying the artifact of job {job} {way} {self.address} failed "
+            f"(exit {returncode}): {_tail(errors)}",
+            host=self.address,
+        )
 
 
 def _enlarge_pipe(stream: IO[bytes]) -> None:
