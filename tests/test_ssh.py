@@ -166,3 +166,26 @@ def test_connection_killed_mid_drain(target, tmp_path, ssh_server):
     rows = target.bbrx.audit_rows()
     assert any(r["trigger"] == "drain_error" and r["job"] == "blobstore" for r in rows)
     assert rows[-1]["to_state"] == "failed"
+
+
+def test_connection_killed_while_locked_still_unlocks_everything(target, tmp_path, ssh_server):
+    """The connection drops during the backup scripts: the unlocks go over a fresh one."""
+    target.vm.set_fault("director", "backup", "sleep 3")
+    proc = target.start("backup", "--artifact-path", str(tmp_path))
+    wait_for(lambda: "director" in target.scripts_run("backup"), what="the director backup")
+    children = subprocess.run(
+        ["pgrep", "-P", str(ssh_server.proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    _stdout, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 1, stderr
+    assert "backup script for job director" in stderr
+    assert "reconnecting" in stderr
+    assert set(target.scripts_run("post-backup-unlock")) == {
+        "bbr-credhubdb", "blobstore", "director", "uaa",
+    }  # fmt: skip
+    assert set(target.unlock_env().values()) == {"false"}
+    wait_for(lambda: not target.vm.locked_jobs(), timeout=10, what="the locks to be released")
+    assert list(tmp_path.glob("127.0.0.1_*")) == []
