@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -26,7 +26,7 @@ from orchestrator import __version__, machine, review, settings, simulation
 from orchestrator.errors import BbrxError, RunFailed
 from orchestrator.procedures import Request, run_director
 from orchestrator.progress import progress_for
-from orchestrator.run import Outcome
+from orchestrator.run import Outcome, Timeouts
 from orchestrator.targets import parse_host
 
 log = logging.getLogger("bbrx")
@@ -57,6 +57,23 @@ class Globals:
     accept_new_host_key: bool = False
     known_hosts: Path | None = None
     quiet: bool = False
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+def _timeout_option(phase: str, default: float | None) -> Any:
+    return typer.Option(
+        f"--{phase}-timeout",
+        help=f"Seconds each {phase} script may run before it is killed "
+        f"(default {default:g}; 0: no limit).",
+        show_default=False,
+        min=0,
+    )
+
+
+def _timeouts(**given: float | None) -> Timeouts:
+    # 0 means "no limit"; an option not given keeps the default.
+    chosen = {k: (None if v == 0 else v) for k, v in given.items() if v is not None}
+    return replace(Timeouts(), **chosen)
 
 
 AuditDbOption = Annotated[
@@ -111,6 +128,13 @@ def director(
     quiet: Annotated[
         bool, typer.Option("--quiet", help="No progress and no log lines: errors only.")
     ] = False,
+    lock_timeout: Annotated[float | None, _timeout_option("lock", Timeouts.lock)] = None,
+    backup_timeout: Annotated[float | None, _timeout_option("backup", Timeouts.backup)] = None,
+    unlock_timeout: Annotated[float | None, _timeout_option("unlock", Timeouts.unlock)] = None,
+    restore_timeout: Annotated[float | None, _timeout_option("restore", Timeouts.restore)] = None,
+    metadata_timeout: Annotated[
+        float | None, _timeout_option("metadata", Timeouts.metadata)
+    ] = None,
     accept_new_host_key: Annotated[
         bool,
         typer.Option(
@@ -146,6 +170,13 @@ def director(
         accept_new_host_key=accept_new_host_key or None,
         known_hosts=known_hosts,
         quiet=quiet or None,
+        timeouts=_timeouts(
+            lock=lock_timeout,
+            backup=backup_timeout,
+            unlock=unlock_timeout,
+            restore=restore_timeout,
+            metadata=metadata_timeout,
+        ),
         audit_db=audit_db,
         operator=operator,
         reason=reason,
@@ -165,6 +196,7 @@ def _request(ctx: typer.Context, operation: str, artifact_path: Path | None = No
         private_key_path=options.private_key_path,
         accept_new_host_key=options.accept_new_host_key,
         known_hosts=options.known_hosts,
+        timeouts=options.timeouts,
     )
 
 

@@ -67,6 +67,9 @@ class ScriptCall:
     job: str
     script: str
     env: Mapping[str, str] = field(default_factory=dict)
+    #: Seconds the script may run; past that it is killed (on the VM) and reported with
+    #: killed_by "timed out after N s". None: no limit.
+    timeout: float | None = None
 
 
 @runtime_checkable
@@ -97,7 +100,7 @@ class Instance(Protocol):
     def run_script(self, call: ScriptCall) -> ScriptResult:
         """Run one job script as root with bbr's environment plus `call.env`.
 
-        Never raises for a script that fails: the result says so. Raises
+        Never raises for a script that fails or times out: the result says so. Raises
         `errors.TransportError` only when the script could not be started at all.
         """
         ...

@@ -8,7 +8,7 @@ the exit-code bits) and the run id.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from audit import AuditLog
@@ -16,7 +16,7 @@ from orchestrator import backup, cleanup, restore
 from orchestrator.errors import RunFailed, UsageError
 from orchestrator.instance import Instance
 from orchestrator.progress import ProgressSink
-from orchestrator.run import Identity, Outcome, Run
+from orchestrator.run import Identity, Outcome, Run, Timeouts
 from orchestrator.targets import Target, open_instance
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class Request:
     accept_new_host_key: bool = False
     known_hosts: Path | None = None
     progress: ProgressSink | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
 
 
 def run_director(request: Request) -> Outcome:
@@ -66,6 +67,7 @@ def run_on(request: Request, instance: Instance) -> Outcome:
             request.identity,
             request.target.address,
             progress=request.progress,
+            timeouts=request.timeouts,
         )
         log.info("Run %s: %s of %s (audit log %s)", run.run_id, operation, run.target, audit.path)
         artifact_path = request.artifact_path.resolve() if request.artifact_path else None

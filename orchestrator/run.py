@@ -86,6 +86,25 @@ class JobTracker:
         return self.state in JOB_MAY_BE_LOCKED
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds a script of each phase may run before it is killed (None: no limit).
+
+    bbr has no timeouts, so a hung lock script hangs it forever with the director locked.
+    A script past its timeout is killed (on the VM too) and fails its phase, and the run
+    takes that phase's failure path, which always leads through unlocking.
+    """
+
+    metadata: float | None = 60
+    lock: float | None = 600
+    backup: float | None = 6 * 3600
+    unlock: float | None = 600
+    restore: float | None = 6 * 3600
+
+    def for_phase(self, phase: str) -> float | None:
+        return getattr(self, phase, None)
+
+
 @dataclass
 class Outcome:
     """What a finished run tells the CLI."""
@@ -113,8 +132,10 @@ class Run:
         identity: Identity,
         target: str,
         progress: ProgressSink | None = None,
+        timeouts: Timeouts | None = None,
     ) -> None:
         self.operation = operation
+        self.timeouts = timeouts or Timeouts()
         self.progress: ProgressSink = progress or NoProgress()
         self.instance = instance
         self.audit = audit
@@ -240,7 +261,10 @@ class Run:
         """Run one job script as a job-machine phase: intent row, script, outcome row."""
         tracker.trigger(phase, script=script)
         try:
-            result = self.instance.run_script(ScriptCall(tracker.name, script, dict(env or {})))
+            call = ScriptCall(
+                tracker.name, script, dict(env or {}), timeout=self.timeouts.for_phase(phase)
+            )
+            result = self.instance.run_script(call)
         except TransportError as exc:
             # The script could not even start: a failure of this phase for this job all the same.
             error = error_class(

@@ -335,7 +335,17 @@ class SshInstance:
             reader.start()
         # The ssh client's exit, not the pipes' EOF, ends the call: the master connection
         # holds copies of our pipes and would keep a read blocked if the session hung.
-        returncode = proc.wait()
+        timed_out = False
+        try:
+            returncode = proc.wait(timeout=call.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            pid = self._running.get(proc)
+            if pid:
+                self._kill_remote(_kill_groups([pid]), [proc])
+            else:
+                proc.kill()
+            returncode = proc.wait()
         for reader in readers:
             reader.join(timeout=5)
         stdout = b"".join(stdout_parts)
@@ -344,7 +354,7 @@ class SshInstance:
         duration = time.monotonic() - started
         killed = proc in self._killed
         self._killed.discard(proc)
-        if remote_pid is None and not killed:
+        if remote_pid is None and not killed and not timed_out:
             raise TransportError(
                 f"could not start the {call.script} script of job {call.job} on {self.address}: "
                 + (stderr.strip()[-400:] or f"ssh exited {returncode}"),
@@ -352,7 +362,9 @@ class SshInstance:
             )
         killed_by: str | None = None
         exit_code: int | None = returncode
-        if killed and returncode != 0:
+        if timed_out:
+            killed_by, exit_code = f"timed out after {call.timeout:g} s", None
+        elif killed and returncode != 0:
             killed_by, exit_code = "SIGTERM (run interrupted)", None
         return ScriptResult(
             job=call.job,
@@ -382,21 +394,19 @@ class SshInstance:
         pids = [pid for pid in running.values() if pid]
         if not pids:
             return
-        groups = ",".join(str(pid) for pid in pids)
-        # pkill -g: dash's kill builtin cannot signal a process group portably.
-        remote = "sudo -n sh -c " + shlex.quote(
-            f"pkill -TERM -g {groups}; sleep 3; pkill -KILL -g {groups}; true"
-        )
+        remote = _kill_groups(pids)
         # Not here: a signal handler must not block on the network.
-        threading.Thread(target=self._kill_remote, args=(remote,), daemon=True).start()
+        threading.Thread(
+            target=self._kill_remote, args=(remote, list(running)), daemon=True
+        ).start()
 
-    def _kill_remote(self, remote: str) -> None:
+    def _kill_remote(self, remote: str, procs: list[subprocess.Popen[bytes]]) -> None:
         with contextlib.suppress(Exception):
             subprocess.run(
                 self._ssh(remote), capture_output=True, stdin=subprocess.DEVNULL, timeout=60
             )
         # If the connection itself is gone, the local ssh clients are all that is left.
-        for proc in list(self._killed):
+        for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
 
@@ -473,6 +483,15 @@ class SshInstance:
             f"(exit {returncode}): {_tail(errors)}",
             host=self.address,
         )
+
+
+def _kill_groups(pids: list[int]) -> str:
+    """The remote command that ends these process groups: TERM, then KILL after 3 s."""
+    groups = ",".join(str(pid) for pid in pids)
+    # pkill -g: dash's kill builtin cannot signal a process group portably.
+    return "sudo -n sh -c " + shlex.quote(
+        f"pkill -TERM -g {groups}; sleep 3; pkill -KILL -g {groups}; true"
+    )
 
 
 def _enlarge_pipe(stream: IO[bytes]) -> None:

@@ -80,7 +80,12 @@ def discover(run: Run, *, lenient: bool = False) -> tuple[str, dict[str, Any]]:
 
 def _metadata(run: Run, job: Job) -> tuple[str, JobMetadata]:
     result = run.instance.run_script(
-        ScriptCall(job.name, "metadata", {"BBR_VERSION": BBR_COMPATIBLE_VERSION})
+        ScriptCall(
+            job.name,
+            "metadata",
+            {"BBR_VERSION": BBR_COMPATIBLE_VERSION},
+            timeout=run.timeouts.metadata,
+        )
     )
     if not result.ok:
         how = (

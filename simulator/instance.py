@@ -125,8 +125,18 @@ class SimInstance:
             # terminate_scripts ran between Popen and registration and could not see us.
             self._signal_group(proc, signal.SIGTERM)
         log.debug("started %s/%s on %s (pid %d)", call.job, call.script, self.address, proc.pid)
+        timed_out = False
         try:
-            out, err = proc.communicate()
+            try:
+                out, err = proc.communicate(timeout=call.timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                self._signal_group(proc, signal.SIGTERM)
+                try:
+                    out, err = proc.communicate(timeout=KILL_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    self._signal_group(proc, signal.SIGKILL)
+                    out, err = proc.communicate()
         finally:
             self._running.pop(proc.pid, None)
         duration = time.monotonic() - started
@@ -135,7 +145,10 @@ class SimInstance:
         self._terminated.discard(proc.pid)
         exit_code: int | None = returncode
         killed_by: str | None = None
-        if returncode < 0:
+        if timed_out:
+            exit_code = None
+            killed_by = f"timed out after {call.timeout:g} s"
+        elif returncode < 0:
             exit_code = None
             killed_by = _signal_name(-returncode)
             if interrupted:
