@@ -411,11 +411,18 @@ def validate(directory: Path) -> Manifest:
     return manifest
 
 
-def compare_checksums(where: str, expected: Checksums, actual: Checksums, source: str) -> None:
-    _compare(where, expected, actual, source)
+NOTHING_TOUCHED = "Nothing on the target was touched. Restore from an intact copy of this backup."
 
 
-def _compare(where: str, expected: Checksums, actual: Checksums, source: str) -> None:
+def compare_checksums(
+    where: str, expected: Checksums, actual: Checksums, source: str, hint: str = NOTHING_TOUCHED
+) -> None:
+    _compare(where, expected, actual, source, hint)
+
+
+def _compare(
+    where: str, expected: Checksums, actual: Checksums, source: str, hint: str = NOTHING_TOUCHED
+) -> None:
     for key in sorted(expected.keys() | actual.keys()):
         if key not in actual:
             problem = f"{key} is listed in {source} but missing"
@@ -425,10 +432,7 @@ def _compare(where: str, expected: Checksums, actual: Checksums, source: str) ->
             problem = f"{key} has SHA-256 {actual[key]}, {source} says {expected[key]}"
         else:
             continue
-        raise ArtifactCorruptError(
-            f"Backup is corrupted: {where}: {problem}",
-            hint="Nothing on the target was touched. Restore from an intact copy of this backup.",
-        )
+        raise ArtifactCorruptError(f"Backup is corrupted: {where}: {problem}", hint=hint)
 
 
 def iter_file(path: Path) -> Iterator[bytes]:

@@ -87,6 +87,8 @@ def copy(run: Run) -> steps.Step:
                 job.checksums,
                 remote,
                 "the metadata",
+                hint="The copy is removed from the VM's work dir and nothing was locked or "
+                "restored. Check the jump box's disk and the network, then restore again.",
             )
         except BbrxError as error:
             tracker.trigger("copy_error", outcome="error", error=error)

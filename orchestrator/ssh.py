@@ -207,12 +207,15 @@ class SshInstance:
 
     def close(self) -> None:
         if self._connected:
-            subprocess.run(
-                ["ssh", *self._options(), "-O", "exit", self.host],
-                capture_output=True,
-                stdin=subprocess.DEVNULL,
-                timeout=30,
-            )
+            # Best effort: the run's own outcome matters more than a slow goodbye, and an
+            # abandoned master exits by itself once idle (ControlPersist).
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                subprocess.run(
+                    ["ssh", *self._options(), "-O", "exit", self.host],
+                    capture_output=True,
+                    stdin=subprocess.DEVNULL,
+                    timeout=30,
+                )
             self._connected = False
         shutil.rmtree(self._control_dir, ignore_errors=True)
 
@@ -291,12 +294,13 @@ class SshInstance:
         directory = shlex.quote(self.artifact_directory(job))
         output = self._run(
             "sudo -n sh -c "
-            + shlex.quote(f"cd {directory} && find . -type f -print0 | xargs -0 -r sha256sum"),
+            # -z: NUL-terminated and unescaped, so any file name comes back as it is.
+            + shlex.quote(f"cd {directory} && find . -type f -print0 | xargs -0 -r sha256sum -z"),
             what=f"hashing the artifact of job {job}",
-        ).decode("utf-8", "replace")
+        ).decode("utf-8", "surrogateescape")
         checksums = {}
-        for line in output.splitlines():
-            digest, _, name = line.partition("  ")
+        for record in output.split("\0"):
+            digest, _, name = record.partition("  ")
             if digest and name:
                 checksums[name] = digest
         return checksums
@@ -366,6 +370,10 @@ class SshInstance:
             killed_by, exit_code = f"timed out after {call.timeout:g} s", None
         elif killed and returncode != 0:
             killed_by, exit_code = "SIGTERM (run interrupted)", None
+        elif returncode == _SSH_FAILURE and remote_pid and not self._master_alive():
+            # The connection dropped, not the script: without a pty the script goes on
+            # running on the VM (a lock script would lock after we unlocked). End it there.
+            killed_by, exit_code = self._kill_orphan(remote_pid), None
         return ScriptResult(
             job=call.job,
             script=call.script,
@@ -376,15 +384,30 @@ class SshInstance:
             killed_by=killed_by,
         )
 
+    def _kill_orphan(self, pid: int) -> str:
+        try:
+            self.connect()
+            self._run(_kill_groups([pid]), what=f"ending process group {pid}")
+        except TransportError as error:
+            log.error("could not end the orphaned script (process group %d): %s", pid, error)
+            return "connection lost; it may still be running on the VM"
+        return "connection lost; ended on the VM after reconnecting"
+
     def _read_stderr(self, proc: subprocess.Popen[bytes], parts: list[bytes]) -> None:
         stream = proc.stderr
         assert stream is not None
-        first = stream.readline()
-        match = _PID_LINE.match(first)
-        if match:
-            self._running[proc] = int(match.group(1))
-        else:
-            parts.append(first)
+        # sudo or a login banner may speak first: the pid line is the first that matches.
+        for line in iter(stream.readline, b""):
+            match = _PID_LINE.match(line)
+            if not match:
+                parts.append(line)
+                continue
+            pid = int(match.group(1))
+            self._running[proc] = pid
+            if proc in self._killed:
+                # Interrupted before its pid was known: end it now that it is.
+                self._kill_remote(_kill_groups([pid]), [])
+            break
         parts.append(stream.read())
 
     def terminate_scripts(self) -> None:

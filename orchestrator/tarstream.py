@@ -88,17 +88,26 @@ class TarHasher:
             info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
         except tarfile.HeaderError as exc:
             raise TarStreamError(f"bad tar header at byte {self.bytes}: {exc}") from None
-        size = int(self._pax.get("size", info.size)) if info.type not in _META else info.size
+        try:
+            size = int(self._pax.get("size", info.size)) if info.type not in _META else info.size
+        except ValueError:
+            raise TarStreamError(f"bad pax size at byte {self.bytes}") from None
         self._remaining = size
         self._padding = -size % BLOCK
         if info.type in _META:
             self._meta, self._meta_type = bytearray(), info.type
         else:
             name = self._pax.get("path") or self._long_name or info.name
-            self._long_name, self._pax = None, {}
+            pax, self._long_name, self._pax = self._pax, None, {}
             if info.type in _REGULAR:
                 self._digest = hashlib.sha256()
-                self._name = name if name.startswith("./") else "./" + name.lstrip("/")
+                self._name = _key(name)
+            elif info.type == tarfile.LNKTYPE:
+                # A hard link is the same file under a second name: on the VM, and to bbr,
+                # both names are files with the target's checksum.
+                target = self.checksums.get(_key(pax.get("linkpath") or info.linkname))
+                if target is not None:
+                    self.checksums[_key(name)] = target
         if not size:
             self._member_done()
 
@@ -114,6 +123,11 @@ class TarHasher:
         self._digest = self._name = self._meta = None
 
 
+def _key(name: str) -> str:
+    """Member names as bbr keys them: `./path`."""
+    return name if name.startswith("./") else "./" + name.lstrip("/")
+
+
 def _pax_records(data: bytes) -> dict[str, str]:
     """`LENGTH key=value\\n` records of a pax extended header."""
     records: dict[str, str] = {}
@@ -126,6 +140,8 @@ def _pax_records(data: bytes) -> dict[str, str]:
             length = int(data[position:space])
         except ValueError:
             raise TarStreamError("bad pax header record") from None
+        if length <= space - position:
+            raise TarStreamError("bad pax header record length")
         record = data[space + 1 : position + length - 1]
         key, _, value = record.partition(b"=")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")

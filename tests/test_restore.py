@@ -216,3 +216,18 @@ def test_a_copy_that_differs_on_the_vm_is_not_restored(target, backup):
     assert target.scripts_run("pre-restore-lock") == []
     assert target.scripts_run("restore") == []
     assert not target.work_dir().exists()
+
+
+def test_hard_linked_blobs_round_trip(target, tmp_path):
+    store = target.vm.root / "var/vcap/store/blobstore/store"
+    first = next(p for p in store.rglob("*") if p.is_file())
+    (first.parent / "hard-linked-copy").hardlink_to(first)
+    out = tmp_path / "backups"
+    out.mkdir()
+    assert target.director("backup", "--artifact-path", str(out)).code == 0
+    [artifact] = list(out.iterdir())
+    before = target.vm.data_digest()
+    target.vm.wipe()
+    result = target.director("restore", "--artifact-path", str(artifact))
+    assert result.code == 0, result
+    assert target.vm.data_digest() == before

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,23 @@ def test_connection_killed_while_locked_still_unlocks_everything(target, tmp_pat
     assert set(target.unlock_env().values()) == {"false"}
     wait_for(lambda: not target.vm.locked_jobs(), timeout=10, what="the locks to be released")
     assert list(tmp_path.glob("127.0.0.1_*")) == []
+
+
+def test_connection_killed_during_a_lock_script_leaves_nothing_locked(target, tmp_path, ssh_server):
+    """Without a pty, a lock script outlives a dropped connection; bbrx ends it on the VM."""
+    target.vm.set_fault("director", "pre-backup-lock", "sleep 4")
+    proc = target.start("backup", "--artifact-path", str(tmp_path))
+    wait_for(lambda: "director" in target.scripts_run("pre-backup-lock"), what="the lock")
+    children = subprocess.run(
+        ["pgrep", "-P", str(ssh_server.proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 4, stderr
+    assert "connection lost; ended on the VM after reconnecting" in stderr
+    time.sleep(6)  # longer than the lock script would have slept
+    assert target.vm.locked_jobs() == []
+    assert set(target.scripts_run("post-backup-unlock")) == {
+        "bbr-credhubdb", "blobstore", "director", "uaa",
+    }  # fmt: skip

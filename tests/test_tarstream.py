@@ -66,3 +66,24 @@ def test_a_truncated_stream_is_refused(tree):
 def test_garbage_is_refused():
     with pytest.raises(TarStreamError, match="bad tar header"):
         feed_in(os.urandom(2048), 512)
+
+
+def test_hard_links_carry_their_targets_checksum(tmp_path):
+    source = tmp_path / "src"
+    (source / "blobs").mkdir(parents=True)
+    (source / "blobs" / "one").write_bytes(b"same blob")
+    (source / "blobs" / "two").hardlink_to(source / "blobs" / "one")
+    data = subprocess.run(["tar", "-C", str(source), "-cf", "-", "."], capture_output=True).stdout
+    digest = hashlib.sha256(b"same blob").hexdigest()
+    assert feed_in(data, 100) == {"./blobs/one": digest, "./blobs/two": digest}
+
+
+def test_a_zero_length_pax_record_is_refused_not_looped_on():
+    info = tarfile.TarInfo("././@PaxHeader")
+    record = b"0 path=x\n"
+    info.size = len(record)
+    info.type = tarfile.XHDTYPE
+    header = info.tobuf(tarfile.USTAR_FORMAT)
+    data = header + record + bytes(-len(record) % 512) + bytes(1024)
+    with pytest.raises(TarStreamError, match="bad pax header record"):
+        feed_in(data, 512)
