@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from audit import AuditLog
-from orchestrator import backup, cleanup, restore
+from orchestrator import backup, cleanup, lease, restore
 from orchestrator.errors import RunFailed, UsageError
 from orchestrator.instance import Instance
 from orchestrator.progress import ProgressSink
@@ -70,22 +70,31 @@ def run_on(request: Request, instance: Instance) -> Outcome:
             timeouts=request.timeouts,
         )
         log.info("Run %s: %s of %s (audit log %s)", run.run_id, operation, run.target, audit.path)
-        artifact_path = request.artifact_path.resolve() if request.artifact_path else None
-        start = {"artifact_path": str(artifact_path) if artifact_path else None}
-        if operation == "backup":
-            parent = (request.artifact_path or Path.cwd()).resolve()
-            actions = backup.backup_actions(parent, request.target.name)
-            outcome = backup.finish(run, run.drive(actions, **start))
-        elif operation == "pre-backup-check":
-            parent = (request.artifact_path or Path.cwd()).resolve()
-            outcome = run.drive(backup.check_actions(parent), **start)
-        elif operation == "restore":
-            assert request.artifact_path is not None
-            outcome = run.drive(restore.restore_actions(request.artifact_path.resolve()), **start)
-        elif operation in ("backup-cleanup", "restore-cleanup"):
-            outcome = run.drive(cleanup.cleanup_actions(), **start)
-        else:
-            raise UsageError(f"unknown operation {operation}")
+        # One run per target: a second bbrx on this target refuses here, before anything.
+        with lease.hold(
+            request.audit_db, run.target, run.run_id, operation, request.identity.operator
+        ):
+            outcome = _drive(request, run)
     if outcome.errors:
         raise RunFailed(operation, outcome.errors, outcome.run_id, outcome=outcome)
     return outcome
+
+
+def _drive(request: Request, run: Run) -> Outcome:
+    """Pick the operation's actions and drive its machine to the end."""
+    artifact_path = request.artifact_path.resolve() if request.artifact_path else None
+    start = {"artifact_path": str(artifact_path) if artifact_path else None}
+    here = (artifact_path or Path.cwd()).resolve()
+    operation = request.operation
+    if operation == "backup":
+        return backup.finish(
+            run, run.drive(backup.backup_actions(here, request.target.name), **start)
+        )
+    if operation == "pre-backup-check":
+        return run.drive(backup.check_actions(here), **start)
+    if operation == "restore":
+        assert artifact_path is not None
+        return run.drive(restore.restore_actions(artifact_path), **start)
+    if operation in ("backup-cleanup", "restore-cleanup"):
+        return run.drive(cleanup.cleanup_actions(), **start)
+    raise UsageError(f"unknown operation {operation}")
