@@ -104,6 +104,16 @@ def test_unreachable_host_fails_before_anything_is_locked(target, tmp_path, ssh_
     assert list(tmp_path.glob("127.0.0.1_*")) == []
 
 
+def drop_connections(ssh_server) -> None:
+    """Kill the sshd processes serving this run's connections (children of our test sshd)."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(ssh_server.proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert children, "no connection to drop"
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+
+
 def big_blob(target, size: int) -> tuple[Path, str]:
     """An incompressible blob in the director's blobstore, and its SHA-256."""
     path = target.vm.root / "var/vcap/store/blobstore/store/ff/big-release"
@@ -147,13 +157,7 @@ def test_connection_killed_mid_drain(target, tmp_path, ssh_server):
         )
 
     wait_for(tar_growing, timeout=60, what="the blobstore drain to be under way")
-    # Kill the sshd processes serving this run's connections (children of our test sshd).
-    children = subprocess.run(
-        ["pgrep", "-P", str(ssh_server.proc.pid)], capture_output=True, text=True
-    ).stdout.split()
-    assert children
-    for pid in children:
-        os.kill(int(pid), signal.SIGKILL)
+    drop_connections(ssh_server)
     _stdout, stderr = proc.communicate(timeout=120)
 
     assert proc.returncode == 1, stderr
@@ -174,11 +178,7 @@ def test_connection_killed_while_locked_still_unlocks_everything(target, tmp_pat
     target.vm.set_fault("director", "backup", "sleep 3")
     proc = target.start("backup", "--artifact-path", str(tmp_path))
     wait_for(lambda: "director" in target.scripts_run("backup"), what="the director backup")
-    children = subprocess.run(
-        ["pgrep", "-P", str(ssh_server.proc.pid)], capture_output=True, text=True
-    ).stdout.split()
-    for pid in children:
-        os.kill(int(pid), signal.SIGKILL)
+    drop_connections(ssh_server)
     _stdout, stderr = proc.communicate(timeout=120)
 
     assert proc.returncode == 1, stderr
@@ -197,11 +197,7 @@ def test_connection_killed_during_a_lock_script_leaves_nothing_locked(target, tm
     target.vm.set_fault("director", "pre-backup-lock", "sleep 4")
     proc = target.start("backup", "--artifact-path", str(tmp_path))
     wait_for(lambda: "director" in target.scripts_run("pre-backup-lock"), what="the lock")
-    children = subprocess.run(
-        ["pgrep", "-P", str(ssh_server.proc.pid)], capture_output=True, text=True
-    ).stdout.split()
-    for pid in children:
-        os.kill(int(pid), signal.SIGKILL)
+    drop_connections(ssh_server)
     _stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 4, stderr
     assert "connection lost; ended on the VM after reconnecting" in stderr
