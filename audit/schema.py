@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 # genesis row verifiable like any other.
 GENESIS_HASH = "0" * 64
 
-TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "interrupted"})
+TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "interrupted", "recovered"})
 MODES: frozenset[str] = frozenset({"sim", "live"})
 OUTCOMES: frozenset[str] = frozenset({"ok", "error", "refused"})
 

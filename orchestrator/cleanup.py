@@ -8,7 +8,7 @@ cleanup: unlocking everything matters more than the order.
 
 from __future__ import annotations
 
-from orchestrator import steps
+from orchestrator import recovery, steps
 from orchestrator.run import Action, Run
 
 
@@ -16,6 +16,10 @@ def cleanup_actions() -> dict[str, Action]:
     def discover(run: Run) -> steps.Step:
         trigger, detail = steps.discover(run, lenient=True)
         steps.plan_levels(run, strict=False)
+        unfinished = recovery.refuse_if_unfinished(run.audit, run.target, run.operation, run.run_id)
+        if unfinished is not None:
+            run.data["recovering"] = unfinished
+            detail["recovering"] = unfinished.run_id
         return trigger, {**detail, "levels": run.data["levels"]}
 
     return {

@@ -382,6 +382,16 @@ def sim_fault(
 # --- misc ---------------------------------------------------------------------------------
 
 
+@app.command("status")
+def status(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host", help="HOST[:PORT], or sim://NAME.")],
+    audit_db: AuditDbOption = None,
+) -> None:
+    """Is the target idle, in progress (by whom, since when, which phase), or interrupted?"""
+    typer.echo(review.status(_audit_path(ctx, audit_db), parse_host(host).address))
+
+
 @app.command("diagram")
 def diagram(
     operation: Annotated[

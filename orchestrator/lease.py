@@ -54,7 +54,7 @@ def _iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _holder_alive(pid: int, host: str, heartbeat: str) -> bool:
+def holder_alive(pid: int, host: str, heartbeat: str) -> bool:
     beat = datetime.strptime(heartbeat, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     fresh = _now() - beat < STALE_AFTER
     if host != socket.gethostname():
@@ -87,7 +87,7 @@ def hold(db: Path, target: str, run_id: str, operation: str, operator: str) -> I
             ).fetchone()
             if held is not None:
                 run, op, who, pid, host, since, beat = held
-                if _holder_alive(pid, host, beat):
+                if holder_alive(pid, host, beat):
                     raise TargetBusyError(
                         f"{target} is busy: run {run} ({op}) by {who}, pid {pid} on {host}, "
                         f"since {since}",

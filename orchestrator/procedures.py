@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from audit import AuditLog
-from orchestrator import backup, cleanup, lease, restore
+from orchestrator import backup, cleanup, lease, recovery, restore
 from orchestrator.errors import RunFailed, UsageError
 from orchestrator.instance import Instance
 from orchestrator.progress import ProgressSink
@@ -75,6 +75,9 @@ def run_on(request: Request, instance: Instance) -> Outcome:
             request.audit_db, run.target, run.run_id, operation, request.identity.operator
         ):
             outcome = _drive(request, run)
+            unfinished = run.data.get("recovering")
+            if unfinished is not None and outcome.state == "succeeded":
+                recovery.mark_recovered(audit, unfinished, run)
     if outcome.errors:
         raise RunFailed(operation, outcome.errors, outcome.run_id, outcome=outcome)
     return outcome

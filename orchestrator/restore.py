@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from orchestrator import artifact, steps
+from orchestrator import artifact, recovery, steps
 from orchestrator.errors import (
     BbrxError,
     CheckError,
@@ -47,6 +47,7 @@ def restore_actions(artifact_path: Path) -> dict[str, Action]:
 
 
 def check_restorable(run: Run) -> steps.Step:
+    recovery.refuse_if_unfinished(run.audit, run.target, run.operation, run.run_id)
     manifest: artifact.Manifest = run.data["manifest"]
     group, index = run.instance.group, run.instance.index
     for instance, job in manifest.jobs():

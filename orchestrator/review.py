@@ -9,6 +9,7 @@ import yaml
 from audit import AuditLog, verify_log
 from orchestrator.artifact import AUDIT_HEAD_FILE
 from orchestrator.errors import ArtifactError, AuditBrokenError
+from orchestrator.recovery import target_state
 
 
 def verify(audit_db: Path, artifact: Path | None = None) -> list[str]:
@@ -49,3 +50,11 @@ def _tie(audit_db: Path, artifact: Path) -> str:
             hint="The backup comes from another audit log, or this log was rewritten.",
         )
     return f"backup {artifact} is tied to run {run_id} (seq {seq}) of this log"
+
+
+def status(audit_db: Path, target: str) -> str:
+    """The target's state as the audit log and its lease show it."""
+    if not audit_db.exists():
+        return f"{target}: idle (no audit log at {audit_db} yet)"
+    with AuditLog(audit_db, readonly=True) as audit:
+        return target_state(audit, target).describe()

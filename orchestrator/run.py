@@ -142,6 +142,7 @@ class Run:
         self.identity = identity
         self.target = target
         self.started = datetime.now(UTC)
+        self.tool_version = f"bbrx {__version__}"
         self.run_id = new_run_id(self.started)
         self.errors: list[BbrxError] = []
         self.jobs: dict[str, JobTracker] = {}
@@ -390,7 +391,7 @@ class Run:
                 exit_code=result.exit_code if result else None,
                 duration=round(result.duration, 6) if result else None,
                 detail=detail or None,
-                tool_version=f"bbrx {__version__}",
+                tool_version=self.tool_version,
             )
             with self._last_event_lock:
                 if self.last_event is None or appended.seq > self.last_event.seq:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from orchestrator import BBR_COMPATIBLE_VERSION
+from orchestrator import BBR_COMPATIBLE_VERSION, recovery
 from orchestrator.errors import (
     CheckError,
     CleanupError,
@@ -133,6 +133,7 @@ def check_work_dir_absent(run: Run) -> None:
 
 def check_backupable(run: Run) -> tuple[str, dict[str, Any]]:
     """bbr's pre-backup-check: backup scripts exist, no leftover work dir, no lock cycle."""
+    recovery.refuse_if_unfinished(run.audit, run.target, run.operation, run.run_id)
     if not jobs_with(run, "backup"):
         raise CheckError(
             f"no job on {run.instance.address} has a backup script: nothing to back up",
