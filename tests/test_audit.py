@@ -99,7 +99,7 @@ def test_event_columns_are_the_documented_schema_in_order(tmp_path: Path) -> Non
     assert [(r[1], r[2]) for r in info] == [(c[0], c[1]) for c in EVENT_COLUMNS]
     assert [r[1] for r in info if r[5]] == ["seq"]
     assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
-    assert frozenset({"succeeded", "failed", "interrupted"}) == TERMINAL_STATES
+    assert frozenset({"succeeded", "failed", "interrupted", "recovered"}) == TERMINAL_STATES
 
 
 def test_row_hash_is_sha256_of_canonical_json() -> None:
