@@ -115,7 +115,6 @@ class Outcome:
     errors: list[BbrxError]
     artifact: Path | None = None
     audit_db: Path | None = None
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
 class Run:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.errors import TargetError, UsageError
+from orchestrator.errors import UsageError
 from orchestrator.instance import Instance
 
 SIM_SCHEME = "sim://"
@@ -92,6 +92,3 @@ def open_instance(
         accept_new_host_key=accept_new_host_key,
         known_hosts=known_hosts,
     )
-
-
-__all__ = ["SIM_SCHEME", "Target", "TargetError", "open_instance", "parse_host"]
