@@ -108,7 +108,8 @@ class Instance(Protocol):
     def terminate_scripts(self) -> None:
         """Kill every script this instance is running now (the run is being interrupted).
 
-        Their `run_script` calls then return with `killed_by` set. Must be callable from
+        Their `run_script` calls then return with `killed_by` set. Copies under way are cut
+        too: their `stream_out` / `stream_in` raise InterruptedRunError. Must be callable from
         a signal handler: no blocking, no locks that a running thread may hold.
         """
         ...

@@ -29,7 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
-from orchestrator.errors import DiscoveryError, TargetError, TransportError
+from orchestrator.errors import (
+    DiscoveryError,
+    InterruptedRunError,
+    TargetError,
+    TransportError,
+)
 from orchestrator.instance import (
     IGNORED_JOBS,
     REMOTE_WORK_DIR,
@@ -85,6 +90,8 @@ class SshInstance:
         self._running: dict[subprocess.Popen[bytes], int | None] = {}
         # Scripts running when the run was interrupted: their failure is the kill's doing.
         self._killed: set[subprocess.Popen[bytes]] = set()
+        self._streams: set[subprocess.Popen[bytes]] = set()
+        self._aborted: set[subprocess.Popen[bytes]] = set()
 
     # --- connection ------------------------------------------------------------------------
 
@@ -411,7 +418,15 @@ class SshInstance:
         parts.append(stream.read())
 
     def terminate_scripts(self) -> None:
-        """Kill the running scripts' process groups on the VM (from a signal handler)."""
+        """Kill the running scripts' process groups on the VM (from a signal handler).
+
+        Copies are cut by ending their local ssh client: the VM's tar then dies of a
+        broken pipe, and whatever it left is in the work dir that cleaning removes.
+        """
+        for stream in list(self._streams):
+            self._aborted.add(stream)
+            with contextlib.suppress(ProcessLookupError):
+                stream.kill()
         running = dict(self._running)
         self._killed.update(running)
         pids = [pid for pid in running.values() if pid]
@@ -440,12 +455,7 @@ class SshInstance:
         directory = shlex.quote(self.artifact_directory(job))
         self.connect()
         with tempfile.TemporaryFile() as errors:
-            proc = subprocess.Popen(
-                self._ssh(f"sudo -n tar -C {directory} -cf - ."),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=errors,
-            )
+            proc = self._start_stream(f"sudo -n tar -C {directory} -cf - .", "out", errors)
             stdout = cast(IO[bytes], proc.stdout)
             _enlarge_pipe(stdout)
             try:
@@ -459,6 +469,7 @@ class SshInstance:
                 proc.kill()
                 stdout.close()
                 proc.wait()
+                self._end_stream(proc, job, error)
                 if failed:
                     raise self._copy_failed(job, "from", proc.returncode, errors) from error
                 raise
@@ -466,9 +477,11 @@ class SshInstance:
                 proc.kill()
                 stdout.close()
                 proc.wait()
+                self._end_stream(proc, job)
                 raise
             stdout.close()
             returncode = proc.wait()
+            self._end_stream(proc, job)
             if returncode != 0:
                 raise self._copy_failed(job, "from", returncode, errors)
 
@@ -476,11 +489,8 @@ class SshInstance:
         directory = shlex.quote(self.artifact_directory(job))
         self.connect()
         with tempfile.TemporaryFile() as errors:
-            proc = subprocess.Popen(
-                self._ssh(f"sudo -n mkdir -p {directory} && sudo -n tar -C {directory} -xf -"),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=errors,
+            proc = self._start_stream(
+                f"sudo -n mkdir -p {directory} && sudo -n tar -C {directory} -xf -", "in", errors
             )
             stdin = cast(IO[bytes], proc.stdin)
             _enlarge_pipe(stdin)
@@ -490,13 +500,37 @@ class SshInstance:
                 stdin.close()
             except BrokenPipeError:
                 pass  # the far side gave up: its exit code and stderr say why
-            except BaseException:
+            except BaseException as error:
                 proc.kill()
                 proc.wait()
+                self._end_stream(proc, job, error)
                 raise
             returncode = proc.wait()
+            self._end_stream(proc, job)
             if returncode != 0:
                 raise self._copy_failed(job, "to", returncode, errors)
+
+    def _start_stream(
+        self, remote: str, direction: str, errors: IO[bytes]
+    ) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            self._ssh(remote),
+            stdin=subprocess.PIPE if direction == "in" else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if direction == "out" else subprocess.DEVNULL,
+            stderr=errors,
+        )
+        self._streams.add(proc)
+        return proc
+
+    def _end_stream(
+        self, proc: subprocess.Popen[bytes], job: str, error: BaseException | None = None
+    ) -> None:
+        self._streams.discard(proc)
+        if proc in self._aborted:
+            self._aborted.discard(proc)
+            raise InterruptedRunError(
+                f"the copy of job {job}'s artifact was stopped by the interruption"
+            ) from error
 
     def _copy_failed(
         self, job: str, way: str, returncode: int, errors: IO[bytes]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -62,3 +63,12 @@ def parse_call_log(text: str) -> list[ScriptCallRecord]:
         except ValueError:
             log.warning("call log line %d is malformed; skipped: %r", number, line)
     return records
+
+
+def append_call(root: Path, job: str, script: str, pid: int, extra: str = "") -> None:
+    """Log a `start` line as the scripts do (lib.sh `sim_log_event`): one write per line."""
+    path = root / CALL_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = f"{time.time():.9f}\t{job}\t{script}\tstart\t{pid}\t{extra}\n"
+    with path.open("a") as handle:
+        handle.write(line)

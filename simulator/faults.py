@@ -13,16 +13,24 @@ FAULT_GRAMMAR = "fail [EXIT_CODE [MESSAGE...]] | hang | sleep SECONDS"
 TRANSFER = "transfer"
 TRANSFER_GRAMMAR = (
     "fail [MESSAGE...] (the connection drops mid-copy) | corrupt (one byte changes in flight)"
+    " | sleep SECONDS (the copy starts that much later: a slow link)"
 )
 _TRANSFER_FAIL = re.compile(r"^fail(?: (\S.*))?$")
 CORRUPT = "corrupt"
+_SLEEP = re.compile(r"^sleep (\d+(?:\.\d+)?)$")
 
 
 def validate_transfer_fault(spec: str) -> str:
     normalised = " ".join(spec.split())
-    if normalised != CORRUPT and not _TRANSFER_FAIL.match(normalised):
+    if normalised != CORRUPT and not (_TRANSFER_FAIL.match(normalised) or _SLEEP.match(normalised)):
         raise TargetError(f"invalid transfer fault {spec!r}: expected {TRANSFER_GRAMMAR}")
     return normalised
+
+
+def transfer_delay(spec: str | None) -> float | None:
+    """The seconds a `sleep` transfer fault holds the copy back, else None."""
+    match = _SLEEP.match(spec or "")
+    return float(match.group(1)) if match else None
 
 
 def transfer_failure_message(spec: str) -> str:
@@ -31,7 +39,6 @@ def transfer_failure_message(spec: str) -> str:
 
 
 _FAIL = re.compile(r"^fail(?: (\d{1,3})(?: (\S.*))?)?$")
-_SLEEP = re.compile(r"^sleep (\d+(?:\.\d+)?)$")
 
 
 def validate_fault(spec: str) -> str:

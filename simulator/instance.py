@@ -20,10 +20,11 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
-from orchestrator.errors import DiscoveryError, TransportError
+from orchestrator.errors import DiscoveryError, InterruptedRunError, TransportError
 from orchestrator.instance import IGNORED_JOBS, SCRIPT_NAMES, Job, ScriptCall, ScriptResult
+from simulator.calllog import append_call
 from simulator.director import FAULTS_DIR, JOBS_DIR, STORE_DIR, SimDirector
-from simulator.faults import CORRUPT, TRANSFER, transfer_failure_message
+from simulator.faults import CORRUPT, TRANSFER, transfer_delay, transfer_failure_message
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class SimInstance:
         # thread in the middle of run_script.
         self._running: dict[int, subprocess.Popen[bytes]] = {}
         self._terminated: set[int] = set()
+        self._streams: dict[int, subprocess.Popen[bytes]] = {}
+        self._aborted: set[int] = set()
         self._generation = 0
 
     def __repr__(self) -> str:
@@ -177,6 +180,10 @@ class SimInstance:
         )
 
     def terminate_scripts(self) -> None:
+        # Copies are cut at once: their data is discarded either way.
+        for proc in list(self._streams.copy().values()):
+            self._aborted.add(proc.pid)
+            self._signal_group(proc, signal.SIGKILL)
         self._generation += 1
         for proc in list(self._running.copy().values()):
             self._terminated.add(proc.pid)
@@ -237,31 +244,30 @@ class SimInstance:
     @contextmanager
     def stream_out(self, job: str) -> Iterator[BinaryIO]:
         path = self._existing_artifact_path(job)
+        fault = self._transfer_fault(job)
         # stderr goes to a file: a pipe nobody reads while we stream could fill and block tar.
         with tempfile.TemporaryFile() as errors:
-            proc = subprocess.Popen(
-                ["tar", "-C", str(path), "-cf", "-", "."],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=errors,
+            proc = self._start_transfer(
+                job, "out", ["tar", "-C", str(path), "-cf", "-", "."], fault, errors
             )
             stdout = proc.stdout
             assert stdout is not None
-            fault = self._transfer_fault(job)
             try:
-                if fault is None:
-                    yield cast(BinaryIO, stdout)
-                elif fault == CORRUPT:
+                if fault == CORRUPT:
                     yield cast(BinaryIO, _CorruptingReader(stdout))
-                else:
+                elif fault is not None and transfer_delay(fault) is None:
                     yield cast(BinaryIO, _DroppingReader(stdout, self._dropped(job, fault)))
-            except BaseException:
-                proc.kill()
+                else:
+                    yield cast(BinaryIO, stdout)
+            except BaseException as error:
+                self._signal_group(proc, signal.SIGKILL)
                 stdout.close()
                 proc.wait()
+                self._end_transfer(proc, job, error)
                 raise
             stdout.close()
             returncode = proc.wait()
+            self._end_transfer(proc, job)
             if returncode != 0:
                 errors.seek(0)
                 message = errors.read().decode("utf-8", errors="replace").strip()
@@ -274,37 +280,37 @@ class SimInstance:
     def stream_in(self, job: str, chunks: Iterator[bytes]) -> None:
         self.make_artifact_directory(job)
         path = self._artifact_path(job)
+        fault = self._transfer_fault(job)
         with tempfile.TemporaryFile() as errors:
-            proc = subprocess.Popen(
-                ["tar", "-C", str(path), "--no-same-owner", "-xf", "-"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=errors,
+            proc = self._start_transfer(
+                job, "in", ["tar", "-C", str(path), "--no-same-owner", "-xf", "-"], fault, errors
             )
             stdin = proc.stdin
             assert stdin is not None
             broken = False
-            fault = self._transfer_fault(job)
             try:
                 corrupt = _Corrupter() if fault == CORRUPT else None
+                drops = fault is not None and corrupt is None and transfer_delay(fault) is None
                 for number, chunk in enumerate(chunks):
                     if corrupt is not None:
                         chunk = corrupt(chunk)
-                    elif fault is not None and number == 1:
-                        raise self._dropped(job, fault)
+                    elif drops and number == 1:
+                        raise self._dropped(job, fault or "")
                     try:
                         stdin.write(chunk)
                     except BrokenPipeError:
                         # tar gave up; its exit code and stderr below say why.
                         broken = True
                         break
-            except BaseException:
-                proc.kill()
+            except BaseException as error:
+                self._signal_group(proc, signal.SIGKILL)
                 _close_quietly(stdin)
                 proc.wait()
+                self._end_transfer(proc, job, error)
                 raise
             _close_quietly(stdin)
             returncode = proc.wait()
+            self._end_transfer(proc, job)
             if returncode != 0 or broken:
                 errors.seek(0)
                 message = errors.read().decode("utf-8", errors="replace").strip()
@@ -313,6 +319,35 @@ class SimInstance:
                     f"tar exited {returncode}: {message or 'no message'}",
                     host=self.address,
                 )
+
+    def _start_transfer(
+        self, job: str, direction: str, tar: list[str], fault: str | None, errors: IO[bytes]
+    ) -> subprocess.Popen[bytes]:
+        """tar in a session of its own (an interruption ends it), logged like a script."""
+        delay = transfer_delay(fault)
+        command = tar if delay is None else ["sh", "-c", 'sleep "$0" && exec "$@"', str(delay)]
+        if delay is not None:
+            command += tar
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE if direction == "in" else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if direction == "out" else subprocess.DEVNULL,
+            stderr=errors,
+            start_new_session=True,
+        )
+        self._streams[proc.pid] = proc
+        append_call(self.root, job, TRANSFER, proc.pid, f"direction={direction}")
+        return proc
+
+    def _end_transfer(
+        self, proc: subprocess.Popen[bytes], job: str, error: BaseException | None = None
+    ) -> None:
+        self._streams.pop(proc.pid, None)
+        if proc.pid in self._aborted:
+            self._aborted.discard(proc.pid)
+            raise InterruptedRunError(
+                f"the copy of job {job}'s artifact was stopped by the interruption"
+            ) from error
 
     def _transfer_fault(self, job: str) -> str | None:
         path = self.root / FAULTS_DIR / job / TRANSFER

@@ -111,9 +111,14 @@ class Target:
         """What backups are named after: the host without scheme or port."""
         return self.host.removeprefix("sim://").rsplit(":", 1)[0]
 
-    def require_sim(self, why: str) -> None:
-        if self.transport != "sim":
-            pytest.skip(why)
+    def copy_failure(self, job: str, way: str, message: str) -> str:
+        """How a dropped copy is reported: the simulator names it, ssh relays the VM's stderr."""
+        if self.transport == "sim":
+            return (
+                f"connection to {self.address} lost while copying the artifact of job {job}: "
+                f"{message}"
+            )
+        return f"copying the artifact of job {job} {way} {self.address} failed (exit 2): {message}"
 
     def director(self, *args: str, **kwargs) -> Result:
         return self.bbrx("director", "--host", self.host, *self.extra_args, *args, **kwargs)

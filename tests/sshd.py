@@ -4,6 +4,11 @@ sshd runs inside a private mount namespace (`unshare --mount`) where a temporary
 bind-mounted on /var/vcap, a tmpfs on /run and a copy of /etc/passwd (root's shell: /bin/sh)
 on /etc/passwd, so nothing of the host's real /var/vcap, /run or /etc is touched. It runs as
 root (CI does), and is stopped by its own PID.
+
+Inside the namespace, tar is wrapped (TAR_SHIM) so that the simulator's transfer faults
+(`bbrx sim fault JOB transfer ...`) apply to copies over SSH too: the VM's real tar runs,
+and the wrapper drops, delays or corrupts its stream the way a bad link would. That is the
+one stand-in here; bbrx's side of every copy is the real ssh client and pipeline.
 """
 
 from __future__ import annotations
@@ -18,6 +23,52 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+TAR = os.path.realpath(shutil.which("tar") or "/usr/bin/tar")
+
+# Applies the fault file of the job whose work dir a copy reads or fills, and logs the
+# copy's start in the scripts' call log, as SimInstance does for sim:// targets.
+TAR_SHIM = r"""#!/bin/bash
+real=@REAL@
+dir="" mode=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    -C) dir="${args[i + 1]}" ;;
+    -cf) mode=out ;;
+    -xf) mode=in ;;
+  esac
+done
+case "$dir" in
+  /var/vcap/store/bbr-backup/?*) ;;
+  *) exec "$real" "$@" ;;
+esac
+job=$(basename -- "$dir")
+printf '%s\t%s\ttransfer\tstart\t%s\tdirection=%s\n' "$(date +%s.%N)" "$job" "$$" "$mode" \
+  >>/var/vcap/sys/log/bbr-sim/calls.log
+fault=/var/vcap/sys/run/bbr-sim/faults/$job/transfer
+[[ -f $fault ]] || exec "$real" "$@"
+read -r word rest <"$fault"
+export LC_ALL=C
+flip() {
+  dd bs=1 count=1024 2>/dev/null
+  dd bs=1 count=1 2>/dev/null | tr '\000-\377' '\001-\377\000'
+  cat
+}
+case "$word" in
+  sleep) sleep "$rest"; exec "$real" "$@" ;;
+  corrupt)
+    if [[ $mode == out ]]; then "$real" "$@" | flip; exit; fi
+    # What lands differs from what was sent: one byte of the first file, as if in flight.
+    "$real" "$@" || exit
+    first=$(find "$dir" -type f -size +0 | sort | head -n 1)
+    printf 'X' | dd of="$first" bs=1 count=1 conv=notrunc 2>/dev/null ;;
+  *)
+    if [[ $mode == out ]]; then "$real" "$@" | head -c 4096; else head -c 4096 >/dev/null; fi
+    printf '%s\n' "${rest:-connection reset by peer}" >&2
+    exit 2 ;;
+esac
+"""
+
 VCAP = Path("/var/vcap")
 
 
@@ -88,8 +139,13 @@ class TestSshd:
                 for line in Path("/etc/passwd").read_text().splitlines(keepends=True)
             )
         )
+        shim = self.workdir / "tar"
+        shim.write_text(TAR_SHIM.replace("@REAL@", str(self.workdir / "real-tar")))
+        shim.chmod(0o755)
+        shutil.copy2(TAR, self.workdir / "real-tar")
         mounts = (
             f"mount --bind {passwd} /etc/passwd && "
+            f"mount --bind {shim} {TAR} && "
             "mount -t tmpfs tmpfs /run && mkdir -p /run/sshd && "
             f"mount --bind {self.vm_root / 'var/vcap'} {VCAP} && "
             f"exec {SSHD} -D -e -f {config}"
