@@ -152,6 +152,12 @@ class UnlockError(ScriptError):
     exit_bit = EXIT_UNLOCK
 
 
+class LocksLeftError(BbrxError):
+    """A run ended with jobs whose unlock did not succeed: the director may be locked."""
+
+    exit_bit = EXIT_UNLOCK
+
+
 class CleanupError(BbrxError):
     """The remote work directory could not be removed."""
 

@@ -213,6 +213,22 @@ JOB_MAY_BE_LOCKED = frozenset(
     | {"restoring", "restored", "restore_failed", "unlocking", "unlock_failed"}
 )
 
+
+def lock_held_after(held: bool, state: str) -> bool:
+    """Whether a job's lock may be held once it enters `state`, given whether it was.
+
+    Only a successful unlock releases it; draining after a failed unlock does not.
+    """
+    if state == "unlocked":
+        return False
+    return held or state in JOB_MAY_BE_LOCKED
+
+
+def cleanup_for(operation: str) -> str:
+    """The command that unlocks what a run of `operation` may have left locked."""
+    return "restore-cleanup" if operation.startswith("restore") else "backup-cleanup"
+
+
 # Which script each job phase runs, per operation.
 SCRIPTS = {
     "backup": {"lock": "pre-backup-lock", "backup": "backup", "unlock": "post-backup-unlock"},

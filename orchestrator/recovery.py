@@ -18,7 +18,7 @@ from typing import Any
 from audit import AuditLog, RunSummary
 from orchestrator.errors import CheckError
 from orchestrator.lease import holder_alive
-from orchestrator.machine import JOB_MAY_BE_LOCKED
+from orchestrator.machine import cleanup_for, lock_held_after
 
 CLEANUPS = ("backup-cleanup", "restore-cleanup")
 
@@ -26,35 +26,46 @@ CLEANUPS = ("backup-cleanup", "restore-cleanup")
 @dataclass(frozen=True)
 class TargetState:
     target: str
-    state: str  # "idle", "in progress" or "interrupted"
+    state: str  # IDLE, IN_PROGRESS, INTERRUPTED or NEEDS_CLEANUP
     run: RunSummary | None = None
     phase: str | None = None
     holder: dict[str, Any] | None = None
     maybe_locked: list[str] = field(default_factory=list)
 
+    @property
+    def blocks_new_runs(self) -> bool:
+        return self.state in (INTERRUPTED, NEEDS_CLEANUP)
+
     def describe(self) -> str:
-        if self.state == "idle":
+        if self.state == IDLE:
             last = f" (last run {self.run.run_id}: {self.run.outcome})" if self.run else ""
             return f"{self.target}: idle{last}"
         assert self.run is not None
         head = (
             f"{self.target}: {self.state}: run {self.run.run_id} ({self.run.operation}) by "
-            f"{self.run.operator}, since {self.run.start}, phase {self.phase}"
+            f"{self.run.operator}, since {self.run.start}"
         )
+        if self.state == NEEDS_CLEANUP:
+            head += f", ended {self.run.outcome}"
+        else:
+            head += f", phase {self.phase}"
         if self.holder:
             head += f", pid {self.holder['pid']} on {self.holder['host']}"
-        if self.state == "interrupted":
+        if self.blocks_new_runs:
+            why = "its process is gone" if self.state == INTERRUPTED else "its unlock failed"
             jobs = ", ".join(self.maybe_locked) or "none"
             head += (
-                f"\n  its process is gone; jobs that may still be locked: {jobs}"
+                f"\n  {why}; jobs that may still be locked: {jobs}"
                 f"\n  recover with: bbrx director --host {self.target} "
-                f"{_cleanup_for(self.run.operation)}"
+                f"{cleanup_for(self.run.operation)}"
             )
         return head
 
 
-def _cleanup_for(operation: str) -> str:
-    return "restore-cleanup" if operation.startswith("restore") else "backup-cleanup"
+IDLE = "idle"
+IN_PROGRESS = "in progress"
+INTERRUPTED = "interrupted"
+NEEDS_CLEANUP = "needs cleanup"
 
 
 def _lease(db: Path, target: str) -> dict[str, Any] | None:
@@ -67,37 +78,45 @@ def _lease(db: Path, target: str) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
-def target_state(audit: AuditLog, target: str, *, exclude: str | None = None) -> TargetState:
-    """The target as the log and the lease table see it."""
-    runs = [r for r in audit.runs() if r.target == target and r.run_id != exclude]
-    if not runs:
-        return TargetState(target, "idle")
-    # The latest unfinished run since the last successful cleanup (which unlocked all);
-    # runs refused in between (they touched nothing) do not hide it.
-    pending: RunSummary | None = None
-    for summary in runs:
-        if summary.operation in CLEANUPS and summary.outcome == "succeeded":
-            pending = None
-        elif not summary.finished:
-            pending = summary
-    if pending is None:
-        return TargetState(target, "idle", run=runs[-1])
-    last = pending
-    rows = audit.timeline(last.run_id)
-    phase = next((r["to_state"] for r in reversed(rows) if r["job"] is None), None)
-    job_states: dict[str, str] = {}
+def maybe_locked(rows: list[dict[str, Any]]) -> list[str]:
+    """Jobs of one run whose lock script started and whose unlock never succeeded."""
+    held: dict[str, bool] = {}
     for row in rows:
         if row["job"]:
-            job_states[row["job"]] = row["to_state"]
-    maybe_locked = sorted(job for job, state in job_states.items() if state in JOB_MAY_BE_LOCKED)
-    holder = _lease(Path(audit.path), target)
-    if (
-        holder is not None
-        and holder["run_id"] == last.run_id
-        and holder_alive(holder["pid"], holder["host"], holder["heartbeat"])
-    ):
-        return TargetState(target, "in progress", last, phase, holder, maybe_locked)
-    return TargetState(target, "interrupted", last, phase, None, maybe_locked)
+            held[row["job"]] = lock_held_after(held.get(row["job"], False), row["to_state"])
+    return sorted(job for job, is_held in held.items() if is_held)
+
+
+def target_state(audit: AuditLog, target: str, *, exclude: str | None = None) -> TargetState:
+    """The target as the log and the lease table see it.
+
+    Read from the newest run back: an unfinished run, or a finished one that may have
+    left jobs locked, needs a cleanup; a run that succeeded (a cleanup that unlocked
+    everything, or a backup or restore that locked and unlocked everything) closes the
+    story. Runs that failed or were refused without locking anything do not hide one.
+    """
+    runs = [r for r in audit.runs() if r.target == target and r.run_id != exclude]
+    if not runs:
+        return TargetState(target, IDLE)
+    for summary in reversed(runs):
+        if summary.outcome == "recovered" or (summary.finished and summary.outcome == "succeeded"):
+            break
+        rows = audit.timeline(summary.run_id)
+        locked = maybe_locked(rows)
+        if summary.finished:
+            if locked:
+                return TargetState(target, NEEDS_CLEANUP, summary, summary.outcome, None, locked)
+            continue
+        phase = next((r["to_state"] for r in reversed(rows) if r["job"] is None), None)
+        holder = _lease(Path(audit.path), target)
+        if (
+            holder is not None
+            and holder["run_id"] == summary.run_id
+            and holder_alive(holder["pid"], holder["host"], holder["heartbeat"])
+        ):
+            return TargetState(target, IN_PROGRESS, summary, phase, holder, locked)
+        return TargetState(target, INTERRUPTED, summary, phase, None, locked)
+    return TargetState(target, IDLE, run=runs[-1])
 
 
 def refuse_if_unfinished(
@@ -105,17 +124,22 @@ def refuse_if_unfinished(
 ) -> RunSummary | None:
     """Called under this run's lease: a cleanup gets the run to recover, others refuse."""
     state = target_state(audit, target, exclude=run_id)
-    if state.state != "interrupted":
+    if not state.blocks_new_runs:
         return None
     assert state.run is not None
     if operation in CLEANUPS:
         return state.run
     jobs = ", ".join(state.maybe_locked) or "none recorded"
+    why = (
+        "did not finish and its process is gone"
+        if state.state == INTERRUPTED
+        else f"ended {state.run.outcome} without unlocking every job"
+    )
     raise CheckError(
         f"the last run on {target}, {state.run.run_id} ({state.run.operation} by "
-        f"{state.run.operator}, since {state.run.start}), did not finish and its process is "
-        f"gone; jobs that may still be locked: {jobs}",
-        hint=f"Run `bbrx director --host {target} {_cleanup_for(state.run.operation)}` first: "
+        f"{state.run.operator}, since {state.run.start}), {why}; jobs that may still be "
+        f"locked: {jobs}",
+        hint=f"Run `bbrx director --host {target} {cleanup_for(state.run.operation)}` first: "
         "it unlocks every job, removes the work dir and records that run as recovered.",
     )
 

@@ -30,16 +30,18 @@ from orchestrator import __version__
 from orchestrator.errors import (
     BbrxError,
     InterruptedRunError,
+    LocksLeftError,
     ScriptError,
     TransportError,
 )
 from orchestrator.instance import Instance, Job, ScriptCall, ScriptResult
 from orchestrator.machine import (
-    JOB_MAY_BE_LOCKED,
     PROTECTED_STATES,
     build_job_machine,
     build_run_machine,
+    cleanup_for,
     failure_trigger,
+    lock_held_after,
 )
 from orchestrator.progress import NoProgress, ProgressSink
 
@@ -75,6 +77,9 @@ class JobTracker:
     def __init__(self, job: Job, run: Run) -> None:
         self.job = job
         self.run = run
+        # Kept apart from `state`: a backup drains after a failed unlock, and the job's
+        # drain states must not hide that its lock may still be held.
+        self.lock_held = False
         build_job_machine(self, finalize=run.record_job_event)
 
     @property
@@ -83,7 +88,10 @@ class JobTracker:
 
     @property
     def may_be_locked(self) -> bool:
-        return self.state in JOB_MAY_BE_LOCKED
+        return self.lock_held
+
+    def note_state(self) -> None:
+        self.lock_held = lock_held_after(self.lock_held, self.state)
 
 
 @dataclass(frozen=True)
@@ -205,7 +213,16 @@ class Run:
                 InterruptedRunError(
                     f"{self.operation} was interrupted by {self.interrupted_by}; "
                     + self._unlock_summary(),
+                    hint=self._recovery_hint(),
                 ),
+            )
+        elif self.locked_jobs():
+            self.errors.append(
+                LocksLeftError(
+                    f"jobs that may still be locked on {self.target}: "
+                    + ", ".join(self.locked_jobs()),
+                    hint=self._recovery_hint(),
+                )
             )
         return Outcome(
             run_id=self.run_id,
@@ -309,6 +326,14 @@ class Run:
     def locked_jobs(self) -> list[str]:
         return sorted(name for name, tracker in self.jobs.items() if tracker.may_be_locked)
 
+    def _recovery_hint(self) -> str | None:
+        if not self.locked_jobs():
+            return None
+        return (
+            f"Fix what stopped the unlock, then run `bbrx director --host {self.target} "
+            f"{cleanup_for(self.operation)}`: it runs every job's unlock script again."
+        )
+
     def _unlock_summary(self) -> str:
         still = self.locked_jobs()
         if still:
@@ -350,6 +375,7 @@ class Run:
     def record_job_event(self, event: EventData) -> None:
         tracker = event.model
         assert isinstance(tracker, JobTracker)
+        tracker.note_state()
         self._record(event, job=tracker.name, state=tracker.state)
 
     def _record(self, event: EventData, job: str | None, state: str) -> None:

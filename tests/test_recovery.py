@@ -78,3 +78,32 @@ def test_status_of_a_fresh_target_is_idle(target):
     result = target.bbrx("status", "--host", target.host)
     assert result.code == 0
     assert result.stdout.startswith(f"{target.address}: idle")
+
+
+def test_a_failed_unlock_needs_a_cleanup_before_the_next_backup(target, tmp_path):
+    """The run finished, but its unlock did not: status and the next backup say so."""
+    target.vm.set_fault("director", "post-backup-unlock", "fail 2 cannot restart workers")
+    failed = target.director("backup", "--artifact-path", str(tmp_path))
+    assert failed.code == 8, failed
+    assert f"Error: jobs that may still be locked on {target.address}: director" in failed.stderr
+    assert f"`bbrx director --host {target.address} backup-cleanup`" in failed.stderr
+    assert target.vm.locked_jobs() == ["director"]
+
+    status = target.bbrx("status", "--host", target.host).stdout
+    assert f"{target.address}: needs cleanup: run " in status
+    assert ", ended failed" in status
+    assert "its unlock failed; jobs that may still be locked: director" in status
+
+    refused = target.director("backup", "--artifact-path", str(tmp_path))
+    assert refused.code == 1, refused
+    assert "ended failed without unlocking every job; jobs that may still be locked: director" in (
+        refused.stderr
+    )
+    assert target.scripts_run("pre-backup-lock").count("director") == 1  # nothing new locked
+
+    target.vm.clear_faults()
+    cleanup = target.director("backup-cleanup")
+    assert cleanup.code == 0, cleanup
+    assert target.vm.locked_jobs() == []
+    assert target.bbrx("status", "--host", target.host).stdout.startswith(f"{target.address}: idle")
+    assert target.bbrx("audit", "verify").code == 0
