@@ -202,8 +202,18 @@ def _request(ctx: typer.Context, operation: str, artifact_path: Path | None = No
 
 def _run(ctx: typer.Context, request: Request) -> Outcome:
     """Run a director operation with the progress display this terminal calls for."""
+    confirm = _confirm_abandon if sys.stdin.isatty() else None
     with progress_for(ctx.obj.quiet, sys.stderr.isatty()) as sink:
-        return run_director(replace(request, progress=sink))
+        return run_director(replace(request, progress=sink, confirm_abandon=confirm))
+
+
+def _confirm_abandon(locked: list[str]) -> bool:
+    return typer.confirm(
+        f"Still locked: {', '.join(locked)}. bbrx is unlocking them. "
+        "Stop now and leave them locked?",
+        default=False,
+        err=True,
+    )
 
 
 def _audit_footer(outcome: Outcome) -> None:

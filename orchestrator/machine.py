@@ -30,6 +30,10 @@ _INTERRUPT_BACKUP = [
     {"trigger": "interrupt", "source": "draining", "dest": "cleaning"},
 ]
 
+# Only on the operator's confirmation, after a second Ctrl-C while unlocking: stop where
+# the run stands and leave the jobs not yet unlocked locked (the audit row names them).
+_ABANDON = {"trigger": "abandon", "source": ["unlocking", "cleaning"], "dest": "interrupted"}
+
 _FINISH = [
     {
         "trigger": "cleaned",
@@ -103,6 +107,7 @@ MACHINES: dict[str, dict[str, Any]] = {
             {"trigger": "drain_failed", "source": "draining", "dest": "cleaning"},
             *_FINISH,
             *_INTERRUPT_BACKUP,
+            {**_ABANDON, "source": ["unlocking", "draining", "cleaning"]},
         ],
     },
     "restore": {
@@ -136,6 +141,7 @@ MACHINES: dict[str, dict[str, Any]] = {
             {"trigger": "unlocked", "source": "unlocking", "dest": "cleaning"},
             {"trigger": "unlock_failed", "source": "unlocking", "dest": "cleaning"},
             *_FINISH,
+            _ABANDON,
             {
                 "trigger": "interrupt",
                 "source": ["validating", "discovering", "checking"],
@@ -158,6 +164,7 @@ for _cleanup in ("backup-cleanup", "restore-cleanup"):
             {"trigger": "unlocked", "source": "unlocking", "dest": "cleaning"},
             {"trigger": "unlock_failed", "source": "unlocking", "dest": "cleaning"},
             *_FINISH,
+            _ABANDON,
             {"trigger": "interrupt", "source": "discovering", "dest": "interrupted"},
         ],
     }

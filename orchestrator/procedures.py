@@ -8,6 +8,7 @@ the exit-code bits) and the run id.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class Request:
     known_hosts: Path | None = None
     progress: ProgressSink | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # Asked after a second Ctrl-C while unlocking; None where there is no terminal.
+    confirm_abandon: Callable[[list[str]], bool] | None = None
 
 
 def run_director(request: Request) -> Outcome:
@@ -68,6 +71,7 @@ def run_on(request: Request, instance: Instance) -> Outcome:
             request.target.address,
             progress=request.progress,
             timeouts=request.timeouts,
+            confirm_abandon=request.confirm_abandon,
         )
         log.info("Run %s: %s of %s (audit log %s)", run.run_id, operation, run.target, audit.path)
         # One run per target: a second bbrx on this target refuses here, before anything.

@@ -140,8 +140,13 @@ class Run:
         target: str,
         progress: ProgressSink | None = None,
         timeouts: Timeouts | None = None,
+        confirm_abandon: Callable[[list[str]], bool] | None = None,
     ) -> None:
         self.operation = operation
+        # Asks the operator, on a terminal, whether to stop unlocking (None: nobody to ask).
+        self.confirm_abandon = confirm_abandon
+        self.abandoned = False
+        self._asking = False
         self.timeouts = timeouts or Timeouts()
         self.progress: ProgressSink = progress or NoProgress()
         self.instance = instance
@@ -198,6 +203,17 @@ class Run:
                     internal = BbrxError(f"internal error while {current}: {exc!r}")
                     trigger, detail = self._failure_trigger(current), internal.detail()
                     self.fail(internal)
+                if self.abandoned and self._can("abandon"):
+                    self.fire(
+                        "abandon",
+                        outcome="error",
+                        detail={
+                            **detail,
+                            "confirmed_by": self.identity.operator,
+                            "jobs_left_locked": self.locked_jobs(),
+                        },
+                    )
+                    continue
                 if self.interrupted_by and not self._interrupt_fired and self._can("interrupt"):
                     self._interrupt_fired = self._interrupt_noted = True
                     self.fire("interrupt", outcome="error", detail={"signal": self.interrupted_by})
@@ -336,8 +352,9 @@ class Run:
 
     def _unlock_summary(self) -> str:
         still = self.locked_jobs()
+        stopped = "the operator stopped the unlock; " if self.abandoned else ""
         if still:
-            return "jobs that may still be locked: " + ", ".join(still)
+            return stopped + "jobs that may still be locked: " + ", ".join(still)
         return "every job that was locked has been unlocked"
 
     # --- interruption --------------------------------------------------------------------
@@ -359,10 +376,40 @@ class Run:
             return
         log.warning(
             "%s received again: bbrx is unlocking and cleaning up and will exit when done; "
-            "%s. (Killing bbrx now would leave them locked: run backup-cleanup then.)",
+            "%s. (Killing bbrx now would leave them locked: run %s then.)",
             name,
             self._unlock_summary(),
+            cleanup_for(self.operation),
         )
+        if not self.locked_jobs() or self._asking or self.abandoned:
+            return
+        if self.confirm_abandon is None:
+            log.warning("No terminal to confirm on: bbrx goes on unlocking.")
+            return
+        # Not in the handler: the unlock goes on while the operator makes up their mind.
+        self._asking = True
+        threading.Thread(target=self._ask_abandon, daemon=True).start()
+
+    def _ask_abandon(self) -> None:
+        assert self.confirm_abandon is not None
+        try:
+            answer = self.confirm_abandon(self.locked_jobs())
+        except Exception:  # EOF on the terminal, or click's Abort: no is the answer
+            answer = False
+        finally:
+            self._asking = False
+        if not answer:
+            log.warning("Going on unlocking: %s.", self._unlock_summary())
+        elif not self.locked_jobs():
+            log.warning("Every job has been unlocked meanwhile; finishing the cleanup.")
+        else:
+            self.stop_unlocking()
+
+    def stop_unlocking(self) -> None:
+        """Stop unlocking now: the operator confirmed leaving the remaining jobs locked."""
+        log.warning("Stopping the unlock at the operator's request; %s", self._unlock_summary())
+        self.abandoned = True
+        self.instance.terminate_scripts()
 
     def _signals(self) -> _SignalGuard:
         return _SignalGuard(self._on_signal)

@@ -213,9 +213,13 @@ def unlock(run: Run, *, parallel: bool = True) -> Step:
         trackers = [run.jobs[name] for name in reversed(level) if run.jobs[name].job.has(script)]
         if not trackers:
             continue
+        if run.abandoned:
+            break
         log.info("Unlocking %s", ", ".join(t.name for t in trackers))
 
         def unlock_one(tracker: JobTracker) -> ScriptError | None:
+            if run.abandoned:
+                return None  # the operator chose to leave it locked; the audit row says so
             return run.run_job_script(tracker, "unlock", script, UnlockError, env)
 
         results = run.parallel(trackers, unlock_one) if parallel else map(unlock_one, trackers)
