@@ -543,11 +543,14 @@ class SshInstance:
 
 
 def _kill_groups(pids: list[int]) -> str:
-    """The remote command that ends these process groups: TERM, then KILL after 3 s."""
+    """The remote command that ends these process groups: TERM, then KILL if still there
+    after 3 s (it returns as soon as they are gone)."""
     groups = ",".join(str(pid) for pid in pids)
     # pkill -g: dash's kill builtin cannot signal a process group portably.
     return "sudo -n sh -c " + shlex.quote(
-        f"pkill -TERM -g {groups}; sleep 3; pkill -KILL -g {groups}; true"
+        f"pkill -TERM -g {groups}; n=0; "
+        f"while pgrep -g {groups} >/dev/null && [ $n -lt 30 ]; do sleep 0.1; n=$((n + 1)); done; "
+        f"pkill -KILL -g {groups}; true"
     )
 
 

@@ -22,6 +22,9 @@ from tests.sshd import Keys
 
 BBRX = [sys.executable, "-m", "orchestrator"]
 
+# One entry per fault-matrix case (tests/test_fault_matrix.py), summarised at the end.
+MATRIX_RESULTS: list[dict] = []
+
 
 @dataclass
 class Result:
@@ -110,6 +113,23 @@ class Target:
     def name(self) -> str:
         """What backups are named after: the host without scheme or port."""
         return self.host.removeprefix("sim://").rsplit(":", 1)[0]
+
+    def stop_orphaned_ssh_master(self) -> None:
+        """A SIGKILLed bbrx's ssh master outlives it (until idle): stop it by its PID.
+
+        Found by this test's own known_hosts path, which only our processes carry.
+        """
+        if self.transport != "ssh":
+            return
+        known_hosts = self.extra_args[self.extra_args.index("--known-hosts") + 1]
+        masters = subprocess.run(
+            ["pgrep", "-f", f"ControlMaster=yes.*{known_hosts}|{known_hosts}.*ControlMaster=yes"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        for pid in masters:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)
 
     def copy_failure(self, job: str, way: str, message: str) -> str:
         """How a dropped copy is reported: the simulator names it, ssh relays the VM's stderr."""
@@ -218,3 +238,25 @@ def interrupt(proc: subprocess.Popen[str], sig: signal.Signals) -> tuple[int, st
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     return proc.returncode, stdout, stderr
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not MATRIX_RESULTS:
+        return
+    write = terminalreporter.write_line
+    by_transport: dict[str, list[dict]] = {}
+    for result in MATRIX_RESULTS:
+        by_transport.setdefault(result["transport"], []).append(result)
+    write("")
+    write(f"fault matrix: {len(MATRIX_RESULTS)} cases")
+    for transport, results in sorted(by_transport.items()):
+        passed = sum(r["passed"] for r in results)
+        leaked = sum(r.get("leaked_locks", 0) for r in results)
+        accepted = sum(r.get("accepted_incomplete", 0) for r in results)
+        write(
+            f"  {transport}: {len(results)} cases, {passed} passed, {len(results) - passed} "
+            f"failed; locks leaked = {leaked}; incomplete backups restore accepted = {accepted}"
+        )
+    for result in MATRIX_RESULTS:
+        if not result["passed"]:
+            write(f"  FAILED {result['transport']} {result['case']}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 
 import pytest
 
@@ -28,18 +27,7 @@ def killed_backup(target, tmp_path):
     for pid in hung:  # the script we started that bbrx could not stop
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-    if target.transport == "ssh":
-        # The killed bbrx's ssh master outlives it (until idle): find it by this test's
-        # own known_hosts path, which only our processes carry, and stop it by its PID.
-        known_hosts = target.extra_args[target.extra_args.index("--known-hosts") + 1]
-        masters = subprocess.run(
-            ["pgrep", "-f", f"ControlMaster=yes.*{known_hosts}|{known_hosts}.*ControlMaster=yes"],
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-        for pid in masters:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGTERM)
+    target.stop_orphaned_ssh_master()
 
 
 def test_status_then_refusal_then_recovery(killed_backup, tmp_path):
