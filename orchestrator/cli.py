@@ -57,23 +57,23 @@ class Globals:
     accept_new_host_key: bool = False
     known_hosts: Path | None = None
     quiet: bool = False
-    timeouts: Timeouts = field(default_factory=Timeouts)
+    # Only the timeouts given on the command line; the config file and defaults fill the rest.
+    timeouts: dict[str, float | None] = field(default_factory=dict)
 
 
 def _timeout_option(phase: str, default: float | None) -> Any:
     return typer.Option(
         f"--{phase}-timeout",
         help=f"Seconds each {phase} script may run before it is killed "
-        f"(default {default:g}; 0: no limit).",
+        f"(default {default:g}, or the config file's; 0: no limit).",
         show_default=False,
         min=0,
     )
 
 
-def _timeouts(**given: float | None) -> Timeouts:
-    # 0 means "no limit"; an option not given keeps the default.
-    chosen = {k: (None if v == 0 else v) for k, v in given.items() if v is not None}
-    return replace(Timeouts(), **chosen)
+def _timeouts(**given: float | None) -> dict[str, float | None]:
+    # 0 means "no limit"; an option not given keeps the config file's value or the default.
+    return {k: (None if v == 0 else v) for k, v in given.items() if v is not None}
 
 
 AuditDbOption = Annotated[
@@ -196,7 +196,7 @@ def _request(ctx: typer.Context, operation: str, artifact_path: Path | None = No
         private_key_path=options.private_key_path,
         accept_new_host_key=options.accept_new_host_key,
         known_hosts=options.known_hosts,
-        timeouts=options.timeouts,
+        timeouts=replace(settings.configured_timeouts(), **options.timeouts),
     )
 
 

@@ -17,7 +17,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -187,7 +187,10 @@ class Run:
     def drive(self, actions: Mapping[str, Action], **start_detail: Any) -> Outcome:
         """Run the machine from `ready` to a terminal state."""
         with self._signals():
-            self.fire("start", detail={"pid": os.getpid(), **start_detail})
+            self.fire(
+                "start",
+                detail={"pid": os.getpid(), "timeouts": asdict(self.timeouts), **start_detail},
+            )
             while self.state in actions:
                 self._killable = self.state not in PROTECTED_STATES
                 current = self.state

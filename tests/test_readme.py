@@ -10,9 +10,10 @@ import pytest
 import typer
 
 from audit import EVENT_COLUMNS
-from orchestrator import artifact, errors
+from orchestrator import artifact, errors, settings
 from orchestrator.cli import app
 from orchestrator.machine import mermaid
+from orchestrator.run import Timeouts
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -99,3 +100,19 @@ def test_every_command_in_the_readme_parses(words, capsys):
 
 def test_readme_mentions_enough_commands():
     assert len(COMMANDS) >= 10
+
+
+def test_config_example_is_the_defaults(tmp_path):
+    text = section("**Script timeouts.**")
+    [example] = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    config = tmp_path / "config.yml"
+    config.write_text(example)
+    assert settings.configured_timeouts(config) == Timeouts()
+
+
+def test_what_goes_wrong_counts_the_fault_matrix():
+    from tests.conftest import TRANSPORTS
+    from tests.test_fault_matrix import CASES
+
+    text = section("## What happens when things go wrong")
+    assert f"({len(CASES) * len(TRANSPORTS)} cases)" in text
