@@ -45,6 +45,7 @@ PHASES = [
     ("restore", "unlock", "post-restore-unlock", "--unlock-timeout"),
 ]
 HANG_TIMEOUT = "2"
+ALL_JOBS = ("bbr-credhubdb", "blobstore", "director", "uaa")
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ def test_fault(case: Case, target: Target, tmp_path: Path, request: pytest.Fixtu
             assert set(target.unlock_env().values()) == {"true" if good else "false"}
     if case.needs_cleanup:
         told_to = f"bbrx director --host {target.address} {case.cleanup}"
-        state = target.bbrx("status", "--host", target.host).stdout
+        state = target.bbrx.read_only("status", "--host", target.host).stdout
         if case.fault == "SIGKILL":
             stop_what_the_run_left(target)
             target.stop_orphaned_ssh_master()
@@ -202,9 +203,9 @@ def test_fault(case: Case, target: Target, tmp_path: Path, request: pytest.Fixtu
     if backup is not None:
         artifact.validate(backup)  # the backup restored from is untouched
     assert not target.work_dir().exists()
-    verify = target.bbrx("audit", "verify")
+    verify = target.bbrx.read_only("audit", "verify")
     assert verify.code == 0, verify
-    state = target.bbrx("status", "--host", target.host)
+    state = target.bbrx.read_only("status", "--host", target.host)
     assert state.stdout.startswith(f"{target.address}: idle"), state
     result["passed"] = True
 
@@ -304,3 +305,28 @@ def accepted_backups(out: Path) -> list[Path]:
             continue
         accepted.append(entry)
     return accepted
+
+
+def test_two_processes_started_at_once_exactly_one_runs(target: Target, tmp_path: Path):
+    """Both start before either has an audit log: exactly one takes the lease and runs."""
+    target.vm.set_fault("director", "pre-backup-lock", "sleep 2")
+    outs = [tmp_path / "first", tmp_path / "second"]
+    for out in outs:
+        out.mkdir()
+    procs = [target.start("backup", "--artifact-path", str(out)) for out in outs]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        results.append((proc.returncode, stdout, stderr))
+
+    codes = sorted(code for code, _out, _err in results)
+    MATRIX_RESULTS.append(
+        {"transport": target.transport, "case": "two-at-once", "passed": codes == [0, 1]}
+    )
+    assert codes == [0, 1], results
+    loser = next(err for code, _out, err in results if code == 1)
+    assert f"Error: {target.address} is busy: run " in loser
+    assert sorted(target.scripts_run("pre-backup-lock")) == sorted(ALL_JOBS)  # locked once
+    assert sum(len(accepted_backups(out)) for out in outs) == 1
+    assert leaked_locks(target, CASES[0]) == []
+    assert target.bbrx.read_only("audit", "verify").code == 0
