@@ -7,6 +7,7 @@ import logging
 import math
 import sqlite3
 import threading
+import time
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,7 +166,7 @@ class AuditLog:
                 raise self._not_audit_log("it is empty")
             self._check_schema()
             return
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        mode = self._switch_to_wal(conn)
         if str(mode).lower() != "wal":
             logger.warning("audit log %s: journal_mode is %s, not wal", self.path, mode)
         conn.execute("PRAGMA synchronous=FULL")
@@ -182,6 +183,22 @@ class AuditLog:
                 ", ".join(missing),
                 self.path,
             )
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
+        """WAL, once per file. Switching needs the file to itself for a moment, and SQLite
+        answers "database is locked" at once (no busy wait) while another process is
+        writing: so look first, and retry within the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+                if mode.lower() == "wal":
+                    return mode
+                return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def _create_schema_once(self) -> None:
         conn = self._db.conn

@@ -8,7 +8,10 @@ the only module that turns errors into exit codes, and `main` is the only caller
 from __future__ import annotations
 
 import logging
+import os
+import select
 import sys
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -196,8 +199,19 @@ def _request(ctx: typer.Context, operation: str, artifact_path: Path | None = No
         private_key_path=options.private_key_path,
         accept_new_host_key=options.accept_new_host_key,
         known_hosts=options.known_hosts,
-        timeouts=replace(settings.configured_timeouts(), **options.timeouts),
+        timeouts=replace(_configured_timeouts(operation), **options.timeouts),
     )
+
+
+def _configured_timeouts(operation: str) -> Timeouts:
+    try:
+        return settings.configured_timeouts()
+    except BbrxError as error:
+        if not operation.endswith("-cleanup"):
+            raise
+        # A typo in the config file must not stand between the operator and an unlock.
+        log.warning("%s; this cleanup uses the built-in timeouts", error.message)
+        return Timeouts()
 
 
 def _run(ctx: typer.Context, request: Request) -> Outcome:
@@ -207,13 +221,39 @@ def _run(ctx: typer.Context, request: Request) -> Outcome:
         return run_director(replace(request, progress=sink, confirm_abandon=confirm))
 
 
-def _confirm_abandon(locked: list[str]) -> bool:
-    return typer.confirm(
+def _confirm_abandon(locked: list[str], cancelled: threading.Event) -> bool:
+    """Ask on the terminal while the unlock goes on. No answer, or the run ending, is no."""
+    fd = sys.stdin.fileno()
+    try:
+        foreground = os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        foreground = False
+    if not foreground:
+        # Reading the terminal from the background would stop bbrx (SIGTTIN) mid-unlock.
+        log.warning(
+            "bbrx is not in the terminal's foreground: it cannot ask; it goes on unlocking."
+        )
+        return False
+    typer.echo(
         f"Still locked: {', '.join(locked)}. bbrx is unlocking them. "
-        "Stop now and leave them locked?",
-        default=False,
+        "Stop now and leave them locked? [y/N]: ",
         err=True,
+        nl=False,
     )
+    # Unbuffered reads with a timeout: a thread blocked inside sys.stdin would hold its
+    # lock when the run ends and the interpreter shuts down.
+    answer = b""
+    while b"\n" not in answer:
+        if cancelled.is_set():
+            typer.echo("", err=True)
+            return False
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            chunk = os.read(fd, 1024)
+            if not chunk:
+                return False
+            answer += chunk
+    return answer.strip().lower() in (b"y", b"yes")
 
 
 def _audit_footer(outcome: Outcome) -> None:

@@ -40,6 +40,11 @@ class Job:
         return script in self.scripts
 
 
+# Ends `killed_by` when the script was killed because the run was interrupted (not, say,
+# because it ran past its timeout): the run reports the interruption, not the kill.
+INTERRUPTED_KILL = "(run interrupted)"
+
+
 @dataclass(frozen=True)
 class ScriptResult:
     """What one script run produced. `exit_code` is None when the process was killed."""
@@ -50,7 +55,7 @@ class ScriptResult:
     stdout: str
     stderr: str
     duration: float
-    killed_by: str | None = None  # e.g. "SIGTERM (run interrupted)"
+    killed_by: str | None = None  # e.g. "SIGTERM (run interrupted)", "timed out after 5 s"
 
     @property
     def ok(self) -> bool:

@@ -214,21 +214,17 @@ JOB_TRANSITIONS += [
     {"trigger": "unlock_ok", "source": "unlocking", "dest": "unlocked"},
     {"trigger": "unlock_error", "source": "unlocking", "dest": "unlock_failed"},
 ]
-# States in which a job's lock script has started and no unlock script has succeeded.
-JOB_MAY_BE_LOCKED = frozenset(
-    {"locking", "locked", "lock_failed", "backing_up", "backed_up", "backup_failed"}
-    | {"restoring", "restored", "restore_failed", "unlocking", "unlock_failed"}
-)
+# Entering `locking` means the job's lock script has started; a failed unlock (a cleanup's
+# included) means it may hold a lock from before. Only a successful unlock releases it:
+# a job's later states (backing up, draining after a failed unlock) do not change that.
+LOCK_TAKEN_STATES = frozenset({"locking", "unlock_failed"})
 
 
 def lock_held_after(held: bool, state: str) -> bool:
-    """Whether a job's lock may be held once it enters `state`, given whether it was.
-
-    Only a successful unlock releases it; draining after a failed unlock does not.
-    """
+    """Whether a job may hold a lock once it enters `state`, given whether it did."""
     if state == "unlocked":
         return False
-    return held or state in JOB_MAY_BE_LOCKED
+    return held or state in LOCK_TAKEN_STATES
 
 
 def cleanup_for(operation: str) -> str:

@@ -8,6 +8,7 @@ the exit-code bits) and the run id.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ class Request:
     progress: ProgressSink | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
     # Asked after a second Ctrl-C while unlocking; None where there is no terminal.
-    confirm_abandon: Callable[[list[str]], bool] | None = None
+    confirm_abandon: Callable[[list[str], threading.Event], bool] | None = None
 
 
 def run_director(request: Request) -> Outcome:

@@ -9,6 +9,7 @@ unlocks everything, and records the old run as recovered.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from audit import AuditLog, RunSummary
 from orchestrator.errors import CheckError
 from orchestrator.lease import holder_alive
 from orchestrator.machine import cleanup_for, lock_held_after
+
+log = logging.getLogger(__name__)
 
 CLEANUPS = ("backup-cleanup", "restore-cleanup")
 
@@ -79,7 +82,14 @@ def _lease(db: Path, target: str) -> dict[str, Any] | None:
 
 
 def maybe_locked(rows: list[dict[str, Any]]) -> list[str]:
-    """Jobs of one run whose lock script started and whose unlock never succeeded."""
+    """Jobs of one run that may hold a lock: as the run said when it ended, else (a run
+    that was killed) those whose lock script started and whose unlock never succeeded."""
+    for row in reversed(rows):
+        if row["job"] is None:
+            verdict = (row["detail"] or {}).get("jobs_left_locked")
+            if isinstance(verdict, list):
+                return sorted(str(job) for job in verdict)
+            break
     held: dict[str, bool] = {}
     for row in rows:
         if row["job"]:
@@ -128,6 +138,17 @@ def refuse_if_unfinished(
         return None
     assert state.run is not None
     if operation in CLEANUPS:
+        wanted = cleanup_for(state.run.operation)
+        if operation != wanted:
+            # Its unlock scripts are not the ones that run locked: leave it unrecovered.
+            log.warning(
+                "The unfinished run %s was a %s: this %s does not recover it; run %s.",
+                state.run.run_id,
+                state.run.operation,
+                operation,
+                wanted,
+            )
+            return None
         return state.run
     jobs = ", ".join(state.maybe_locked) or "none recorded"
     why = (

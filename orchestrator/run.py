@@ -8,6 +8,7 @@ through the machines' `finalize_event` hook.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
@@ -15,7 +16,7 @@ import secrets
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -34,9 +35,11 @@ from orchestrator.errors import (
     ScriptError,
     TransportError,
 )
-from orchestrator.instance import Instance, Job, ScriptCall, ScriptResult
+from orchestrator.instance import INTERRUPTED_KILL, Instance, Job, ScriptCall, ScriptResult
 from orchestrator.machine import (
     PROTECTED_STATES,
+    SCRIPTS,
+    TERMINAL,
     build_job_machine,
     build_run_machine,
     cleanup_for,
@@ -88,7 +91,10 @@ class JobTracker:
 
     @property
     def may_be_locked(self) -> bool:
-        return self.lock_held
+        # A job with no unlock script cannot be unlocked by bbrx or any cleanup; bbr
+        # accepts that, and the checks warn about it before the run locks anything.
+        unlock = SCRIPTS.get(self.run.operation, {}).get("unlock")
+        return self.lock_held and unlock is not None and self.job.has(unlock)
 
     def note_state(self) -> None:
         self.lock_held = lock_held_after(self.lock_held, self.state)
@@ -140,13 +146,15 @@ class Run:
         target: str,
         progress: ProgressSink | None = None,
         timeouts: Timeouts | None = None,
-        confirm_abandon: Callable[[list[str]], bool] | None = None,
+        confirm_abandon: Callable[[list[str], threading.Event], bool] | None = None,
     ) -> None:
         self.operation = operation
-        # Asks the operator, on a terminal, whether to stop unlocking (None: nobody to ask).
+        # Asks the operator, on a terminal, whether to stop unlocking (None: nobody to ask);
+        # its Event is set when the run ends, which withdraws the question.
         self.confirm_abandon = confirm_abandon
         self.abandoned = False
         self._asking = False
+        self._run_over = threading.Event()
         self.timeouts = timeouts or Timeouts()
         self.progress: ProgressSink = progress or NoProgress()
         self.instance = instance
@@ -186,7 +194,7 @@ class Run:
 
     def drive(self, actions: Mapping[str, Action], **start_detail: Any) -> Outcome:
         """Run the machine from `ready` to a terminal state."""
-        with self._signals():
+        with self._signals(), _setting(self._run_over):
             self.fire(
                 "start",
                 detail={"pid": os.getpid(), "timeouts": asdict(self.timeouts), **start_detail},
@@ -210,11 +218,7 @@ class Run:
                     self.fire(
                         "abandon",
                         outcome="error",
-                        detail={
-                            **detail,
-                            "confirmed_by": self.identity.operator,
-                            "jobs_left_locked": self.locked_jobs(),
-                        },
+                        detail={**detail, "confirmed_by": self.identity.operator},
                     )
                     continue
                 if self.interrupted_by and not self._interrupt_fired and self._can("interrupt"):
@@ -231,11 +235,10 @@ class Run:
                 0,
                 InterruptedRunError(
                     f"{self.operation} was interrupted by {self.interrupted_by}; "
-                    + self._unlock_summary(),
-                    hint=self._recovery_hint(),
+                    + self._unlock_summary()
                 ),
             )
-        elif self.locked_jobs():
+        if self.locked_jobs():
             self.errors.append(
                 LocksLeftError(
                     f"jobs that may still be locked on {self.target}: "
@@ -271,7 +274,8 @@ class Run:
 
     def fail(self, error: BbrxError) -> None:
         if self.interrupted_by and (
-            isinstance(error, InterruptedRunError) or getattr(error, "killed_by", None)
+            isinstance(error, InterruptedRunError)
+            or INTERRUPTED_KILL in (getattr(error, "killed_by", None) or "")
         ):
             # What the interruption itself stopped is in the audit log; the run reports
             # the interruption once, not as a lock or backup failure of its own.
@@ -354,10 +358,10 @@ class Run:
         )
 
     def _unlock_summary(self) -> str:
-        still = self.locked_jobs()
-        stopped = "the operator stopped the unlock; " if self.abandoned else ""
-        if still:
-            return stopped + "jobs that may still be locked: " + ", ".join(still)
+        if self.abandoned:
+            return "the operator stopped the unlock"
+        if self.locked_jobs():
+            return "not every job could be unlocked"
         return "every job that was locked has been unlocked"
 
     # --- interruption --------------------------------------------------------------------
@@ -384,8 +388,8 @@ class Run:
             self._unlock_summary(),
             cleanup_for(self.operation),
         )
-        if not self.locked_jobs() or self._asking or self.abandoned:
-            return
+        if self.state != "unlocking" or not self.locked_jobs() or self._asking or self.abandoned:
+            return  # before unlocking starts there is nothing to stop: it will unlock
         if self.confirm_abandon is None:
             log.warning("No terminal to confirm on: bbrx goes on unlocking.")
             return
@@ -396,15 +400,18 @@ class Run:
     def _ask_abandon(self) -> None:
         assert self.confirm_abandon is not None
         try:
-            answer = self.confirm_abandon(self.locked_jobs())
-        except Exception:  # EOF on the terminal, or click's Abort: no is the answer
+            answer = self.confirm_abandon(self.locked_jobs(), self._run_over)
+        except Exception:  # the terminal went away: no is the answer
+            log.debug("asking whether to stop unlocking failed", exc_info=True)
             answer = False
         finally:
             self._asking = False
+        if self._run_over.is_set():
+            return
         if not answer:
-            log.warning("Going on unlocking: %s.", self._unlock_summary())
-        elif not self.locked_jobs():
-            log.warning("Every job has been unlocked meanwhile; finishing the cleanup.")
+            log.warning("Going on unlocking.")
+        elif self.state != "unlocking" or not self.locked_jobs():
+            log.warning("Unlocking has finished meanwhile; nothing was left locked by choice.")
         else:
             self.stop_unlocking()
 
@@ -445,8 +452,11 @@ class Run:
                 detail["killed_by"] = result.killed_by
         if error is not None:
             detail.update(error.detail())
-        if job is None and self.errors and state in ("failed", "interrupted"):
-            detail["errors"] = [e.message for e in self.errors]
+        if job is None and state in TERMINAL:
+            if self.errors and state != "succeeded":
+                detail["errors"] = [e.message for e in self.errors]
+            # The run's own verdict on its locks, which `bbrx status` reads back.
+            detail["jobs_left_locked"] = self.locked_jobs()
         try:
             appended = self.audit.append(
                 run_id=self.run_id,
@@ -476,6 +486,15 @@ class Run:
             if not self.audit_failed:
                 self.audit_failed = True
                 self.fail(BbrxError(f"could not write the audit log {self.audit.path}: {exc}"))
+
+
+@contextlib.contextmanager
+def _setting(event: threading.Event) -> Iterator[None]:
+    """Sets `event` on the way out, however the block ends."""
+    try:
+        yield
+    finally:
+        event.set()
 
 
 class _SignalGuard:

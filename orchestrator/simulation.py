@@ -51,7 +51,11 @@ def destroy(home: Path, name: str) -> str:
 
 def listing(home: Path) -> str:
     base = home / "sim"
-    names = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    names = (
+        sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if base.is_dir()
+        else []
+    )
     if not names:
         return "No simulated directors yet. Create one with: bbrx sim create demo"
     lines = []

@@ -7,6 +7,10 @@ one multiplexed master connection per run (ControlMaster in a private directory)
 remote command costs a channel, not a handshake. Host keys are verified against
 known_hosts unless the operator asks to trust a new key on first use.
 
+Every ssh process runs in a session of its own (BatchMode: it never prompts), so a Ctrl-C
+at the terminal reaches bbrx alone; bbrx then decides what to stop, and an unlock under
+way is not cut by the operator's keystroke.
+
 Remote side, as bbr does it: scripts under /var/vcap/jobs/*/bin/bbr/ run with `sudo` and
 bbr's environment; each job's artifact directory travels as an uncompressed tar.
 """
@@ -37,6 +41,7 @@ from orchestrator.errors import (
 )
 from orchestrator.instance import (
     IGNORED_JOBS,
+    INTERRUPTED_KILL,
     REMOTE_WORK_DIR,
     SCRIPT_NAMES,
     Job,
@@ -153,7 +158,9 @@ class SshInstance:
                 "-f", "-N",
                 self.host,
             ]  # fmt: skip
-            proc = subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                command, capture_output=True, stdin=subprocess.DEVNULL, start_new_session=True
+            )
             stderr = proc.stderr.decode("utf-8", "replace")
             if proc.returncode != 0:
                 raise self._connect_error(stderr)
@@ -201,14 +208,25 @@ class SshInstance:
 
     def _master_alive(self) -> bool:
         check = ["ssh", *self._options(), "-O", "check", self.host]
-        return subprocess.run(check, capture_output=True, stdin=subprocess.DEVNULL).returncode == 0
+        return (
+            subprocess.run(
+                check, capture_output=True, stdin=subprocess.DEVNULL, start_new_session=True
+            ).returncode
+            == 0
+        )
 
     def _fingerprint(self) -> str | None:
         spec = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
         command = ["ssh-keygen", "-l", "-F", spec]
         if self.known_hosts is not None:
             command += ["-f", str(self.known_hosts)]
-        proc = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         prints = [line.split()[-1] for line in proc.stdout.splitlines() if "SHA256:" in line]
         return ", ".join(sorted(set(prints))) or None
 
@@ -222,6 +240,7 @@ class SshInstance:
                     capture_output=True,
                     stdin=subprocess.DEVNULL,
                     timeout=30,
+                    start_new_session=True,
                 )
             self._connected = False
         shutil.rmtree(self._control_dir, ignore_errors=True)
@@ -230,7 +249,9 @@ class SshInstance:
 
     def _run(self, remote: str, *, what: str, ok_codes: tuple[int, ...] = (0,)) -> bytes:
         self.connect()
-        proc = subprocess.run(self._ssh(remote), capture_output=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            self._ssh(remote), capture_output=True, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         if proc.returncode not in ok_codes:
             message = proc.stderr.decode("utf-8", "replace").strip()[-400:]
             raise TransportError(
@@ -267,7 +288,9 @@ class SshInstance:
 
     def _returncode(self, remote: str) -> int:
         self.connect()
-        proc = subprocess.run(self._ssh(remote), capture_output=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            self._ssh(remote), capture_output=True, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         if proc.returncode == _SSH_FAILURE:
             raise TransportError(
                 f"lost the connection to {self.address}: "
@@ -331,6 +354,7 @@ class SshInstance:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         self._running[proc] = None
         stdout_parts: list[bytes] = []
@@ -376,7 +400,7 @@ class SshInstance:
         if timed_out:
             killed_by, exit_code = f"timed out after {call.timeout:g} s", None
         elif killed and returncode != 0:
-            killed_by, exit_code = "SIGTERM (run interrupted)", None
+            killed_by, exit_code = f"SIGTERM {INTERRUPTED_KILL}", None
         elif returncode == _SSH_FAILURE and remote_pid and not self._master_alive():
             # The connection dropped, not the script: without a pty the script goes on
             # running on the VM (a lock script would lock after we unlocked). End it there.
@@ -441,7 +465,11 @@ class SshInstance:
     def _kill_remote(self, remote: str, procs: list[subprocess.Popen[bytes]]) -> None:
         with contextlib.suppress(Exception):
             subprocess.run(
-                self._ssh(remote), capture_output=True, stdin=subprocess.DEVNULL, timeout=60
+                self._ssh(remote),
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                timeout=60,
+                start_new_session=True,
             )
         # If the connection itself is gone, the local ssh clients are all that is left.
         for proc in procs:
@@ -518,6 +546,7 @@ class SshInstance:
             stdin=subprocess.PIPE if direction == "in" else subprocess.DEVNULL,
             stdout=subprocess.PIPE if direction == "out" else subprocess.DEVNULL,
             stderr=errors,
+            start_new_session=True,
         )
         self._streams.add(proc)
         return proc

@@ -7,11 +7,13 @@ and inspects the tree, it never plays a script's part.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import re
 import shutil
+import tempfile
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
@@ -94,25 +96,44 @@ class SimDirector:
                 "not a simulated director"
             )
         log.info("creating simulated director %s at %s (empty=%s)", self.name, self.root, empty)
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Built aside and renamed into place, so two bbrx processes creating the same
+        # director at once never see, or build on, each other's half-built tree.
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        staging = SimDirector(
+            Path(tempfile.mkdtemp(prefix=f".{self.name}.creating-", dir=self.root.parent))
+        )
         try:
-            self._install_jobs()
-            (self.root / STORE_DIR).mkdir(parents=True, exist_ok=True)
-            (self.root / SYS_DIR).mkdir(parents=True, exist_ok=True)
+            staging._install_jobs()
+            (staging.root / STORE_DIR).mkdir(parents=True, exist_ok=True)
+            (staging.root / SYS_DIR).mkdir(parents=True, exist_ok=True)
             if not empty:
-                self._seed_data()
-        except BaseException:
-            # No marker yet, so nothing else would ever clean this half-built tree up.
-            shutil.rmtree(self.root, ignore_errors=True)
-            raise
-        # Written last: a half-built tree is not mistaken for a director.
-        (self.root / MARKER).write_text("bbrx simulated director; safe to delete with bbrx\n")
+                staging._seed_data()
+            (staging.root / MARKER).write_text(
+                "bbrx simulated director; safe to delete with bbrx\n"
+            )
+            os.chmod(staging.root, 0o755)  # mkdtemp's 0700 is not what a VM root has
+            try:
+                # Replaces a missing or empty directory; fails if another process won.
+                staging.root.rename(self.root)
+            except OSError as error:
+                if error.errno in (errno.ENOTEMPTY, errno.EEXIST) and self.exists():
+                    raise TargetError(
+                        f"simulated director sim://{self.name} already exists at {self.root}"
+                    ) from None
+                raise
+        finally:
+            shutil.rmtree(staging.root, ignore_errors=True)
 
     def ensure(self) -> bool:
         """Create the director with its data if it does not exist. True if it was created."""
         if self.exists():
             return False
-        self.create()
+        try:
+            self.create()
+        except TargetError:
+            if self.exists():  # another process created it meanwhile: that is fine
+                return False
+            raise
         return True
 
     def wipe(self) -> None:

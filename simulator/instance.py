@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import IO, BinaryIO, cast
 
 from orchestrator.errors import DiscoveryError, InterruptedRunError, TransportError
-from orchestrator.instance import IGNORED_JOBS, SCRIPT_NAMES, Job, ScriptCall, ScriptResult
+from orchestrator.instance import (
+    IGNORED_JOBS,
+    INTERRUPTED_KILL,
+    SCRIPT_NAMES,
+    Job,
+    ScriptCall,
+    ScriptResult,
+)
 from simulator.calllog import append_call
 from simulator.director import FAULTS_DIR, JOBS_DIR, STORE_DIR, SimDirector
 from simulator.faults import CORRUPT, TRANSFER, transfer_delay, transfer_failure_message
@@ -155,11 +162,11 @@ class SimInstance:
             exit_code = None
             killed_by = _signal_name(-returncode)
             if interrupted:
-                killed_by += " (run interrupted)"
+                killed_by += f" {INTERRUPTED_KILL}"
         elif interrupted and returncode != 0:
             # A script that traps SIGTERM and exits by itself was still stopped by us.
             exit_code = None
-            killed_by = f"SIGTERM (run interrupted; exited {returncode})"
+            killed_by = f"SIGTERM {INTERRUPTED_KILL}; it exited {returncode}"
         log.debug(
             "%s/%s on %s ended: exit %s%s in %.3fs",
             call.job,
@@ -183,7 +190,8 @@ class SimInstance:
         # Copies are cut at once: their data is discarded either way.
         for proc in list(self._streams.copy().values()):
             self._aborted.add(proc.pid)
-            self._signal_group(proc, signal.SIGKILL)
+            if proc.returncode is None:  # unreaped: its pid is still its group's id
+                self._signal_group(proc, signal.SIGKILL)
         self._generation += 1
         for proc in list(self._running.copy().values()):
             self._terminated.add(proc.pid)
@@ -336,7 +344,10 @@ class SimInstance:
             start_new_session=True,
         )
         self._streams[proc.pid] = proc
-        append_call(self.root, job, TRANSFER, proc.pid, f"direction={direction}")
+        try:
+            append_call(self.root, job, TRANSFER, proc.pid, f"direction={direction}")
+        except OSError:
+            log.warning("could not log the copy of %s in the call log", job, exc_info=True)
         return proc
 
     def _end_transfer(

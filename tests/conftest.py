@@ -84,6 +84,9 @@ class Bbrx:
             env=self.environ(),
             cwd=cwd or self.home,
             stdin=subprocess.DEVNULL,
+            # A process group of its own, as a shell gives a job: a test can then signal
+            # the whole group, as a terminal's Ctrl-C does.
+            start_new_session=True,
         )
 
     @property

@@ -14,6 +14,7 @@ one stand-in here; bbrx's side of every copy is the real ssh client and pipeline
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -140,7 +141,7 @@ class TestSshd:
             )
         )
         shim = self.workdir / "tar"
-        shim.write_text(TAR_SHIM.replace("@REAL@", str(self.workdir / "real-tar")))
+        shim.write_text(TAR_SHIM.replace("@REAL@", shlex.quote(str(self.workdir / "real-tar"))))
         shim.chmod(0o755)
         shutil.copy2(TAR, self.workdir / "real-tar")
         mounts = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import re
 import sqlite3
 import subprocess
@@ -673,3 +674,35 @@ def test_cli_runs_and_show(tmp_path: Path) -> None:
     assert len(show.stdout.strip().splitlines()) == 2  # header + seq 4
     ambiguous = run_cli("show", str(path), "run-")
     assert ambiguous.returncode == 2 and "matches 2 runs" in ambiguous.stderr
+
+
+def _open_and_append(path: str, start: Any, failures: Any) -> None:
+    start.wait()
+    try:
+        with AuditLog(path) as log:
+            for _ in range(10):
+                add(log)
+    except Exception as exc:  # reported to the parent, which asserts on it
+        failures.put(repr(exc))
+
+
+def test_processes_opening_a_new_log_at_once_all_get_in(tmp_path: Path) -> None:
+    """Two bbrx processes started together both open (and one creates) the log: SQLite
+    refuses a switch to WAL at once, without a busy wait, while another is writing."""
+    context = multiprocessing.get_context("fork")
+    failures = context.Queue()
+    for round_ in range(8):
+        path = str(tmp_path / f"audit-{round_}.db")
+        start = context.Event()
+        workers = [
+            context.Process(target=_open_and_append, args=(path, start, failures)) for _ in range(6)
+        ]
+        for worker in workers:
+            worker.start()
+        start.set()
+        for worker in workers:
+            worker.join(timeout=60)
+            assert worker.exitcode == 0
+        report = verify_log(path)
+        assert report.ok and report.count == 60, report
+    assert failures.empty(), failures.get()

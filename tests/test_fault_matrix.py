@@ -236,7 +236,10 @@ def run_with_fault(case: Case, target: Target, args: list[str]) -> tuple[int, st
             timeout=60,
             what=f"{case.job} {case.script} to start",
         )
-        proc.send_signal(signal.Signals[case.fault])
+        if case.fault == "SIGINT":
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
+        else:
+            proc.send_signal(signal.Signals[case.fault])  # kill(1): the process alone
     _stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stderr
 
@@ -274,12 +277,27 @@ def stop_what_the_run_left(target: Target) -> None:
     calls = target.vm.calls()
     exited = {c.pid for c in calls if c.event == "exit"}
     for call in calls:
-        if call.event != "start" or call.pid in exited:
+        if call.event != "start" or call.pid in exited or not _started_at(call.pid, call.time):
             continue
         with contextlib.suppress(ProcessLookupError, PermissionError):
             group = os.getpgid(call.pid)
             if group != os.getpgrp():
                 os.killpg(group, signal.SIGKILL)
+
+
+def _started_at(pid: int, when: float) -> bool:
+    """Whether `pid` is still the process that logged a start at `when` (not a reused pid)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (FileNotFoundError, IndexError, StopIteration):
+        return False
+    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return abs(started - when) < 5
 
 
 def leaked_locks(target: Target, case: Case) -> list[str]:

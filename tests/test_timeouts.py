@@ -53,3 +53,7 @@ def test_a_bad_config_file_is_named_and_nothing_runs(bbrx, text, message):
     assert f"Error: the config file {config}" in result.stderr
     assert message in result.stderr
     assert not bbrx.audit_db.exists()  # refused before any run began
+    # ... but never in the way of an unlock.
+    cleanup = bbrx("director", "--host", "sim://demo", "backup-cleanup")
+    assert cleanup.code == 0, cleanup
+    assert "this cleanup uses the built-in timeouts" in cleanup.stderr
