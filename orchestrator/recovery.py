@@ -101,15 +101,20 @@ def target_state(audit: AuditLog, target: str, *, exclude: str | None = None) ->
     """The target as the log and the lease table see it.
 
     Read from the newest run back: an unfinished run, or a finished one that may have
-    left jobs locked, needs a cleanup; a run that succeeded (a cleanup that unlocked
-    everything, or a backup or restore that locked and unlocked everything) closes the
-    story. Runs that failed or were refused without locking anything do not hide one.
+    left jobs locked, needs a cleanup; a run recovered by its cleanup, or a backup or
+    restore that succeeded (it unlocked everything it locked), closes the story. Runs that
+    failed or were refused without locking anything do not hide one, and nor does a
+    cleanup of the other kind.
     """
     runs = [r for r in audit.runs() if r.target == target and r.run_id != exclude]
     if not runs:
         return TargetState(target, IDLE)
     for summary in reversed(runs):
-        if summary.outcome == "recovered" or (summary.finished and summary.outcome == "succeeded"):
+        if summary.outcome == "recovered":
+            break
+        if summary.finished and summary.outcome == "succeeded":
+            if summary.operation in CLEANUPS:
+                continue  # it recovered the run it was for, if any: that run says so
             break
         rows = audit.timeline(summary.run_id)
         locked = maybe_locked(rows)

@@ -95,3 +95,27 @@ def test_a_failed_unlock_needs_a_cleanup_before_the_next_backup(target, tmp_path
     assert target.vm.locked_jobs() == []
     assert target.bbrx("status", "--host", target.host).stdout.startswith(f"{target.address}: idle")
     assert target.bbrx("audit", "verify").code == 0
+
+
+def test_only_the_matching_cleanup_recovers_a_run(killed_backup):
+    target = killed_backup
+    wrong = target.director("restore-cleanup")
+    assert wrong.code == 0, wrong
+    assert "was a backup: this restore-cleanup does not recover it; run backup-cleanup" in (
+        wrong.stderr
+    )
+    assert target.bbrx("status", "--host", target.host).stdout.startswith(
+        f"{target.address}: interrupted: run "
+    )
+    assert target.director("backup-cleanup").code == 0
+    assert target.bbrx("status", "--host", target.host).stdout.startswith(f"{target.address}: idle")
+
+
+def test_a_job_without_an_unlock_script_is_warned_about_not_counted(target, tmp_path):
+    """bbr accepts a lock script without an unlock script; no cleanup could unlock it."""
+    (target.vm.root / "var/vcap/jobs/blobstore/bin/bbr/post-backup-unlock").unlink()
+    result = target.director("backup", "--artifact-path", str(tmp_path))
+    assert result.code == 0, result
+    assert "Job blobstore has a pre-backup-lock script but no post-backup-unlock" in result.stderr
+    assert "may still be locked" not in result.stderr
+    assert target.bbrx("status", "--host", target.host).stdout.startswith(f"{target.address}: idle")
