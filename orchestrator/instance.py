@@ -8,7 +8,7 @@ Paths in this contract are the paths the VM's scripts see (on a real VM,
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol, runtime_checkable
@@ -75,6 +75,9 @@ class ScriptCall:
     #: Seconds the script may run; past that it is killed (on the VM) and reported with
     #: killed_by "timed out after N s". None: no limit.
     timeout: float | None = None
+    #: Told the script's pid on the VM (its process group) once it is known, from the
+    #: thread that called `run_script`, before the script's result.
+    on_start: Callable[[int], None] | None = field(default=None, compare=False)
 
 
 @runtime_checkable
@@ -157,6 +160,12 @@ class Instance(Protocol):
 
     def remove_work_dir(self) -> None:
         """Remove `/var/vcap/store/bbr-backup` and everything in it (no error if absent)."""
+        ...
+
+    def end_script(self, job: str, script: str, pid: int) -> bool:
+        """End a script a killed bbrx left running: process group `pid`, if that group is
+        still this job's script (a pid reused since, after a reboot say, is left alone).
+        True if it was running and has been ended."""
         ...
 
     def close(self) -> None:

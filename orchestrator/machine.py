@@ -213,6 +213,13 @@ JOB_TRANSITIONS += [
     },
     {"trigger": "unlock_ok", "source": "unlocking", "dest": "unlocked"},
     {"trigger": "unlock_error", "source": "unlocking", "dest": "unlock_failed"},
+    # No change of state: the row records the script's pid on the VM, so that a cleanup
+    # after a killed run can end the scripts that run left running.
+    {
+        "trigger": "script_started",
+        "source": ["locking", "backing_up", "restoring", "unlocking"],
+        "dest": None,
+    },
 ]
 # Entering `locking` means the job's lock script has started; a failed unlock (a cleanup's
 # included) means it may hold a lock from before. Only a successful unlock releases it:

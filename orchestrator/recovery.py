@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from audit import AuditLog, RunSummary
-from orchestrator.errors import CheckError
+from orchestrator.errors import BbrxError, CheckError
+from orchestrator.instance import Instance
 from orchestrator.lease import holder_alive
 from orchestrator.machine import cleanup_for, lock_held_after
 
@@ -95,6 +96,58 @@ def maybe_locked(rows: list[dict[str, Any]]) -> list[str]:
         if row["job"]:
             held[row["job"]] = lock_held_after(held.get(row["job"], False), row["to_state"])
     return sorted(job for job, is_held in held.items() if is_held)
+
+
+@dataclass(frozen=True)
+class LeftRunning:
+    """A script a run started and saw no end of: it may still be running on the VM."""
+
+    job: str
+    script: str
+    pid: int
+
+
+def left_running(rows: list[dict[str, Any]]) -> list[LeftRunning]:
+    """The scripts of one run with a pid row and no outcome row after it."""
+    started: dict[tuple[str, str], int] = {}
+    for row in rows:
+        if not row["job"] or not row["script"]:
+            continue
+        key = (row["job"], row["script"])
+        if row["trigger"] == "script_started":
+            started[key] = int((row["detail"] or {})["pid"])
+        elif row["trigger"].endswith(("_ok", "_error")):
+            started.pop(key, None)
+    return [LeftRunning(job, script, pid) for (job, script), pid in started.items()]
+
+
+def end_left_running(audit: AuditLog, instance: Instance, run: RunSummary) -> list[str]:
+    """End, on the VM, the scripts an unfinished run left running; what was ended.
+
+    A lock script a killed bbrx left hanging would otherwise take its lock after the
+    cleanup's unlock. Only groups still running that very script are ended.
+    """
+    ended = []
+    for script in left_running(audit.timeline(run.run_id)):
+        try:
+            if instance.end_script(script.job, script.script, script.pid):
+                log.warning(
+                    "Ended the %s script of job %s (pid %d) that run %s left running",
+                    script.script,
+                    script.job,
+                    script.pid,
+                    run.run_id,
+                )
+                ended.append(f"{script.job}/{script.script} (pid {script.pid})")
+        except BbrxError as error:
+            log.error(
+                "could not end the %s script of job %s (pid %d): %s",
+                script.script,
+                script.job,
+                script.pid,
+                error.message,
+            )
+    return ended
 
 
 def target_state(audit: AuditLog, target: str, *, exclude: str | None = None) -> TargetState:

@@ -302,7 +302,11 @@ class Run:
         tracker.trigger(phase, script=script)
         try:
             call = ScriptCall(
-                tracker.name, script, dict(env or {}), timeout=self.timeouts.for_phase(phase)
+                tracker.name,
+                script,
+                dict(env or {}),
+                timeout=self.timeouts.for_phase(phase),
+                on_start=lambda pid: self._script_started(tracker, script, pid),
             )
             result = self.instance.run_script(call)
         except TransportError as exc:
@@ -332,6 +336,12 @@ class Run:
             f"{phase}_error", outcome="error", script=script, result=result, error=error
         )
         return error
+
+    def _script_started(self, tracker: JobTracker, script: str, pid: int) -> None:
+        try:
+            tracker.trigger("script_started", script=script, detail={"pid": pid})
+        except Exception:  # a missing pid row must not stop the script's phase
+            log.warning("could not record the pid of %s/%s", tracker.name, script, exc_info=True)
 
     def _log_script_output(self, result: ScriptResult) -> None:
         for line in result.stdout.splitlines():

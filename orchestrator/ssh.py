@@ -372,7 +372,11 @@ class SshInstance:
         # holds copies of our pipes and would keep a read blocked if the session hung.
         timed_out = False
         try:
-            returncode = proc.wait(timeout=call.timeout)
+            self._announce_pid(proc, call, started)
+            remaining = (
+                None if call.timeout is None else call.timeout - (time.monotonic() - started)
+            )
+            returncode = proc.wait(timeout=None if remaining is None else max(remaining, 0))
         except subprocess.TimeoutExpired:
             timed_out = True
             pid = self._running.get(proc)
@@ -414,6 +418,36 @@ class SshInstance:
             duration=duration,
             killed_by=killed_by,
         )
+
+    def _announce_pid(
+        self, proc: subprocess.Popen[bytes], call: ScriptCall, started: float
+    ) -> None:
+        """Tell `call.on_start` the script's pid once the stderr reader has it (here, in
+        the caller's thread), unless the script ended or timed out first."""
+        if call.on_start is None:
+            return
+        while self._running.get(proc) is None:
+            if proc.poll() is not None:
+                return
+            if call.timeout is not None and time.monotonic() - started > call.timeout:
+                return
+            time.sleep(0.01)
+        pid = self._running.get(proc)
+        if pid:
+            call.on_start(pid)
+
+    def end_script(self, job: str, script: str, pid: int) -> bool:
+        path = f"/var/vcap/jobs/{job}/bin/bbr/{script}"
+        # Only if that group is still running this job's script: pids are reused.
+        check = f"pgrep -g {pid} -f {shlex.quote(path)} >/dev/null"
+        remote = "sudo -n sh -c " + shlex.quote(
+            f"if {check}; then pkill -TERM -g {pid}; n=0; "
+            f"while pgrep -g {pid} >/dev/null && [ $n -lt 30 ]; do sleep 0.1; n=$((n + 1)); done; "
+            f"pkill -KILL -g {pid}; echo ended; fi; true"
+        )
+        self.connect()
+        output = self._run(remote, what=f"ending the {script} script of job {job} (pid {pid})")
+        return b"ended" in output
 
     def _kill_orphan(self, pid: int) -> str:
         try:

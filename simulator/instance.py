@@ -131,6 +131,8 @@ class SimInstance:
                 host=self.address,
             ) from error
         self._running[proc.pid] = proc
+        if call.on_start is not None:
+            call.on_start(proc.pid)
         if self._generation != generation:
             # terminate_scripts ran between Popen and registration and could not see us.
             self._signal_group(proc, signal.SIGTERM)
@@ -211,6 +213,23 @@ class SimInstance:
     def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
+
+    def end_script(self, job: str, script: str, pid: int) -> bool:
+        path = str(self._script_path(job, script))
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if os.getpgid(pid) != pid or path.encode() not in cmdline:
+                return False
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        with suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + KILL_GRACE_SECONDS
+        while time.monotonic() < deadline and _group_alive(pid):
+            time.sleep(0.05)
+        with suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        return True
 
     # -- artifact directories ------------------------------------------------------
 
@@ -465,3 +484,11 @@ class _CorruptingReader:
 
     def read(self, size: int = -1) -> bytes:
         return self._corrupt(self._source.read(size))
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from audit import AuditLog
+from audit import AuditError, AuditLog
 from orchestrator.cli import app
 from simulator.director import SimDirector, sim_root
 from tests import sshd
@@ -177,6 +177,16 @@ class Target:
             for c in self.vm.calls()
             if c.script == "post-backup-unlock" and c.event == "start"
         }
+
+    def pid_recorded(self, job: str, script: str) -> bool:
+        """Whether the latest run's audit log has the pid row of this script yet."""
+        try:
+            rows = self.bbrx.audit_rows()
+        except (AuditError, IndexError):  # not there yet, or still being created
+            return False
+        return any(
+            (r["trigger"], r["job"], r["script"]) == ("script_started", job, script) for r in rows
+        )
 
     def work_dir(self) -> Path:
         return self.vm.root / "var/vcap/store/bbr-backup"

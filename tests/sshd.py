@@ -115,6 +115,7 @@ class TestSshd:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self._namespace: str | None = None
         self.known_hosts = workdir / "known_hosts"
 
     def start(self) -> TestSshd:
@@ -165,11 +166,32 @@ class TestSshd:
                 raise RuntimeError(f"sshd exited: {(self.workdir / 'sshd.log').read_text()}")
             with socket.socket() as probe:
                 if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    self._namespace = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
                     return self
             time.sleep(0.02)
         raise RuntimeError("sshd did not start listening")
 
+    def _end_sessions(self) -> None:
+        """Kill what still runs in this sshd's mount namespace (scripts a test left behind).
+
+        Every process there was started for this test. Left alive, one would outlive the
+        bind mount on /var/vcap and could write into the host's /var/vcap instead.
+        """
+        if self._namespace is None or self.proc is None:
+            return
+        if self._namespace == os.readlink("/proc/self/ns/mnt"):
+            return  # not a namespace of its own after all: kill nothing
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == self.proc.pid:
+                continue
+            try:
+                if os.readlink(entry / "ns/mnt") == self._namespace:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+
     def stop(self) -> None:
+        self._end_sessions()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

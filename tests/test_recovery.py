@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +20,10 @@ def killed_backup(target, tmp_path):
     """A backup SIGKILLed while its backup script hangs: director and the rest stay locked."""
     target.vm.set_fault("director", "backup", "hang")
     proc = target.start("backup", "--artifact-path", str(tmp_path))
-    wait_for(lambda: "director" in target.scripts_run("backup"), what="the backup scripts")
+    wait_for(lambda: target.pid_recorded("director", "backup"), what="the backup scripts")
+    # Let the script print its "hanging" line first: printing to the pipe of a dead bbrx
+    # would end it (SIGPIPE), and this test is about one that lives on.
+    time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     hung = [c.pid for c in target.vm.calls() if (c.job, c.script) == ("director", "backup")]
@@ -50,8 +55,19 @@ def test_status_then_refusal_then_recovery(killed_backup, tmp_path):
     assert f"bbrx director --host {target.address} backup-cleanup" in refused.stderr
     assert set(target.vm.locked_jobs()) == ALL_JOBS  # the refusal touched nothing
 
+    [hung] = [
+        c
+        for c in target.vm.calls()
+        if (c.job, c.script, c.event) == ("director", "backup", "start")
+    ]
+    assert _running(hung.pid)
     cleanup = target.director("backup-cleanup")
     assert cleanup.code == 0, cleanup
+    # The script the killed run left hanging was ended before the unlocks, by its pid.
+    assert f"Ended the backup script of job director (pid {hung.pid}) that run " in cleanup.stderr
+    wait_for(lambda: not _running(hung.pid), what="the hung script to be gone")
+    discovered = next(r for r in target.bbrx.audit_rows() if r["trigger"] == "discovered")
+    assert discovered["detail"]["ended_scripts"] == [f"director/backup (pid {hung.pid})"]
     assert target.vm.locked_jobs() == []
     runs = target.bbrx.audit_runs()
     killed = next(r for r in runs if r.operation == "backup")
@@ -119,3 +135,12 @@ def test_a_job_without_an_unlock_script_is_warned_about_not_counted(target, tmp_
     assert "Job blobstore has a pre-backup-lock script but no post-backup-unlock" in result.stderr
     assert "may still be locked" not in result.stderr
     assert target.bbrx("status", "--host", target.host).stdout.startswith(f"{target.address}: idle")
+
+
+def _running(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
