@@ -32,7 +32,7 @@ _INTERRUPT_BACKUP = [
 
 # Only on the operator's confirmation, after a second Ctrl-C while unlocking: stop where
 # the run stands and leave the jobs not yet unlocked locked (the audit row names them).
-_ABANDON = {"trigger": "abandon", "source": ["unlocking", "cleaning"], "dest": "interrupted"}
+_ABANDON = {"trigger": "abandon", "source": "unlocking", "dest": "interrupted"}
 
 _FINISH = [
     {
@@ -107,7 +107,7 @@ MACHINES: dict[str, dict[str, Any]] = {
             {"trigger": "drain_failed", "source": "draining", "dest": "cleaning"},
             *_FINISH,
             *_INTERRUPT_BACKUP,
-            {**_ABANDON, "source": ["unlocking", "draining", "cleaning"]},
+            _ABANDON,
         ],
     },
     "restore": {
