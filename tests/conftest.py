@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,7 +133,8 @@ class Target:
         return self.host.removeprefix("sim://").rsplit(":", 1)[0]
 
     def stop_orphaned_ssh_master(self) -> None:
-        """A SIGKILLed bbrx's ssh master outlives it (until idle): stop it by its PID.
+        """A SIGKILLed bbrx's ssh master outlives it (until idle): stop it by its PID, and
+        remove the private directory its socket was in (the killed bbrx could not).
 
         Found by this test's own known_hosts path, which only our processes carry.
         """
@@ -145,8 +147,12 @@ class Target:
             text=True,
         ).stdout.split()
         for pid in masters:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
                 os.kill(int(pid), signal.SIGTERM)
+                for arg in args:
+                    if arg.startswith("ControlPath=/tmp/bbrx-ssh-"):
+                        shutil.rmtree(Path(arg.removeprefix("ControlPath=")).parent)
 
     def copy_failure(self, job: str, way: str, message: str) -> str:
         """How a dropped copy is reported: the simulator names it, ssh relays the VM's stderr."""
