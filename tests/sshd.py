@@ -44,8 +44,10 @@ case "$dir" in
   *) exec "$real" "$@" ;;
 esac
 job=$(basename -- "$dir")
-printf '%s\t%s\ttransfer\tstart\t%s\tdirection=%s\n' "$(date +%s.%N)" "$job" "$$" "$mode" \
-  >>/var/vcap/sys/log/bbr-sim/calls.log
+log=/var/vcap/sys/log/bbr-sim/calls.log
+if [[ -d ${log%/*} ]]; then  # a simulated director's tree (the benchmark's has none)
+  printf '%s\t%s\ttransfer\tstart\t%s\tdirection=%s\n' "$(date +%s.%N)" "$job" "$$" "$mode" >>"$log"
+fi
 fault=/var/vcap/sys/run/bbr-sim/faults/$job/transfer
 [[ -f $fault ]] || exec "$real" "$@"
 read -r word rest <"$fault"
