@@ -441,9 +441,7 @@ class SshInstance:
         # Only if that group is still running this job's script: pids are reused.
         check = f"pgrep -g {pid} -f {shlex.quote(path)} >/dev/null"
         remote = "sudo -n sh -c " + shlex.quote(
-            f"if {check}; then pkill -TERM -g {pid}; n=0; "
-            f"while pgrep -g {pid} >/dev/null && [ $n -lt 30 ]; do sleep 0.1; n=$((n + 1)); done; "
-            f"pkill -KILL -g {pid}; echo ended; fi; true"
+            f"if {check}; then {_term_then_kill(str(pid))}; echo ended; fi; true"
         )
         self.connect()
         output = self._run(remote, what=f"ending the {script} script of job {job} (pid {pid})")
@@ -609,11 +607,16 @@ def _kill_groups(pids: list[int]) -> str:
     """The remote command that ends these process groups: TERM, then KILL if still there
     after 3 s (it returns as soon as they are gone)."""
     groups = ",".join(str(pid) for pid in pids)
+    return "sudo -n sh -c " + shlex.quote(f"{_term_then_kill(groups)}; true")
+
+
+def _term_then_kill(groups: str) -> str:
+    """Shell that sends TERM to process groups, waits up to 3 s for them to go, then KILL."""
     # pkill -g: dash's kill builtin cannot signal a process group portably.
-    return "sudo -n sh -c " + shlex.quote(
+    return (
         f"pkill -TERM -g {groups}; n=0; "
         f"while pgrep -g {groups} >/dev/null && [ $n -lt 30 ]; do sleep 0.1; n=$((n + 1)); done; "
-        f"pkill -KILL -g {groups}; true"
+        f"pkill -KILL -g {groups}"
     )
 
 

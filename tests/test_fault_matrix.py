@@ -28,7 +28,7 @@ import pytest
 from orchestrator import artifact
 from orchestrator.errors import BbrxError
 from simulator.director import SimDirector, sim_root
-from tests.conftest import MATRIX_RESULTS, Bbrx, Target, wait_for
+from tests.conftest import MATRIX_RESULTS, Bbrx, Target, process_running, wait_for
 
 SIGNALS = ("SIGINT", "SIGTERM", "SIGKILL")
 SCRIPT_FAULTS = ("fails", "hangs", *SIGNALS)
@@ -265,18 +265,8 @@ def running_on_the_vm(target: Target, *, copies: bool = True) -> list[int]:
     return [
         c.pid
         for c in target.vm.calls()
-        if c.event == "start"
-        and (copies or c.script != "transfer")
-        and Path(f"/proc/{c.pid}").exists()
-        and not _zombie(c.pid)
+        if c.event == "start" and (copies or c.script != "transfer") and process_running(c.pid)
     ]
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
-    except (FileNotFoundError, IndexError):
-        return True
 
 
 def stop_what_the_run_left(target: Target, only: tuple[str, ...] | None = None) -> None:

@@ -6,11 +6,10 @@ import contextlib
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import process_running, wait_for
 
 ALL_JOBS = {"bbr-credhubdb", "blobstore", "director", "uaa"}
 
@@ -60,12 +59,12 @@ def test_status_then_refusal_then_recovery(killed_backup, tmp_path):
         for c in target.vm.calls()
         if (c.job, c.script, c.event) == ("director", "backup", "start")
     ]
-    assert _running(hung.pid)
+    assert process_running(hung.pid)
     cleanup = target.director("backup-cleanup")
     assert cleanup.code == 0, cleanup
     # The script the killed run left hanging was ended before the unlocks, by its pid.
     assert f"Ended the backup script of job director (pid {hung.pid}) that run " in cleanup.stderr
-    wait_for(lambda: not _running(hung.pid), what="the hung script to be gone")
+    wait_for(lambda: not process_running(hung.pid), what="the hung script to be gone")
     discovered = next(r for r in target.bbrx.audit_rows() if r["trigger"] == "discovered")
     assert discovered["detail"]["ended_scripts"] == [f"director/backup (pid {hung.pid})"]
     assert target.vm.locked_jobs() == []
@@ -135,12 +134,3 @@ def test_a_job_without_an_unlock_script_is_warned_about_not_counted(target, tmp_
     assert "Job blobstore has a pre-backup-lock script but no post-backup-unlock" in result.stderr
     assert "may still be locked" not in result.stderr
     assert target.bbrx("status", "--host", target.host).stdout.startswith(f"{target.address}: idle")
-
-
-def _running(pid: int) -> bool:
-    """Running, not a zombie waiting to be reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
