@@ -105,28 +105,51 @@ class ArtifactWriter:
 
     def __init__(self, parent: Path, name: str, started: datetime, run_id: str) -> None:
         if not parent.is_dir():
+            what = "is not a directory" if parent.exists() else "does not exist"
             raise ArtifactError(
-                f"artifact path {parent} is not an existing directory",
+                f"artifact path {parent} {what}",
                 hint="Create it first, or pass --artifact-path with a directory that exists.",
             )
-        self.final = parent / artifact_dir_name(name, started)
+        self.parent = parent
+        self.base = artifact_dir_name(name, started)
+        self.final = parent / self.base
         self.partial = self.final.with_name(self.final.name + INCOMPLETE_SUFFIX)
         self.run_id = run_id
         self.started = started
         self.checksums: dict[tuple[str, str, str], Checksums] = {}
+        # Only what this writer made is ever removed: another run's backup that happens to
+        # have the same name is left alone.
+        self.created = False
 
     def create(self) -> None:
-        if self.final.exists():
+        """Make `<name>_<time>.incomplete/`, or `<name>_<time>-2.incomplete/` and so on when
+        another backup of a same-named target started in the same second."""
+        for attempt in range(1, 100):
+            name = self.base if attempt == 1 else f"{self.base}-{attempt}"
+            final = self.parent / name
+            partial = self.parent / (name + INCOMPLETE_SUFFIX)
+            if final.exists():
+                continue
+            try:
+                partial.mkdir(mode=0o700)  # atomic: of two writers, one gets each name
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise ArtifactError(
+                    f"cannot create artifact directory {partial}: {exc.strerror or exc}",
+                    hint="Check that the artifact path is writable and has space.",
+                ) from exc
+            if final.exists():  # published between our look and our mkdir
+                partial.rmdir()
+                continue
+            self.final, self.partial, self.created = final, partial, True
+            break
+        else:
             raise ArtifactError(
-                f"artifact directory {self.final} already exists",
-                hint="Another backup of this target started in the same second; wait and retry.",
+                f"cannot find a free name for the backup in {self.parent}: "
+                f"{self.base} and 98 variants exist",
+                hint="Move old backups away, or pick another --artifact-path.",
             )
-        try:
-            self.partial.mkdir(mode=0o700)
-        except FileExistsError as exc:
-            raise ArtifactError(f"{self.partial} already exists (another run writing?)") from exc
-        except OSError as exc:
-            raise ArtifactError(f"cannot create artifact directory {self.partial}: {exc}") from exc
         try:
             (self.partial / INCOMPLETE_MARKER).write_text(
                 f"This backup is incomplete: bbrx run {self.run_id} was writing it and did not\n"
@@ -135,6 +158,7 @@ class ArtifactWriter:
             )
         except OSError as exc:
             shutil.rmtree(self.partial, ignore_errors=True)
+            self.created = False
             raise ArtifactError(
                 f"cannot write in {self.partial.parent}: {exc.strerror or exc}",
                 hint="Free some space (or pick another --artifact-path) and try again.",
@@ -192,9 +216,10 @@ class ArtifactWriter:
 
     def discard(self) -> None:
         """Remove the partial backup: a failed run leaves nothing that looks like a backup."""
-        if self.partial.exists():
+        if self.created and self.partial.exists():
             shutil.rmtree(self.partial, ignore_errors=True)
             log.info("Removed the incomplete backup %s", self.partial)
+        self.created = False
 
 
 class _BackgroundSync:

@@ -47,10 +47,11 @@ def space_estimate(run: Run, artifact_path: Path) -> dict[str, object]:
 
 def backup_actions(artifact_path: Path, name: str) -> dict[str, Action]:
     def check(run: Run) -> steps.Step:
-        step = steps.check_backupable(run)
+        step = steps.check_backupable(run, claiming=True)
         writer = ArtifactWriter(artifact_path, name, run.started, run.run_id)
-        run.data["writer"] = writer  # so that finish() removes whatever create() left
+        run.data["writer"] = writer  # so that finish() removes what create() made
         writer.create()
+        steps.claim_work_dir(run)
         return step
 
     return {

@@ -27,6 +27,10 @@ SCRIPT_NAMES = (
 IGNORED_JOBS = frozenset({"mysql-backup", "mysql-restore"})
 
 REMOTE_WORK_DIR = "/var/vcap/store/bbr-backup"
+# Written by the run that claimed the work dir: who holds the VM. Outside every job's
+# artifact directory, so it is never part of a backup.
+WORK_DIR_OWNER = ".bbrx-owner"
+OWNER_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,20 @@ class Instance(Protocol):
 
     def work_dir_exists(self) -> bool:
         """Whether `/var/vcap/store/bbr-backup` exists (the trace of an earlier run)."""
+        ...
+
+    def claim_work_dir(self, owner: str) -> bool:
+        """Create `/var/vcap/store/bbr-backup` atomically and write `owner` into its
+        `WORK_DIR_OWNER` file; False if it already exists (another run holds the VM).
+
+        This is the VM's own "one run at a time" lock: it holds whatever jump box or
+        audit log the other run uses, and bbr itself refuses a VM that has this directory.
+        """
+        ...
+
+    def work_dir_owner(self) -> str | None:
+        """What the run that created the work dir wrote in its owner file (at most
+        OWNER_MAX bytes, as text), or None if there is no such file."""
         ...
 
     def make_artifact_directory(self, job: str) -> None:

@@ -24,8 +24,11 @@ TERMINAL = ("succeeded", "failed", "interrupted")
 
 # Where a run may be interrupted and where that leads. Absent states ignore the signal
 # (unlocking and cleaning run to their end: that is the point of them).
+# `checking` ends by claiming the VM's work dir, so an interrupt there goes through
+# `cleaning`, which removes it if this run created it.
 _INTERRUPT_BACKUP = [
-    {"trigger": "interrupt", "source": ["discovering", "checking"], "dest": "interrupted"},
+    {"trigger": "interrupt", "source": "discovering", "dest": "interrupted"},
+    {"trigger": "interrupt", "source": "checking", "dest": "cleaning"},
     {"trigger": "interrupt", "source": ["locking", "backing_up"], "dest": "unlocking"},
     {"trigger": "interrupt", "source": "draining", "dest": "cleaning"},
 ]
@@ -144,10 +147,10 @@ MACHINES: dict[str, dict[str, Any]] = {
             _ABANDON,
             {
                 "trigger": "interrupt",
-                "source": ["validating", "discovering", "checking"],
+                "source": ["validating", "discovering"],
                 "dest": "interrupted",
             },
-            {"trigger": "interrupt", "source": "copying", "dest": "cleaning"},
+            {"trigger": "interrupt", "source": ["checking", "copying"], "dest": "cleaning"},
             {"trigger": "interrupt", "source": ["locking", "restoring"], "dest": "unlocking"},
         ],
     },

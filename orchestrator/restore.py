@@ -65,9 +65,10 @@ def check_restorable(run: Run) -> steps.Step:
                 hint="Restore onto a director deployed with the same jobs as the one backed up. "
                 "Nothing on the target was touched.",
             )
-    steps.check_work_dir_absent(run)
     levels = steps.plan_levels(run)
-    return "checks_passed", {"lock_plan": steps.lock_plan(run, levels)}
+    plan = steps.lock_plan(run, levels)
+    steps.claim_work_dir(run)
+    return "checks_passed", {"lock_plan": plan}
 
 
 def copy(run: Run) -> steps.Step:

@@ -42,8 +42,10 @@ from orchestrator.errors import (
 from orchestrator.instance import (
     IGNORED_JOBS,
     INTERRUPTED_KILL,
+    OWNER_MAX,
     REMOTE_WORK_DIR,
     SCRIPT_NAMES,
+    WORK_DIR_OWNER,
     Job,
     ScriptCall,
     ScriptResult,
@@ -285,6 +287,40 @@ class SshInstance:
     def work_dir_exists(self) -> bool:
         code = self._returncode(f"sudo -n test -e {REMOTE_WORK_DIR}")
         return code == 0
+
+    def claim_work_dir(self, owner: str) -> bool:
+        # mkdir without -p is atomic on the VM: of two runs from anywhere, one creates it.
+        script = (
+            f'if mkdir {REMOTE_WORK_DIR}; then printf "%s\\n" "$1" > '
+            f"{REMOTE_WORK_DIR}/{WORK_DIR_OWNER}; exit 0; fi; [ -e {REMOTE_WORK_DIR} ] && exit 3; "
+            "exit 4"
+        )
+        remote = f"sudo -n sh -c {shlex.quote(script)} sh {shlex.quote(owner)}"
+        self.connect()
+        proc = subprocess.run(
+            self._ssh(remote), capture_output=True, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        if proc.returncode == 3:
+            return False
+        if proc.returncode != 0:
+            message = proc.stderr.decode("utf-8", "replace").strip()[-400:]
+            raise TransportError(
+                f"creating {REMOTE_WORK_DIR} on {self.address} failed "
+                f"(exit {proc.returncode}): {message}",
+                host=self.address,
+            )
+        return True
+
+    def work_dir_owner(self) -> str | None:
+        path = f"{REMOTE_WORK_DIR}/{WORK_DIR_OWNER}"
+        try:
+            output = self._run(
+                f"sudo -n sh -c {shlex.quote(f'head -c {OWNER_MAX} {path} 2>/dev/null; true')}",
+                what=f"reading {path}",
+            )
+        except TransportError:
+            return None
+        return output.decode("utf-8", "replace").strip() or None
 
     def _returncode(self, remote: str) -> int:
         self.connect()

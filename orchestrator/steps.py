@@ -8,6 +8,7 @@ An action that raises a `BbrxError` takes its state's failure transition.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from orchestrator import BBR_COMPATIBLE_VERSION, recovery
@@ -20,7 +21,7 @@ from orchestrator.errors import (
     UnlockError,
 )
 from orchestrator.instance import REMOTE_WORK_DIR, Job, ScriptCall
-from orchestrator.machine import SCRIPTS
+from orchestrator.machine import SCRIPTS, cleanup_for
 from orchestrator.ordering import JobMetadata, lock_levels, parse_metadata
 from orchestrator.run import JobTracker, Run
 
@@ -122,24 +123,53 @@ def plan_levels(run: Run, *, strict: bool = True) -> list[list[str]]:
 
 def check_work_dir_absent(run: Run) -> None:
     if run.instance.work_dir_exists():
-        raise CheckError(
-            f"Directory {REMOTE_WORK_DIR} already exists on instance "
-            f"{run.instance.group}/{run.instance.index} of {run.instance.address}: "
-            "an earlier run did not finish",
-            hint="Run `bbrx director ... backup-cleanup` (or restore-cleanup after a restore), "
-            "then try again.",
-        )
+        raise _work_dir_busy(run)
 
 
-def check_backupable(run: Run) -> tuple[str, dict[str, Any]]:
-    """bbr's pre-backup-check: backup scripts exist, no leftover work dir, no lock cycle."""
+def claim_work_dir(run: Run) -> None:
+    """Take the VM itself for this run: create the remote work dir, which bbr and bbrx
+    both refuse to run over. The lease only covers runs sharing this audit log; this
+    covers any other jump box, audit log or spelling of the host (`host:22`, `host:2222`).
+    Done last among the checks, so a run refused by a check never creates it."""
+    owner = (
+        f"run {run.run_id} ({run.operation}) by {run.identity.operator} "
+        f"from {run.identity.origin_host}, pid {os.getpid()}, "
+        f"since {run.started:%Y-%m-%dT%H:%M:%SZ}"
+    )
+    if not run.instance.claim_work_dir(owner):
+        raise _work_dir_busy(run)
+    run.data["claimed_work_dir"] = True
+
+
+def _work_dir_busy(run: Run) -> CheckError:
+    where = f"instance {run.instance.group}/{run.instance.index} of {run.instance.address}"
+    owner = run.instance.work_dir_owner()
+    if owner:
+        # It comes from the VM: shown as text, never as terminal control sequences.
+        who = "".join(c if c.isprintable() else "?" for c in owner)[:300]
+        why = f"it was created by bbrx {who}: that run is in progress or did not finish"
+    else:
+        why = "another run (bbr or bbrx) is in progress, or an earlier run did not finish"
+    return CheckError(
+        f"Directory {REMOTE_WORK_DIR} already exists on {where}: {why}",
+        hint=f"If no other backup or restore of {run.target} is running, run "
+        f"`bbrx director --host {run.target} {cleanup_for(run.operation)}`, then try again. "
+        "Nothing was locked.",
+    )
+
+
+def check_backupable(run: Run, *, claiming: bool = False) -> tuple[str, dict[str, Any]]:
+    """bbr's pre-backup-check: backup scripts exist, no leftover work dir, no lock cycle.
+
+    `claiming`: the caller claims the work dir next, which checks it atomically."""
     recovery.refuse_if_unfinished(run.audit, run.target, run.operation, run.run_id)
     if not jobs_with(run, "backup"):
         raise CheckError(
             f"no job on {run.instance.address} has a backup script: nothing to back up",
             hint="Check that the director's jobs ship bin/bbr/backup scripts.",
         )
-    check_work_dir_absent(run)
+    if not claiming:
+        check_work_dir_absent(run)
     levels = plan_levels(run)
     plan = lock_plan(run, levels)
     # bbr runs such a job's lock and never unlocks it; say so before it happens.
@@ -231,13 +261,18 @@ def unlock(run: Run, *, parallel: bool = True) -> Step:
 
 
 def remove_work_dir(run: Run) -> Step:
+    """Remove the remote work dir: a cleanup's job, and a run's only if it created it
+    (one refused for a work dir already there must not remove another run's)."""
+    if not run.operation.endswith("-cleanup") and not run.data.get("claimed_work_dir"):
+        return "cleaned"
     try:
         run.instance.remove_work_dir()
     except Exception as exc:
         run.fail(
             CleanupError(
                 f"could not remove {REMOTE_WORK_DIR} on {run.instance.address}: {exc}",
-                hint="Run `bbrx director ... backup-cleanup` to try again.",
+                hint=f"Run `bbrx director --host {run.target} {cleanup_for(run.operation)}` "
+                "to try again.",
             )
         )
         return "cleanup_failed"

@@ -24,7 +24,9 @@ from orchestrator.errors import DiscoveryError, InterruptedRunError, TransportEr
 from orchestrator.instance import (
     IGNORED_JOBS,
     INTERRUPTED_KILL,
+    OWNER_MAX,
     SCRIPT_NAMES,
+    WORK_DIR_OWNER,
     Job,
     ScriptCall,
     ScriptResult,
@@ -241,6 +243,29 @@ class SimInstance:
 
     def work_dir_exists(self) -> bool:
         return (self.root / WORK_DIR).exists()
+
+    def claim_work_dir(self, owner: str) -> bool:
+        work = self.root / WORK_DIR
+        try:
+            work.mkdir()  # atomic: exactly one of two racing runs creates it
+        except FileExistsError:
+            return False
+        except OSError as error:
+            raise TransportError(
+                f"cannot create {work} on {self.address}: {error}", host=self.address
+            ) from error
+        try:
+            (work / WORK_DIR_OWNER).write_text(owner + "\n", encoding="utf-8")
+        except OSError as error:
+            log.warning("could not write the owner of %s: %s", work, error)
+        return True
+
+    def work_dir_owner(self) -> str | None:
+        try:
+            with open(self.root / WORK_DIR / WORK_DIR_OWNER, "rb") as handle:
+                return handle.read(OWNER_MAX).decode("utf-8", "replace").strip()
+        except OSError:
+            return None
 
     def make_artifact_directory(self, job: str) -> None:
         try:

@@ -101,7 +101,7 @@ def test_publish_writes_bbr_layout_and_metadata(tmp_path):
 
 
 def test_artifact_path_must_exist(tmp_path):
-    with pytest.raises(ArtifactError, match="is not an existing directory"):
+    with pytest.raises(ArtifactError, match="does not exist"):
         artifact.ArtifactWriter(tmp_path / "nope", "demo", STARTED, "r")
 
 

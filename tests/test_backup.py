@@ -282,7 +282,7 @@ def test_pre_backup_check(target):
 def test_artifact_path_must_exist(target, out):
     result = target.director("backup", "--artifact-path", str(out / "missing"))
     assert result.code == 1, result
-    assert "is not an existing directory" in result.stderr
+    assert "does not exist" in result.stderr
     assert target.scripts_run("pre-backup-lock") == []
 
 
