@@ -15,7 +15,7 @@ from pathlib import Path
 from orchestrator import __version__, steps
 from orchestrator.artifact import ArtifactWriter, check_free_space, tar_name
 from orchestrator.errors import BackupScriptError, BbrxError, LockError, ScriptError
-from orchestrator.run import Action, JobTracker, Outcome, Run
+from orchestrator.run import Action, JobTracker, Run
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,8 @@ def drain(run: Run) -> steps.Step:
     return "drained", {"artifact": str(run.artifact)}
 
 
-def finish(run: Run, outcome: Outcome) -> Outcome:
+def finish(run: Run) -> None:
     """Whatever happened, leave no partial backup that looks like one."""
     writer: ArtifactWriter | None = run.data.get("writer")
     if writer is not None and run.artifact is None:
         writer.discard()
-    return outcome

@@ -95,9 +95,11 @@ def _drive(request: Request, run: Run) -> Outcome:
     here = (artifact_path or Path.cwd()).resolve()
     operation = request.operation
     if operation == "backup":
-        return backup.finish(
-            run, run.drive(backup.backup_actions(here, request.target.name), **start)
-        )
+        try:
+            return run.drive(backup.backup_actions(here, request.target.name), **start)
+        finally:
+            # However the drive ended, a raise included: no partial backup that looks like one.
+            backup.finish(run)
     if operation == "pre-backup-check":
         return run.drive(backup.check_actions(here), **start)
     if operation == "restore":

@@ -116,6 +116,39 @@ class SshInstance:
                 f"(mode {stat.S_IMODE(mode):04o}): refusing to use it, as ssh does",
                 hint=f"Make it private: chmod 600 {self.key}",
             )
+        self._parse_key()
+
+    def _parse_key(self) -> None:
+        """Read the key before connecting, as bbr does: a file that is not a private key
+        would otherwise surface as a vague "cannot reach host"."""
+        try:
+            proc = subprocess.run(
+                ["ssh-keygen", "-y", "-P", "", "-f", str(self.key)],
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                timeout=30,
+                start_new_session=True,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.debug("could not check the private key with ssh-keygen: %s", exc)
+            return  # ssh itself will say what is wrong
+        if proc.returncode == 0:
+            return
+        why = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        reason = why[-1] if why else f"ssh-keygen exited {proc.returncode}"
+        if "passphrase" in reason:
+            # ssh may still get it from an agent; bbrx itself can never type a passphrase.
+            log.warning(
+                "private key %s is protected by a passphrase: bbrx cannot ask for it, so the "
+                "connection works only if ssh-agent holds this key",
+                self.key,
+            )
+            return
+        raise TargetError(
+            f"private key {self.key} cannot be read as a private key: {reason[-200:]}",
+            hint="Pass --private-key-path the private key (OpenSSH or PEM format) of the "
+            "director's bbr user. Nothing was touched on the director.",
+        )
 
     def _options(self) -> list[str]:
         options = [

@@ -53,7 +53,7 @@ def test_a_second_run_from_another_audit_log_refuses_and_removes_nothing(
     assert target.work_dir().is_dir()
     assert partial.is_dir()
 
-    stdout, stderr = first.communicate(timeout=60)
+    _stdout, stderr = first.communicate(timeout=60)
     assert first.returncode == 0, stderr
     published = [p for p in out.iterdir() if not p.name.endswith(".incomplete")]
     assert len(published) == 1
