@@ -451,7 +451,8 @@ def audit_verify(
 ) -> None:
     """Check the hash chain and the append-only guards (and tie a backup to its run)."""
     for line in review.verify(_audit_path(ctx, audit_db), artifact):
-        typer.echo(line)
+        # A line may quote the backup's bbrx-audit.yml, a file anyone could have edited.
+        typer.echo(printable(line))
 
 
 # --- simulator ----------------------------------------------------------------------------
