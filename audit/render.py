@@ -15,20 +15,32 @@ REASON_WIDTH = 40
 _DETAIL_KEYS = ("message", "error", "stderr_tail", "stdout_tail")
 
 
-def printable(text: str) -> str:
+def printable(text: str, *, keep_newlines: bool = False) -> str:
     """The text with control and bidirectional-override characters shown as escapes.
 
     Rows hold what operators and scripts wrote; rendering them raw would let an escape
-    sequence recolour, hide or reorder what a reviewer reads.
+    sequence recolour, hide or reorder what a reviewer reads, or retitle the terminal.
+    Escaped: C0, DEL, C1 and every other category-C character (format characters such as
+    U+202E among them), line and paragraph separators, and the bidi embeddings, overrides
+    and isolates. The result is idempotent: printable(printable(t)) == printable(t).
+    keep_newlines leaves "\n" as a line break, for multi-line messages whose lines the
+    caller built; every other control character is still escaped.
     """
-    return "".join(
-        ch
-        if ch.isprintable()
+    if keep_newlines:
+        return "\n".join(printable(line) for line in text.split("\n"))
+    return "".join(ch if _shown_as_is(ch) else _escape(ch) for ch in text)
+
+
+def _shown_as_is(ch: str) -> bool:
+    return (
+        ch.isprintable()
         and not unicodedata.category(ch).startswith("C")
         and unicodedata.bidirectional(ch) not in _BIDI_CONTROLS
-        else ch.encode("unicode_escape").decode("ascii")
-        for ch in text
     )
+
+
+def _escape(ch: str) -> str:
+    return ch.encode("unicode_escape").decode("ascii")
 
 
 _BIDI_CONTROLS = frozenset({"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"})
@@ -52,7 +64,8 @@ def short_time(ts: str | None) -> str:
     """ISO timestamp cut to milliseconds, which is plenty for a human reader."""
     if not ts:
         return "-"
-    return ts[:23] + "Z" if len(ts) > 23 and ts.endswith("Z") else ts
+    # Escaped too: a row's time is text in the log like any other column.
+    return printable(ts[:23] + "Z" if len(ts) > 23 and ts.endswith("Z") else ts)
 
 
 def short_detail(detail: Any, width: int = DETAIL_WIDTH) -> str:
@@ -80,11 +93,11 @@ def format_runs(runs: Sequence[RunSummary]) -> str:
     header += ["OUTCOME", "REASON"]
     rows = [
         (
-            r.run_id,
-            r.operation,
-            r.target,
-            r.mode,
-            r.operator,
+            _dash(r.run_id),
+            _dash(r.operation),
+            _dash(r.target),
+            _dash(r.mode),
+            _dash(r.operator),
             short_time(r.start),
             short_time(r.end),
             str(r.events),

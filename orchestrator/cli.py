@@ -7,24 +7,29 @@ the only module that turns errors into exit codes, and `main` is the only caller
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import select
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 try:  # typer >= 0.22 vendors its own click; older releases use the click package
     from typer._click import exceptions as click_exceptions
+    from typer._click.core import Context as ClickContext
 except ImportError:  # pragma: no cover
+    from click import Context as ClickContext  # type: ignore[assignment]
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
 from audit import AuditError, AuditLog
-from audit.render import format_runs, format_timeline
+from audit.render import format_runs, format_timeline, printable
 from orchestrator import __version__, machine, review, settings, simulation
 from orchestrator.errors import BbrxError, RunFailed
 from orchestrator.procedures import Request, run_director
@@ -34,19 +39,57 @@ from orchestrator.targets import parse_host
 
 log = logging.getLogger("bbrx")
 
+# bbr's one-letter command aliases (urfave/cli `Aliases`): runbooks and bbr's own suite use
+# `bbr director ... b` as often as `backup`. An alias resolves only in a group that has its
+# command, so `b` is nothing at the top level.
+ALIASES = {"c": "pre-backup-check", "b": "backup", "r": "restore", "h": "help", "v": "version"}
+
+
+class _Group(TyperGroup):
+    """A typer group that also answers to bbr's aliases."""
+
+    def resolve_command(
+        self, ctx: ClickContext, args: list[str]
+    ) -> tuple[str | None, Any, list[str]]:
+        if args and args[0] not in self.commands and ALIASES.get(args[0]) in self.commands:
+            args = [ALIASES[args[0]], *args[1:]]
+        return super().resolve_command(ctx, args)
+
+
 app = typer.Typer(
     name="bbrx",
+    cls=_Group,
     help="Audited, bbr-compatible backup and restore for BOSH directors.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-director_app = typer.Typer(no_args_is_help=True, help="Back up and restore a BOSH director.")
-audit_app = typer.Typer(no_args_is_help=True, help="Read and verify the audit log.")
-sim_app = typer.Typer(no_args_is_help=True, help="Manage simulated directors (sim://NAME).")
+# No `no_args_is_help` here: a bare `bbrx director` is bbr's usage error (--host missing,
+# exit 1); the callback says so, and lets `director help` through without a host.
+director_app = typer.Typer(
+    cls=_Group, invoke_without_command=True, help="Back up and restore a BOSH director."
+)
+audit_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Read and verify the audit log.")
+sim_app = typer.Typer(
+    cls=_Group, no_args_is_help=True, help="Manage simulated directors (sim://NAME)."
+)
 app.add_typer(director_app, name="director")
 app.add_typer(audit_app, name="audit")
 app.add_typer(sim_app, name="sim")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _command(group: typer.Typer, name: str) -> Callable[[F], F]:
+    """Register a command; its help names its bbr alias, if it has one."""
+
+    def register(function: F) -> F:
+        doc = inspect.getdoc(function) or ""
+        alias = next((a for a, command in ALIASES.items() if command == name), None)
+        group.command(name, help=f"{doc} (alias: {alias})" if alias else doc)(function)
+        return function
+
+    return register
 
 
 @dataclass(frozen=True)
@@ -119,15 +162,43 @@ def root(
     _merge(ctx, audit_db=audit_db, operator=operator, reason=reason)
 
 
+# The director's connection flags, spelled as bbr spells them (`-u`, `--key` are its aliases).
+# `status` accepts the same spellings, so a line copied from a runbook works there too.
+def _host_option(help_: str = "HOST[:PORT], or sim://NAME.") -> Any:
+    return typer.Option("--host", help=help_)
+
+
+def _username_option(help_: str) -> Any:
+    return typer.Option("--username", "-u", help=help_)
+
+
+def _private_key_option(help_: str) -> Any:
+    # Its help says "--key" too: a narrow terminal cuts the option column short.
+    return typer.Option("--private-key-path", "--key", help=help_)
+
+
+def _known_hosts_option(help_: str) -> Any:
+    return typer.Option("--known-hosts", envvar="BBRX_KNOWN_HOSTS", help=help_)
+
+
+def _accept_new_host_key_option(help_: str) -> Any:
+    return typer.Option("--accept-new-host-key", help=help_)
+
+
+def _debug_option(help_: str) -> Any:
+    return typer.Option("--debug", help=help_)
+
+
 @director_app.callback()
 def director(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option("--host", help="HOST[:PORT], or sim://NAME.")],
-    username: Annotated[str | None, typer.Option("--username", help="SSH user.")] = None,
+    # Not required by the parser: `bbrx director help` needs no host; the check is below.
+    host: Annotated[str | None, _host_option("HOST[:PORT], or sim://NAME (required).")] = None,
+    username: Annotated[str | None, _username_option("SSH user.")] = None,
     private_key_path: Annotated[
-        Path | None, typer.Option("--private-key-path", help="SSH private key.")
+        Path | None, _private_key_option("SSH private key (or --key).")
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show scripts' output.")] = False,
+    debug: Annotated[bool, _debug_option("Show scripts' output.")] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", help="No progress and no log lines: errors only.")
     ] = False,
@@ -140,23 +211,25 @@ def director(
     ] = None,
     accept_new_host_key: Annotated[
         bool,
-        typer.Option(
-            "--accept-new-host-key",
-            help="Trust an unknown host key on first use (recorded in the audit log).",
+        _accept_new_host_key_option(
+            "Trust an unknown host key on first use (recorded in the audit log)."
         ),
     ] = False,
     known_hosts: Annotated[
         Path | None,
-        typer.Option(
-            "--known-hosts",
-            envvar="BBRX_KNOWN_HOSTS",
-            help="known_hosts file to verify the director against. Default: ssh's own.",
-        ),
+        _known_hosts_option("known_hosts file to verify the director against. Default: ssh's own."),
     ] = None,
     audit_db: AuditDbOption = None,
     operator: OperatorOption = None,
     reason: ReasonOption = None,
 ) -> None:
+    if ctx.invoked_subcommand == "help":
+        return
+    if not host:
+        # What click says for a missing required option; exit 1 like every usage error.
+        raise click_exceptions.UsageError("Missing option '--host'.", ctx=ctx)
+    if ctx.invoked_subcommand is None:
+        ctx.fail("Missing command.")
     if debug:
         logging.getLogger().setLevel(logging.DEBUG)
     elif quiet:
@@ -261,12 +334,14 @@ def _audit_footer(outcome: Outcome) -> None:
     typer.echo(f"  see it with: bbrx audit show {outcome.run_id}")
 
 
-@director_app.command("pre-backup-check")
+@_command(director_app, "pre-backup-check")
 def pre_backup_check(
     ctx: typer.Context,
     artifact_path: Annotated[
         Path | None,
-        typer.Option("--artifact-path", help="Where the backup will go, for the space check."),
+        typer.Option(
+            "--artifact-path", "-a", help="Where the backup will go, for the space check."
+        ),
     ] = None,
 ) -> None:
     """Check that the director can be backed up (nothing is locked)."""
@@ -280,12 +355,14 @@ def pre_backup_check(
     _audit_footer(outcome)
 
 
-@director_app.command("backup")
+@_command(director_app, "backup")
 def backup(
     ctx: typer.Context,
     artifact_path: Annotated[
         Path | None,
-        typer.Option("--artifact-path", help="Existing directory for the backup. Default: cwd."),
+        typer.Option(
+            "--artifact-path", "-a", help="Existing directory for the backup. Default: cwd."
+        ),
     ] = None,
 ) -> None:
     """Lock, back up, unlock, and copy the backup to this machine."""
@@ -301,11 +378,11 @@ def backup(
     _audit_footer(outcome)
 
 
-@director_app.command("restore")
+@_command(director_app, "restore")
 def restore(
     ctx: typer.Context,
     artifact_path: Annotated[
-        Path, typer.Option("--artifact-path", help="The backup directory to restore.")
+        Path, typer.Option("--artifact-path", "-a", help="The backup directory to restore.")
     ],
 ) -> None:
     """Restore a backup onto the director."""
@@ -374,7 +451,8 @@ def audit_verify(
 ) -> None:
     """Check the hash chain and the append-only guards (and tie a backup to its run)."""
     for line in review.verify(_audit_path(ctx, audit_db), artifact):
-        typer.echo(line)
+        # A line may quote the backup's bbrx-audit.yml, a file anyone could have edited.
+        typer.echo(printable(line))
 
 
 # --- simulator ----------------------------------------------------------------------------
@@ -432,14 +510,30 @@ def sim_fault(
 # --- misc ---------------------------------------------------------------------------------
 
 
+_IGNORED = "Accepted for a copied director command line; ignored (status reads the audit log)."
+
+
 @app.command("status")
 def status(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option("--host", help="HOST[:PORT], or sim://NAME.")],
+    host: Annotated[str, _host_option()],
+    # Accepted and ignored, so that the director line an operator copies from a runbook
+    # works here too: status reads only the audit log and never connects.
+    username: Annotated[str | None, _username_option(_IGNORED)] = None,
+    private_key_path: Annotated[Path | None, _private_key_option(_IGNORED)] = None,
+    known_hosts: Annotated[Path | None, _known_hosts_option(_IGNORED)] = None,
+    accept_new_host_key: Annotated[bool, _accept_new_host_key_option(_IGNORED)] = False,
+    debug: Annotated[bool, _debug_option(_IGNORED)] = False,
     audit_db: AuditDbOption = None,
 ) -> None:
-    """Is the target idle, in progress (by whom, since when, which phase), or interrupted?"""
-    typer.echo(review.status(_audit_path(ctx, audit_db), parse_host(host).address))
+    """Is the target idle, in progress (by whom, since when, which phase), or interrupted?
+
+    Reads only the audit log: it never connects to the director, so the director
+    connection flags (--username, --private-key-path...) are accepted and ignored.
+    """
+    shown = review.status(_audit_path(ctx, audit_db), parse_host(host).address)
+    # The text quotes the log (operator, job names): no terminal control reaches the screen.
+    typer.echo(printable(shown, keep_newlines=True))
 
 
 @app.command("diagram")
@@ -455,26 +549,74 @@ def diagram(
     typer.echo(machine.mermaid(operation))
 
 
-@app.command("version")
+@_command(app, "version")
 def version() -> None:
     """Print the version."""
     typer.echo(f"bbrx version {__version__}")
 
 
+# --- help: bbr's `help` and `h` ----------------------------------------------------------
+
+
+def _help_of(ctx: ClickContext, words: list[str]) -> str:
+    """The help of the command that `words` name below the group of `ctx`."""
+    for word in words:
+        group = ctx.command
+        command = None
+        if isinstance(group, TyperGroup):
+            name = word if word in group.commands else ALIASES.get(word, word)
+            command = group.get_command(ctx, name)
+        if command is None:
+            raise click_exceptions.UsageError(f"No such command {word!r}.", ctx=ctx)
+        ctx = ClickContext(command, parent=ctx, info_name=command.name)
+    # typer prints rich help itself and returns the rest (nothing, when rich is there).
+    return ctx.get_help()
+
+
+def _add_help(group: typer.Typer) -> None:
+    @_command(group, "help")
+    def help_(
+        ctx: typer.Context,
+        command: Annotated[
+            list[str] | None,
+            typer.Argument(
+                help="The command to describe, e.g. director backup.", show_default=False
+            ),
+        ] = None,
+    ) -> None:
+        """Show the commands, or the help of one command."""
+        assert ctx.parent is not None  # a group's command always has its group's context
+        text = _help_of(ctx.parent, command or [])
+        if text:
+            typer.echo(text)
+
+
+for _group in (app, director_app, audit_app, sim_app):
+    _add_help(_group)
+
+
 # --- the one place errors become exit codes -----------------------------------------------
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines quote the director (job names; scripts' output with --debug): a VM must not
+    be able to drive the operator's terminal, so control characters are shown escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep_newlines=True)
+
+
 def _print_error(error: BaseException) -> None:
-    typer.echo(f"Error: {error}", err=True)
+    # Errors quote what scripts on the VM wrote (stderr tails): escape terminal controls.
+    typer.echo(printable(f"Error: {error}", keep_newlines=True), err=True)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="[bbrx] %(asctime)s %(levelname)s - %(message)s",
-        datefmt="%Y/%m/%d %H:%M:%S",
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _PrintableFormatter("[bbrx] %(asctime)s %(levelname)s - %(message)s", "%Y/%m/%d %H:%M:%S")
     )
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     # transitions logs every callback at INFO; the audit log already has every transition.
     logging.getLogger("transitions").setLevel(logging.WARNING)
     command = typer.main.get_command(app)
@@ -493,6 +635,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except AuditError as error:
         _print_error(error)
         code = 1
+    except click_exceptions.NoArgsIsHelpError as error:
+        # bbr prints its help and exits 0 when given nothing to do; so does bbrx (a group
+        # with no command). typer has printed rich help already; plain help is the message.
+        if error.message:
+            typer.echo(error.message)
+        code = 0
     except click_exceptions.UsageError as error:
         # bbr exits 1 on usage errors; so does bbrx (click's own default would be 2).
         error.show()

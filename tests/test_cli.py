@@ -114,3 +114,98 @@ def test_locked_director_shows_in_sim_vms(target):
     assert "director API is locked" in shown.stdout
     assert target.director("backup-cleanup").code == 0
     assert "Deployment 'cf'" in target.bbrx("sim", "vms", "demo").stdout
+
+
+# --- what the CLI prints from the log is safe for a terminal ------------------------------
+
+# An operator name that would retitle the terminal, clear it and reverse what follows.
+EVIL = "ev\x1b]0;pwned\x07il\x1b[2J\u202egnp.exe"
+EVIL_SHOWN = "ev\\x1b]0;pwned\\x07il\\x1b[2J\\u202egnp.exe"
+
+
+@pytest.mark.parametrize(
+    "raw, shown",
+    [
+        ("\x1b[31m", "\\x1b[31m"),  # C0
+        ("\x7f", "\\x7f"),  # DEL
+        ("\x9b2J", "\\x9b2J"),  # C1 (CSI)
+        ("a\u202eb\u2066c\u200fd", "a\\u202eb\\u2066c\\u200fd"),  # bidi override, isolate, mark
+        ("\u2028", "\\u2028"),  # line separator
+        ("운영자 café", "운영자 café"),  # printable text stays as it is
+    ],
+)
+def test_printable_escapes_controls(raw, shown):
+    from audit.render import printable
+
+    assert printable(raw) == shown
+    assert printable(printable(raw)) == shown
+    assert printable(f"one\n{raw}", keep_newlines=True) == f"one\n{shown}"
+    assert printable("one\ntwo") == "one\\ntwo"
+
+
+def _in_process(bbrx, monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from orchestrator.cli import main
+
+    for name, value in bbrx.environ().items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    out = capsys.readouterr()
+    return int(exit_.value.code or 0), out.out, out.err
+
+
+@pytest.mark.parametrize("target", ["sim"], indirect=True)
+def test_audit_runs_and_show_escape_what_operators_and_scripts_wrote(
+    target, tmp_path, monkeypatch, capsys
+):
+    bbrx = target.bbrx
+    assert bbrx("sim", "fault", "demo", "director", "backup", "fail 3 x\x1b[2Jy").code == 0
+    failed = bbrx("--operator", EVIL, "--reason", "CHG\x1b[8m hidden", "director",
+                  "--host", "sim://demo", "backup", "-a", str(tmp_path))  # fmt: skip
+    assert failed.code == 1
+    # The error quotes the script's stderr: escaped there too.
+    assert "stderr: x\\x1b[2Jy" in failed.stderr and "\x1b" not in failed.stderr
+    [run] = bbrx.audit_runs()
+    assert run.operator == EVIL  # the log keeps what was given; only the rendering escapes
+
+    code, runs, _ = _in_process(bbrx, monkeypatch, capsys, "audit", "runs")
+    assert code == 0
+    assert EVIL_SHOWN in runs and "CHG\\x1b[8m hidden" in runs
+    assert "\x1b" not in runs and "\u202e" not in runs and "\x07" not in runs
+
+    code, shown, _ = _in_process(bbrx, monkeypatch, capsys, "audit", "show", run.run_id)
+    assert code == 0
+    assert "\x1b" not in shown
+    assert len(shown.splitlines()) == len(bbrx.audit_rows(run.run_id)) + 1
+
+
+def test_audit_show_escapes_job_names_and_details(bbrx, monkeypatch, capsys):
+    from audit import AuditLog
+
+    with AuditLog(bbrx.audit_db) as log:
+        common = {"run_id": "run-evil", "operation": "backup", "target": "sim://demo",
+                  "mode": "sim", "operator": EVIL, "origin_host": "h", "reason": None,
+                  "tool_version": "0"}  # fmt: skip
+        log.append(**common, from_state=None, to_state="discovering", trigger="start")
+        log.append(**common, from_state="locking", to_state="lock_failed", trigger="lock_error",
+                   job="job\x1b[2J", script="pre-backup-lock", outcome="error", exit_code=1,
+                   detail={"stderr_tail": "\x1b]0;title\x07\u202eboom"})  # fmt: skip
+    code, shown, _ = _in_process(bbrx, monkeypatch, capsys, "audit", "show", "run-evil")
+    assert code == 0
+    assert "job\\x1b[2J" in shown
+    assert "stderr_tail: \\x1b]0;title\\x07\\u202eboom" in shown
+    assert not any(ch in shown for ch in "\x1b\x07\u202e")
+    code, runs, _ = _in_process(bbrx, monkeypatch, capsys, "audit", "runs")
+    assert EVIL_SHOWN in runs and "\x1b" not in runs
+
+
+@pytest.mark.parametrize("target", ["sim"], indirect=True)
+def test_status_escapes_the_operator_of_a_run_that_needs_cleanup(target, tmp_path):
+    bbrx = target.bbrx
+    assert bbrx("sim", "fault", "demo", "director", "post-backup-unlock", "fail 1 stuck").code == 0
+    failed = bbrx("--operator", EVIL, "director", "--host", "sim://demo", "b", "-a", str(tmp_path))
+    assert failed.code == 8, failed
+    status = bbrx("status", "--host", "sim://demo", "-u", "root", "--key", "k")
+    assert status.code == 0, status
+    assert "needs cleanup" in status.stdout and EVIL_SHOWN in status.stdout
+    assert "\x1b" not in status.stdout and "\u202e" not in status.stdout
