@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from audit import AuditError, AuditLog, JournalContents, RunSummary, merged_timeline, read_journal, summarise
+from audit import (
+    AuditError,
+    AuditLog,
+    JournalContents,
+    RunSummary,
+    merged_timeline,
+    read_journal,
+    summarise,
+)
 from orchestrator import lease
 from orchestrator.errors import BbrxError, CheckError
 from orchestrator.instance import Instance
