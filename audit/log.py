@@ -74,6 +74,14 @@ def _fs_cause(path: Path) -> str | None:
     return None
 
 
+def _disk_full(path: Path) -> bool:
+    try:
+        stat = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < 64 * 1024
+
+
 def explain(path: Path, exc: BaseException, doing: str, busy_timeout: float) -> AuditError:
     """An AuditError naming the file, the cause in plain words and what to do.
 
@@ -100,6 +108,8 @@ def explain(path: Path, exc: BaseException, doing: str, busy_timeout: float) -> 
         name.startswith("SQLITE_FULL")
         or "disk is full" in text
         or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        # A full disk often shows as an I/O error (the -shm file cannot grow).
+        or ((name.startswith("SQLITE_IOERR") or "I/O error" in text) and _disk_full(path))
     ):
         return AuditError(f"{where}: the disk holding it is full").with_hint(
             f"Free space on the file system of {path.parent}, {use_other}."
