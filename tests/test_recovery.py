@@ -296,3 +296,62 @@ def test_a_live_run_is_in_progress_with_a_hash_in_the_log_path(sim, tmp_path):
 
 def _completed(result) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(result.args, result.code, result.stdout, result.stderr)
+
+
+def test_a_killed_run_whose_rows_went_to_the_journal_is_still_recovered(target, tmp_path):
+    """The log fails after every backup script started; the run unlocks into the journal
+    and is killed while the director's unlock hangs. Status and the cleanup read the
+    journal: the jobs not yet unlocked are named, and the hung unlock is ended by its pid."""
+    from audit import read_journal
+    from tests.test_fault_matrix import write_lock_held
+
+    target.bbrx.env["BBRX_AUDIT_BUSY_TIMEOUT"] = "0.3"
+    target.vm.set_fault("director", "backup", "sleep 1")
+    target.vm.set_fault("director", "post-backup-unlock", "hang")
+    proc = target.start("backup", "--artifact-path", str(tmp_path))
+    wait_for(
+        lambda: {"bbr-credhubdb", "blobstore", "director"} <= set(target.scripts_run("backup")),
+        timeout=60,
+        what="the backup scripts",
+    )
+    db = target.bbrx.audit_db
+
+    def unlock_pid_journaled() -> bool:
+        return any(
+            (r["trigger"], r["job"]) == ("script_started", "director")
+            and r["script"] == "post-backup-unlock"
+            for r in read_journal(db).rows
+        )
+
+    with write_lock_held(db):
+        wait_for(unlock_pid_journaled, timeout=60, what="the unlock's pid in the journal")
+        time.sleep(0.5)  # the hung script prints its first line to a live bbrx (SIGPIPE)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    [hung] = [
+        c
+        for c in target.vm.calls()
+        if (c.job, c.script, c.event) == ("director", "post-backup-unlock", "start")
+    ]
+    try:
+        status = target.bbrx("status", "--host", target.host).stdout
+        assert f"{target.address}: interrupted: run " in status, status
+        assert "phase unlocking" in status
+        assert "jobs that may still be locked: bbr-credhubdb, director, uaa" in status
+        target.vm.clear_faults()
+        target.stop_orphaned_ssh_master()
+        cleanup = target.director("backup-cleanup")
+        assert cleanup.code == 0, cleanup
+        assert (
+            f"Ended the post-backup-unlock script of job director (pid {hung.pid}) that run "
+            in cleanup.stderr
+        )
+        assert target.vm.locked_jobs() == []
+        assert target.bbrx("status", "--host", target.host).stdout.startswith(
+            f"{target.address}: idle"
+        )
+        verify = target.bbrx("audit", "verify")
+        assert verify.code == 0 and "OUTSIDE the hash chain" in verify.stdout, verify
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(hung.pid, signal.SIGKILL)
