@@ -5,7 +5,15 @@ reviewer can verify and read a log (``python -m audit``) without the rest of bbr
 """
 
 from audit.errors import AuditError
-from audit.log import AppendedEvent, AuditLog, RunSummary
+from audit.journal import (
+    Journal,
+    JournalContents,
+    journal_path,
+    merged_timeline,
+    read_journal,
+    summarise,
+)
+from audit.log import AppendedEvent, AuditLog, RunSummary, busy_timeout_from_env
 from audit.render import format_runs, format_timeline
 from audit.schema import EVENT_COLUMNS, TERMINAL_STATES, row_hash
 from audit.verify import VerifyReport, verify_log
@@ -16,10 +24,17 @@ __all__ = [
     "AppendedEvent",
     "AuditError",
     "AuditLog",
+    "Journal",
+    "JournalContents",
     "RunSummary",
     "VerifyReport",
+    "busy_timeout_from_env",
     "format_runs",
     "format_timeline",
+    "journal_path",
+    "merged_timeline",
+    "read_journal",
     "row_hash",
+    "summarise",
     "verify_log",
 ]

@@ -49,11 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = verify_log(args.path)
             if not report.ok:
                 _err(f"audit log BROKEN: {report.problem}")
+                for line in report.journal_lines():
+                    _err(line)
                 return 1
             _out(
                 f"audit log intact: {report.count} events, "
                 f"head seq {report.head_seq} hash {report.head_hash}"
             )
+            for line in report.journal_lines():
+                _out(line)
             return 0
         with AuditLog(args.path, readonly=True) as log:
             if args.command == "runs":

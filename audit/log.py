@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -37,8 +39,111 @@ from audit.schema import (
 
 logger = logging.getLogger(__name__)
 
-BUSY_TIMEOUT_MS = 10_000
+BUSY_TIMEOUT_ENV = "BBRX_AUDIT_BUSY_TIMEOUT"
+DEFAULT_BUSY_TIMEOUT = 10.0
 _AMBIGUOUS_LISTED = 10
+
+
+def busy_timeout_from_env() -> float:
+    """Seconds a writer waits for another process's write lock: `$BBRX_AUDIT_BUSY_TIMEOUT`,
+    else 10. Busy shared jump boxes may want more; tests want less."""
+    raw = os.environ.get(BUSY_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_BUSY_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise AuditError(f"{BUSY_TIMEOUT_ENV} must be a number of seconds (0 or more), not {raw!r}")
+    return value
+
+
+def _fs_cause(path: Path) -> str | None:
+    """Why the file system refuses writes next to ``path``, if it visibly does."""
+    directory = path.parent if not path.is_dir() else path
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return f"the file system holding {directory} is mounted read-only"
+    except OSError:
+        return None
+    if not os.access(directory, os.W_OK):
+        return f"the directory {directory} is not writable by this user"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "the file is not writable by this user"
+    return None
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        stat = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < 64 * 1024
+
+
+def explain(path: Path, exc: BaseException, doing: str, busy_timeout: float) -> AuditError:
+    """An AuditError naming the file, the cause in plain words and what to do.
+
+    SQLite's own words ("attempt to write a readonly database", "database is locked")
+    mean little to an operator at 2 a.m.; this is the one place they are translated,
+    for the log, the lease table and the read-only paths alike.
+    """
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    where = f"cannot {doing} the audit log {path}"
+    use_other = "or point --audit-db (BBRX_AUDIT_DB) at a writable file"
+    if isinstance(exc, IsADirectoryError) or path.is_dir():
+        return AuditError(f"{where}: it is a directory; give the path of the audit log file")
+    if name.startswith("SQLITE_BUSY") or "database is locked" in text or "is busy" in text:
+        # Never a stale lock: SQLite's locks die with their process, so someone is writing.
+        return AuditError(
+            f"{where}: another process has held its write lock for more than "
+            f"{busy_timeout:g} s (the busy timeout)"
+        ).with_hint(
+            f"Find the process that has the file open (`fuser {path}`), let it finish, "
+            f"and try again; or set {BUSY_TIMEOUT_ENV} to wait longer."
+        )
+    if (
+        name.startswith("SQLITE_FULL")
+        or "disk is full" in text
+        or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        # A full disk often shows as an I/O error (the -shm file cannot grow).
+        or ((name.startswith("SQLITE_IOERR") or "I/O error" in text) and _disk_full(path))
+    ):
+        return AuditError(f"{where}: the disk holding it is full").with_hint(
+            f"Free space on the file system of {path.parent}, {use_other}."
+        )
+    if name.startswith("SQLITE_NOTADB") or "not a database" in text:
+        return AuditError(f"{where}: it is not a SQLite database").with_hint(
+            "Check the path points at a bbrx audit log, or move the file away so a new "
+            "log can be created."
+        )
+    if name.startswith("SQLITE_CORRUPT") or "malformed" in text:
+        return AuditError(f"{where}: the database file is damaged ({text})").with_hint(
+            "Keep it as evidence, restore a copy, or start a new log elsewhere."
+        )
+    readonly = (
+        name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH"))
+        or "readonly" in text
+        or "unable to open" in text
+        or isinstance(exc, PermissionError)
+        or getattr(exc, "errno", None) == errno.EROFS
+    )
+    cause = _fs_cause(path)
+    if readonly and cause is not None:
+        return AuditError(f"{where}: {cause}").with_hint(
+            f"Make it writable (a remount, a chmod), {use_other}."
+        )
+    if readonly:
+        return AuditError(f"{where}: it cannot be opened for writing ({text})").with_hint(
+            f"Check the file and its directory exist and are writable, {use_other}."
+        )
+    if name.startswith("SQLITE_IOERR") or isinstance(exc, OSError):
+        return AuditError(f"{where}: the file system reported an I/O error ({text})").with_hint(
+            f"Check the disk holding {path.parent} (dmesg), {use_other}."
+        )
+    return AuditError(f"{where}: {text}")
 
 
 @dataclass(frozen=True)
@@ -109,53 +214,77 @@ class AuditLog:
     is ever created or changed.
     """
 
-    def __init__(self, path: str | Path, readonly: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, readonly: bool = False, busy_timeout: float | None = None
+    ) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self.busy_timeout = busy_timeout_from_env() if busy_timeout is None else busy_timeout
         self._lock = threading.Lock()
         self._closed = False
+        doing = "read" if readonly else "open"
         conn = self._connect()
         try:
             self._db = sqlite_utils.Database(conn, execute_plugins=False)
             self._prepare()
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
             conn.close()
-            raise AuditError(f"cannot open audit log {self.path}: {exc}") from exc
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise AuditError(
-                f"{self.path} is not a readable SQLite database ({exc}): "
-                "check the path points at a bbrx audit log"
-            ) from exc
+            raise self.explain(exc, doing) from exc
         except BaseException:
             conn.close()
             raise
 
+    def explain(self, exc: BaseException, doing: str) -> AuditError:
+        """``exc`` (a sqlite3 or OS error on this file) as an AuditError a user can act on."""
+        return explain(self.path, exc, doing, self.busy_timeout)
+
     # -- opening -------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        timeout = BUSY_TIMEOUT_MS / 1000
+        timeout = self.busy_timeout
         if self.readonly:
+            if self.path.is_dir():
+                raise self.explain(IsADirectoryError(str(self.path)), "read")
             if not self.path.is_file():
                 raise AuditError(f"no audit log at {self.path}")
             uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
             try:
-                return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=timeout)
+                return self._open_readonly(uri, timeout)
             except sqlite3.Error as exc:
-                raise AuditError(f"cannot open audit log {self.path} read-only: {exc}") from exc
+                if not str(getattr(exc, "sqlite_errorname", "")).startswith("SQLITE_CANTOPEN"):
+                    raise self.explain(exc, "read") from exc
+                if _fs_cause(self.path.resolve()) is None:
+                    raise self.explain(exc, "read") from exc
+            # A WAL database cannot be opened even to read where its -shm file cannot be
+            # created (a read-only mount, a copy handed to a reviewer in a read-only
+            # directory). No writer can be at work there (it would have made the -shm),
+            # so read it as the immutable file it is.
+            try:
+                return self._open_readonly(uri + "&immutable=1", timeout)
+            except sqlite3.Error as exc:
+                raise self.explain(exc, "read") from exc
         if self.path.is_dir():
-            raise AuditError(f"{self.path} is a directory: give the path of the audit log file")
+            raise self.explain(IsADirectoryError(str(self.path)), "open")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             return sqlite3.connect(str(self.path), check_same_thread=False, timeout=timeout)
         except (OSError, sqlite3.Error) as exc:
-            raise AuditError(
-                f"cannot open audit log {self.path}: {exc}; check the directory is writable"
-            ) from exc
+            raise self.explain(exc, "open") from exc
+
+    @staticmethod
+    def _open_readonly(uri: str, timeout: float) -> sqlite3.Connection:
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=timeout)
+        try:
+            # connect() is lazy: read the schema so that an unopenable file fails here.
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _prepare(self) -> None:
         conn = self._db.conn
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         # Look before touching anything, so pointing bbrx at some other SQLite file
         # does not switch its journal mode or add tables to it.
         tables = set(self._db.table_names())
@@ -184,11 +313,21 @@ class AuditLog:
                 self.path,
             )
 
+    def check_writable(self) -> None:
+        """Raise AuditError (naming the cause) unless a writer can take the write lock now.
+
+        Called before a run starts, so that a log that cannot be written (held by another
+        process, read-only) refuses the run before anything is touched.
+        """
+        with self._using("write") as db:
+            db.conn.execute("BEGIN IMMEDIATE")
+            db.conn.execute("ROLLBACK")
+
     def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
         """WAL, once per file. Switching needs the file to itself for a moment, and SQLite
         answers "database is locked" at once (no busy wait) while another process is
         writing: so look first, and retry within the busy timeout."""
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        deadline = time.monotonic() + self.busy_timeout
         while True:
             try:
                 mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
@@ -264,7 +403,7 @@ class AuditLog:
         self.close()
 
     @contextmanager
-    def _using(self) -> Iterator[sqlite_utils.Database]:
+    def _using(self, doing: str = "read") -> Iterator[sqlite_utils.Database]:
         """The database, under the lock, with SQLite errors turned into AuditError."""
         with self._lock:
             if self._closed:
@@ -272,7 +411,7 @@ class AuditLog:
             try:
                 yield self._db
             except sqlite3.Error as exc:
-                raise AuditError(f"cannot read or write audit log {self.path}: {exc}") from exc
+                raise self.explain(exc, doing) from exc
 
     # -- writing -------------------------------------------------------------------------
 
@@ -331,7 +470,7 @@ class AuditLog:
                 f"cannot append to {p}: outcome must be one of {', '.join(sorted(OUTCOMES))}, "
                 f"got {outcome!r}"
             )
-        with self._using() as db:
+        with self._using("write to") as db:
             return self._append_locked(db, fields)
 
     def _append_locked(self, db: sqlite_utils.Database, fields: dict[str, Any]) -> AppendedEvent:

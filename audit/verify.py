@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from audit.journal import read_journal
 from audit.log import AuditLog
 from audit.schema import GENESIS_HASH, hash_values
 
@@ -30,6 +31,32 @@ class VerifyReport:
     head_hash: str | None
     first_bad_seq: int | None
     problem: str | None
+    # The fallback journal beside the log: events a run could not append to it.
+    journal_path: Path | None = None
+    journal_events: int = 0
+    journal_runs: list[str] = field(default_factory=list)
+    journal_bad_lines: list[int] = field(default_factory=list)
+
+    def journal_lines(self) -> list[str]:
+        """What to tell a reviewer about the journal; nothing when there is none."""
+        if not self.journal_events and not self.journal_bad_lines:
+            return []
+        lines = [
+            f"journal {self.journal_path}: {self.journal_events} events of "
+            f"{len(self.journal_runs)} run(s) ({', '.join(self.journal_runs) or 'none'}) "
+            "written when the audit log could not be, OUTSIDE the hash chain: they are "
+            "not tamper-evident"
+        ]
+        if self.journal_bad_lines:
+            lines.append(
+                f"journal lines {', '.join(map(str, self.journal_bad_lines))} are not events "
+                "(a write cut short by a crash, or an edit)"
+            )
+        lines.append(
+            "what to do: keep the journal with the log as the record of how those runs "
+            "ended (`bbrx status` and the cleanups read it); read it with any JSON tool"
+        )
+        return lines
 
 
 def _deleted(expected: int, found: int) -> str:
@@ -96,6 +123,7 @@ def verify_log(path: str | Path) -> VerifyReport:
             problem = _trigger_problem(log)
         head = log.head()
         count = expected - 1 if bad_seq is None else log.count()
+    journal = read_journal(path)
     report = VerifyReport(
         ok=problem is None,
         count=count,
@@ -103,6 +131,10 @@ def verify_log(path: str | Path) -> VerifyReport:
         head_hash=head.hash if head else None,
         first_bad_seq=bad_seq,
         problem=problem,
+        journal_path=journal.path,
+        journal_events=len(journal.rows),
+        journal_runs=journal.run_ids(),
+        journal_bad_lines=journal.bad_lines,
     )
     if report.ok:
         logger.debug("audit log %s intact: %d events", path, count)

@@ -168,6 +168,23 @@ class AuditBrokenError(BbrxError):
     """The audit log, or a backup's tie to it, failed verification."""
 
 
+class AuditUnwritableError(BbrxError):
+    """The audit log could not be written mid-run: no lock, backup or restore script starts
+    after this; unlocks still run, their rows going to the fallback journal."""
+
+
+class ScriptNotStartedError(ScriptError):
+    """A lock, backup or restore script bbrx refused to start, because its intent row could
+    not be written to the audit log. Nothing ran, so it is no script failure (exit 1)."""
+
+    exit_bit = EXIT_GENERAL
+
+    def __init__(self, *, job: str, script: str, host: str, why: str) -> None:
+        super().__init__(job=job, script=script, host=host, exit_code=None, stderr_tail="")
+        self.message = f"{script} script for job {job} on {host} was not started: {why}"
+        self.args = (self.message,)
+
+
 class InterruptedRunError(BbrxError):
     """The run was stopped by a signal. Every job that was locked has been unlocked."""
 

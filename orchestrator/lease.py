@@ -20,7 +20,11 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
+from audit import AuditError
+from audit.log import DEFAULT_BUSY_TIMEOUT, explain
 from orchestrator.errors import BbrxError
 
 log = logging.getLogger(__name__)
@@ -60,71 +64,148 @@ def holder_alive(pid: int, host: str, heartbeat: str) -> bool:
     if host != socket.gethostname():
         return fresh  # another jump box: only its heartbeat can tell
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        # The name in parentheses may hold spaces and parentheses: the fields follow
+        # the last ')'.
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, IndexError):
         return False
     return state not in ("Z", "X") and fresh
 
 
-def _connect(db: Path) -> sqlite3.Connection:
-    db.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(db, timeout=10, isolation_level=None, check_same_thread=False)
-    connection.execute(_SCHEMA)
+def _connect(db: Path, busy_timeout: float) -> sqlite3.Connection:
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(
+            db, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+    except (OSError, sqlite3.Error) as exc:
+        raise explain(db, exc, "open", busy_timeout) from exc
+    try:
+        connection.execute(_SCHEMA)
+    except sqlite3.Error as exc:
+        connection.close()
+        raise explain(db, exc, "take the run's lease in", busy_timeout) from exc
     return connection
 
 
+def read(db: Path, target: str) -> dict[str, Any] | None:
+    """The lease row of `target`, read-only; None if there is none or it cannot be read."""
+    # Quoted: a '#' or '?' in the path would otherwise end the file name in the URI, and
+    # the lease of a live run would not be found.
+    uri = f"file:{quote(str(db.resolve()))}?mode=ro"
+    try:
+        with closing(sqlite3.connect(uri, uri=True)) as connection:
+            connection.row_factory = sqlite3.Row
+            row = connection.execute("SELECT * FROM leases WHERE target = ?", (target,)).fetchone()
+    except sqlite3.Error as exc:
+        log.debug("lease of %s in %s not readable: %s", target, db, exc)
+        return None
+    return dict(row) if row else None
+
+
 @contextmanager
-def hold(db: Path, target: str, run_id: str, operation: str, operator: str) -> Iterator[None]:
-    """Hold `target`'s lease for the duration of the block, or raise TargetBusyError."""
+def hold(
+    db: Path,
+    target: str,
+    run_id: str,
+    operation: str,
+    operator: str,
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+) -> Iterator[None]:
+    """Hold `target`'s lease for the duration of the block, or raise TargetBusyError.
+
+    Taking it is the run's first write to the audit database, so a database that cannot
+    be written (read-only, held by another writer, full) refuses the run here, with an
+    AuditError naming the file and the cause, before anything is touched.
+    """
     me = (os.getpid(), socket.gethostname())
-    with closing(_connect(db)) as connection:
-        connection.execute("BEGIN IMMEDIATE")
+    with closing(_connect(db, busy_timeout)) as connection:
         try:
-            held = connection.execute(
-                "SELECT run_id, operation, operator, pid, host, acquired, heartbeat "
-                "FROM leases WHERE target = ?",
-                (target,),
-            ).fetchone()
-            if held is not None:
-                run, op, who, pid, host, since, beat = held
-                if holder_alive(pid, host, beat):
-                    raise TargetBusyError(
-                        f"{target} is busy: run {run} ({op}) by {who}, pid {pid} on {host}, "
-                        f"since {since}",
-                        hint="Wait for it to finish (bbrx audit show " + run + "), "
-                        "then try again. bbrx runs one operation per target at a time.",
-                    )
-                log.warning(
-                    "Taking over the stale lease of %s: run %s (pid %d on %s) is gone",
-                    target,
-                    run,
-                    pid,
-                    host,
-                )
-            now = _iso(_now())
-            connection.execute(
-                "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (target, run_id, operation, operator, me[0], me[1], now, now),
-            )
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+            _take(connection, target, run_id, operation, operator, me)
+        except sqlite3.Error as exc:
+            raise explain(db, exc, "take the run's lease in", busy_timeout) from exc
         stop = threading.Event()
-        beating = threading.Thread(target=_heartbeat, args=(db, target, run_id, stop), daemon=True)
+        beating = threading.Thread(
+            target=_heartbeat, args=(db, target, run_id, stop, busy_timeout), daemon=True
+        )
         beating.start()
         try:
             yield
         finally:
             stop.set()
             beating.join()
-            connection.execute(
-                "DELETE FROM leases WHERE target = ? AND run_id = ?", (target, run_id)
+            _give_back(connection, db, target, run_id)
+
+
+def _give_back(connection: sqlite3.Connection, db: Path, target: str, run_id: str) -> None:
+    try:
+        connection.execute("DELETE FROM leases WHERE target = ? AND run_id = ?", (target, run_id))
+    except sqlite3.Error as exc:
+        # The run is over whatever happens here: a left-over lease is stale as soon as
+        # this process exits, and the next run takes it over. It must not turn the run's
+        # own outcome (a good backup, say) into an error.
+        log.warning(
+            "Could not remove the lease of %s from %s (%s); it is stale once bbrx exits, "
+            "and the next run takes it over",
+            target,
+            db,
+            exc,
+        )
+
+
+def _take(
+    connection: sqlite3.Connection,
+    target: str,
+    run_id: str,
+    operation: str,
+    operator: str,
+    me: tuple[int, str],
+) -> None:
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        held = connection.execute(
+            "SELECT run_id, operation, operator, pid, host, acquired, heartbeat "
+            "FROM leases WHERE target = ?",
+            (target,),
+        ).fetchone()
+        if held is not None:
+            run, op, who, pid, host, since, beat = held
+            if holder_alive(pid, host, beat):
+                raise TargetBusyError(
+                    f"{target} is busy: run {run} ({op}) by {who}, pid {pid} on {host}, "
+                    f"since {since}",
+                    hint="Wait for it to finish (bbrx audit show " + run + "), "
+                    "then try again. bbrx runs one operation per target at a time.",
+                )
+            log.warning(
+                "Taking over the stale lease of %s: run %s (pid %d on %s) is gone",
+                target,
+                run,
+                pid,
+                host,
             )
+        now = _iso(_now())
+        connection.execute(
+            "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (target, run_id, operation, operator, me[0], me[1], now, now),
+        )
+        connection.execute("COMMIT")
+    except BaseException:
+        # A failed COMMIT (a full disk) may have rolled back already.
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
 
 
-def _heartbeat(db: Path, target: str, run_id: str, stop: threading.Event) -> None:
-    with closing(_connect(db)) as connection:
+def _heartbeat(
+    db: Path, target: str, run_id: str, stop: threading.Event, busy_timeout: float
+) -> None:
+    try:
+        connection = _connect(db, busy_timeout)
+    except AuditError as error:  # the run goes on; a stale-looking lease is the price
+        log.warning("lease heartbeat stopped: %s", error.message)
+        return
+    with closing(connection):
         while not stop.wait(HEARTBEAT_SECONDS):
             try:
                 connection.execute(

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from audit import AuditLog
-from orchestrator import backup, cleanup, lease, recovery, restore
-from orchestrator.errors import RunFailed, UsageError
+from audit import AuditError, AuditLog
+from orchestrator import backup, cleanup, lease, recovery, restore, settings
+from orchestrator.errors import AuditUnwritableError, RunFailed, UsageError
 from orchestrator.instance import Instance
 from orchestrator.progress import ProgressSink
 from orchestrator.run import Identity, Outcome, Run, Timeouts
@@ -63,7 +63,8 @@ def run_director(request: Request) -> Outcome:
 def run_on(request: Request, instance: Instance) -> Outcome:
     """Run one director operation on `instance`, recording it in the audit log."""
     operation = request.operation
-    with AuditLog(request.audit_db) as audit:
+    busy_timeout = settings.audit_busy_timeout()
+    with AuditLog(request.audit_db, busy_timeout=busy_timeout) as audit:
         run = Run(
             operation,
             instance,
@@ -76,16 +77,44 @@ def run_on(request: Request, instance: Instance) -> Outcome:
         )
         log.info("Run %s: %s of %s (audit log %s)", run.run_id, operation, run.target, audit.path)
         # One run per target: a second bbrx on this target refuses here, before anything.
+        # Taking the lease is also the run's first write: a log that cannot be written
+        # (read-only, held by another writer, full) refuses the run here, with the cause.
         with lease.hold(
-            request.audit_db, run.target, run.run_id, operation, request.identity.operator
+            request.audit_db,
+            run.target,
+            run.run_id,
+            operation,
+            request.identity.operator,
+            busy_timeout=busy_timeout,
         ):
-            outcome = _drive(request, run)
-            unfinished = run.data.get("recovering")
-            if unfinished is not None and outcome.state == "succeeded":
-                recovery.mark_recovered(audit, unfinished, run)
+            # Room for the fallback journal, taken while there is some: a disk too full
+            # for it refuses the run now, not halfway through its locks.
+            run.journal.reserve()
+            try:
+                outcome = _drive(request, run)
+                unfinished = run.data.get("recovering")
+                if unfinished is not None and outcome.state == "succeeded":
+                    _mark_recovered(run, unfinished, outcome)
+            finally:
+                run.journal.release()
     if outcome.errors:
         raise RunFailed(operation, outcome.errors, outcome.run_id, outcome=outcome)
     return outcome
+
+
+def _mark_recovered(run: Run, unfinished: recovery.RunSummary, outcome: Outcome) -> None:
+    try:
+        recovery.mark_recovered(run.audit, unfinished, run)
+    except AuditError as error:
+        # Everything was unlocked; only the record of it is missing. Say so, exit 1.
+        outcome.errors.append(
+            AuditUnwritableError(
+                f"the cleanup unlocked every job, but run {unfinished.run_id} could not be "
+                f"recorded as recovered: {error.message}",
+                hint=(error.hint + " " if error.hint else "")
+                + "Then run the cleanup again: it records the run as recovered.",
+            )
+        )
 
 
 def _drive(request: Request, run: Run) -> Outcome:

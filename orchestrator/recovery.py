@@ -10,13 +10,20 @@ unlocks everything, and records the old run as recovered.
 from __future__ import annotations
 
 import logging
-import sqlite3
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from audit import AuditLog, RunSummary
+from audit import (
+    AuditError,
+    AuditLog,
+    JournalContents,
+    RunSummary,
+    merged_timeline,
+    read_journal,
+    summarise,
+)
+from orchestrator import lease
 from orchestrator.errors import BbrxError, CheckError
 from orchestrator.instance import Instance
 from orchestrator.lease import holder_alive
@@ -72,14 +79,38 @@ INTERRUPTED = "interrupted"
 NEEDS_CLEANUP = "needs cleanup"
 
 
-def _lease(db: Path, target: str) -> dict[str, Any] | None:
-    try:
-        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
-            connection.row_factory = sqlite3.Row
-            row = connection.execute("SELECT * FROM leases WHERE target = ?", (target,)).fetchone()
-    except sqlite3.Error:
-        return None
-    return dict(row) if row else None
+class Record:
+    """The audit log and its fallback journal, read as one: a run's journal rows (written
+    after the log failed it) follow its log rows, so a killed run whose lock row went to
+    the journal is still seen as maybe locked, with its pids."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+        self.journal: JournalContents = read_journal(audit.path)
+
+    def runs(self) -> list[RunSummary]:
+        summaries = []
+        known = set()
+        for summary in self.audit.runs():
+            known.add(summary.run_id)
+            extra = self.journal.of(summary.run_id)
+            if extra:
+                summary = summarise(summary.run_id, self.timeline(summary.run_id))
+            summaries.append(summary)
+        for run_id in self.journal.run_ids():
+            if run_id not in known:  # every row of it went to the journal
+                summaries.append(summarise(run_id, self.journal.of(run_id)))
+        return summaries
+
+    def timeline(self, run_id: str) -> list[dict[str, Any]]:
+        journaled = self.journal.of(run_id)
+        try:
+            chained = self.audit.timeline(run_id)
+        except AuditError:
+            if not journaled:
+                raise
+            chained = []  # every row of it went to the journal
+        return merged_timeline(chained, journaled)
 
 
 def maybe_locked(rows: list[dict[str, Any]]) -> list[str]:
@@ -128,7 +159,7 @@ def end_left_running(audit: AuditLog, instance: Instance, run: RunSummary) -> li
     cleanup's unlock. Only groups still running that very script are ended.
     """
     ended = []
-    for script in left_running(audit.timeline(run.run_id)):
+    for script in left_running(Record(audit).timeline(run.run_id)):
         try:
             if instance.end_script(script.job, script.script, script.pid):
                 log.warning(
@@ -159,7 +190,8 @@ def target_state(audit: AuditLog, target: str, *, exclude: str | None = None) ->
     failed or were refused without locking anything do not hide one, and nor does a
     cleanup of the other kind.
     """
-    runs = [r for r in audit.runs() if r.target == target and r.run_id != exclude]
+    record = Record(audit)
+    runs = [r for r in record.runs() if r.target == target and r.run_id != exclude]
     if not runs:
         return TargetState(target, IDLE)
     for summary in reversed(runs):
@@ -169,14 +201,14 @@ def target_state(audit: AuditLog, target: str, *, exclude: str | None = None) ->
             if summary.operation in CLEANUPS:
                 continue  # it recovered the run it was for, if any: that run says so
             break
-        rows = audit.timeline(summary.run_id)
+        rows = record.timeline(summary.run_id)
         locked = maybe_locked(rows)
         if summary.finished:
             if locked:
                 return TargetState(target, NEEDS_CLEANUP, summary, summary.outcome, None, locked)
             continue
         phase = next((r["to_state"] for r in reversed(rows) if r["job"] is None), None)
-        holder = _lease(Path(audit.path), target)
+        holder = lease.read(Path(audit.path), target)
         if (
             holder is not None
             and holder["run_id"] == summary.run_id

@@ -19,11 +19,13 @@ def verify(audit_db: Path, artifact: Path | None = None) -> list[str]:
         raise AuditBrokenError(
             f"audit log {audit_db} is BROKEN: {report.problem}",
             hint="Keep the file as evidence; compare it with a copy or the chain heads "
-            "recorded in the backups (bbrx-audit.yml).",
+            "recorded in the backups (bbrx-audit.yml)."
+            + "".join(f"\n{line}" for line in report.journal_lines()),
         )
     lines = [
         f"audit log {audit_db} intact: {report.count} events, "
-        f"head seq {report.head_seq} hash {report.head_hash}"
+        f"head seq {report.head_seq} hash {report.head_hash}",
+        *report.journal_lines(),
     ]
     if artifact is not None:
         lines.append(_tie(audit_db, artifact))

@@ -26,13 +26,15 @@ from typing import Any
 
 from transitions import EventData, MachineError
 
-from audit import AppendedEvent, AuditLog
+from audit import AppendedEvent, AuditError, AuditLog, Journal
 from orchestrator import __version__
 from orchestrator.errors import (
+    AuditUnwritableError,
     BbrxError,
     InterruptedRunError,
     LocksLeftError,
     ScriptError,
+    ScriptNotStartedError,
     TransportError,
 )
 from orchestrator.instance import INTERRUPTED_KILL, Instance, Job, ScriptCall, ScriptResult
@@ -51,6 +53,10 @@ from orchestrator.progress import NoProgress, ProgressSink
 log = logging.getLogger(__name__)
 
 Action = Callable[["Run"], "str | tuple[str, dict[str, Any]]"]
+
+# Phases whose scripts may lock, or act on data that is only consistent while locked: none
+# of them starts unless its intent row is in the audit log. Unlocking is always safe.
+RECORDED_PHASES = frozenset({"lock", "backup", "restore"})
 
 
 @dataclass(frozen=True)
@@ -170,7 +176,12 @@ class Run:
         self._interrupt_fired = False
         self._interrupt_noted = False
         self._killable = True
+        # Once an append fails, every later row of this run goes to the journal: no waiting
+        # out the busy timeout again and again, and no interleaving of chain and journal.
         self.audit_failed = False
+        self.journal = Journal(audit.path)
+        self._journal_failed = False
+        self._audit_lock = threading.Lock()
         # This run's own latest audit row: the chain head a backup is sealed with.
         self.last_event: AppendedEvent | None = None
         self._last_event_lock = threading.Lock()
@@ -300,6 +311,9 @@ class Run:
     ) -> ScriptError | None:
         """Run one job script as a job-machine phase: intent row, script, outcome row."""
         tracker.trigger(phase, script=script)
+        refused = self.refuse_unrecorded(tracker, phase, script)
+        if refused is not None:
+            return refused
         try:
             call = ScriptCall(
                 tracker.name,
@@ -335,6 +349,28 @@ class Run:
         tracker.trigger(
             f"{phase}_error", outcome="error", script=script, result=result, error=error
         )
+        return error
+
+    def can_start_script(self, phase: str) -> bool:
+        """Whether a script of `phase` may start: a lock, backup or restore script only
+        while the audit log takes this run's rows (its intent row is then in the chain)."""
+        return phase not in RECORDED_PHASES or not self.audit_failed
+
+    def refuse_unrecorded(
+        self, tracker: JobTracker, phase: str, script: str
+    ) -> ScriptNotStartedError | None:
+        """Called right after a job's intent row: fail the phase, unstarted, if that row
+        did not reach the audit log (a lock off the record is one no cleanup knows of)."""
+        if self.can_start_script(phase):
+            return None
+        error = ScriptNotStartedError(
+            job=tracker.name,
+            script=script,
+            host=self.instance.address,
+            why=f"the audit log {self.audit.path} cannot be written, and bbrx starts no "
+            "lock, backup or restore script off the record",
+        )
+        tracker.trigger(f"{phase}_error", outcome="error", script=script, error=error)
         return error
 
     def _script_started(self, tracker: JobTracker, script: str, pid: int) -> None:
@@ -467,35 +503,68 @@ class Run:
                 detail["errors"] = [e.message for e in self.errors]
             # The run's own verdict on its locks, which `bbrx status` reads back.
             detail["jobs_left_locked"] = self.locked_jobs()
-        try:
-            appended = self.audit.append(
-                run_id=self.run_id,
-                operation=self.operation,
-                target=self.target,
-                mode=self.instance.mode,
-                operator=self.identity.operator,
-                origin_host=self.identity.origin_host,
-                reason=self.identity.reason,
-                # After a transition event.state is the destination; the source is on it.
-                from_state=event.transition.source if event.transition else event.state.name,
-                to_state=state,
-                trigger=event.event.name,
-                job=job,
-                script=kwargs.get("script"),
-                outcome=outcome,
-                exit_code=result.exit_code if result else None,
-                duration=round(result.duration, 6) if result else None,
-                detail=detail or None,
-                tool_version=self.tool_version,
-            )
-            with self._last_event_lock:
-                if self.last_event is None or appended.seq > self.last_event.seq:
-                    self.last_event = appended
-        except Exception as exc:
-            # Losing the audit trail must not stop the unlock path; it fails the run instead.
+        fields: dict[str, Any] = {
+            "run_id": self.run_id,
+            "operation": self.operation,
+            "target": self.target,
+            "mode": self.instance.mode,
+            "operator": self.identity.operator,
+            "origin_host": self.identity.origin_host,
+            "reason": self.identity.reason,
+            # After a transition event.state is the destination; the source is on it.
+            "from_state": event.transition.source if event.transition else event.state.name,
+            "to_state": state,
+            "trigger": event.event.name,
+            "job": job,
+            "script": kwargs.get("script"),
+            "outcome": outcome,
+            "exit_code": result.exit_code if result else None,
+            "duration": round(result.duration, 6) if result else None,
+            "detail": detail or None,
+            "tool_version": self.tool_version,
+        }
+        # One row at a time for the whole run, so that a row still waiting on the log
+        # cannot land in the chain after another thread's row went to the journal.
+        with self._audit_lock:
             if not self.audit_failed:
-                self.audit_failed = True
-                self.fail(BbrxError(f"could not write the audit log {self.audit.path}: {exc}"))
+                try:
+                    appended = self.audit.append(**fields)
+                except Exception as exc:
+                    # Losing the log must not stop the unlock path; it fails the run, and
+                    # no lock, backup or restore script starts from here on.
+                    self.audit_failed = True
+                    self._audit_broke(exc)
+                else:
+                    with self._last_event_lock:
+                        if self.last_event is None or appended.seq > self.last_event.seq:
+                            self.last_event = appended
+                    return
+            if not self.journal.write(fields) and not self._journal_failed:
+                self._journal_failed = True
+                self.fail(
+                    AuditUnwritableError(
+                        f"the audit journal {self.journal.path} cannot be written either: "
+                        "the events of this run that are in neither are in bbrx's log "
+                        "output (lines 'audit event NOT RECORDED')",
+                        hint="Keep that output with the audit log: it is the only record "
+                        "of how this run ended.",
+                    )
+                )
+
+    def _audit_broke(self, exc: Exception) -> None:
+        cause = exc.message if isinstance(exc, AuditError) else f"{exc!r}"
+        fix = exc.hint if isinstance(exc, AuditError) and exc.hint else None
+        self.fail(
+            AuditUnwritableError(
+                f"could not write the audit log: {cause}. From then on bbrx started no "
+                "lock, backup or restore script, and it still unlocked every job; the "
+                f"events it could not log are in the journal {self.journal.path}",
+                hint=(f"{fix} " if fix else "")
+                + f"Then check the target with `bbrx status --host {self.target}` and the "
+                "log with `bbrx audit verify` (both read the journal); keep the journal "
+                "beside the log: it is the record of how this run ended.",
+            )
+        )
 
 
 @contextlib.contextmanager

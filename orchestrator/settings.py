@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from audit import AuditError, busy_timeout_from_env
+from audit.log import BUSY_TIMEOUT_ENV
 from orchestrator.errors import UsageError
 from orchestrator.run import Identity, Timeouts
 
@@ -24,6 +26,16 @@ def audit_db_path(explicit: Path | None = None) -> Path:
         return explicit.expanduser()
     configured = os.environ.get("BBRX_AUDIT_DB")
     return Path(configured).expanduser() if configured else bbrx_home() / "audit.db"
+
+
+def audit_busy_timeout() -> float:
+    """`$BBRX_AUDIT_BUSY_TIMEOUT`: seconds to wait for another writer of the audit log
+    (default 10). Past it, a run refuses to start, or goes on with its journal."""
+    try:
+        return busy_timeout_from_env()
+    except AuditError as error:
+        hint = f"Unset {BUSY_TIMEOUT_ENV}, or give it a number of seconds."
+        raise UsageError(error.message, hint=hint) from error
 
 
 def identity(operator: str | None, reason: str | None) -> Identity:

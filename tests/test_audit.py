@@ -706,3 +706,194 @@ def test_processes_opening_a_new_log_at_once_all_get_in(tmp_path: Path) -> None:
         report = verify_log(path)
         assert report.ok and report.count == 60, report
     assert failures.empty(), failures.get()
+
+
+# -- an audit log that cannot be used: clear errors, never raw sqlite3 -----------------------
+
+NEEDS_ROOT = pytest.mark.skipif(
+    sys.platform != "linux" or __import__("os").geteuid() != 0,
+    reason="needs root for a private mount namespace (unshare --mount)",
+)
+
+
+def in_private_mount(setup: str, *python: str) -> subprocess.CompletedProcess[str]:
+    """Run `setup` (mount commands) then a Python snippet, in a mount namespace of its own:
+    the mounts vanish with the process, and the test never changes the host's."""
+    command = f'{setup} && exec {sys.executable} -c "$0"'
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", command, *python],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_locked_log_names_the_holder_and_the_timeout(tmp_path: Path) -> None:
+    path = filled(tmp_path / "a.db", 2)
+    holder = raw(path)
+    holder.isolation_level = None
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with AuditLog(path, busy_timeout=0.2) as log:
+            with pytest.raises(AuditError) as caught:
+                add(log)
+            assert log.count() == 2  # readers still read (WAL)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    message = str(caught.value)
+    assert f"cannot write to the audit log {path}: another process has held its write lock" in (
+        message
+    )
+    assert "more than 0.2 s (the busy timeout)" in message
+    assert f"fuser {path}" in message and "BBRX_AUDIT_BUSY_TIMEOUT" in message
+    assert "sqlite3" not in message and "OperationalError" not in message
+
+
+def test_busy_timeout_comes_from_the_environment(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BBRX_AUDIT_BUSY_TIMEOUT", "2.5")
+    with AuditLog(tmp_path / "a.db") as log:
+        assert log._db.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 2500
+    monkeypatch.setenv("BBRX_AUDIT_BUSY_TIMEOUT", "soon")
+    with pytest.raises(AuditError, match="BBRX_AUDIT_BUSY_TIMEOUT must be a number of seconds"):
+        AuditLog(tmp_path / "a.db")
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_directory_or_a_non_database_is_named_plainly(tmp_path: Path, readonly: bool) -> None:
+    with pytest.raises(AuditError, match=re.escape(f"{tmp_path}: it is a directory")):
+        AuditLog(tmp_path, readonly=readonly)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not sqlite " * 500)
+    with pytest.raises(AuditError) as caught:
+        AuditLog(garbage, readonly=readonly)
+    assert f"the audit log {garbage}: it is not a SQLite database" in str(caught.value)
+    assert "move the file away" in str(caught.value)
+
+
+def test_cli_runs_on_unusable_files_exits_2_with_the_cause(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not sqlite " * 500)
+    for path, cause in ((garbage, "it is not a SQLite database"), (tmp_path, "it is a directory")):
+        result = run_cli("runs", str(path))
+        assert result.returncode == 2, result
+        assert f"error: cannot read the audit log {path}: {cause}" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+@NEEDS_ROOT
+def test_a_read_only_mount_refuses_writes_and_still_reads(tmp_path: Path) -> None:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    path = filled(directory / "a.db", 4)  # closed cleanly: no -wal/-shm left beside it
+    snippet = (
+        "import sys\n"
+        "from audit.log import AuditLog\n"
+        "from audit.errors import AuditError\n"
+        f"with AuditLog({str(path)!r}, readonly=True) as log:\n"
+        "    print('read', log.count())\n"
+        "try:\n"
+        f"    AuditLog({str(path)!r})\n"
+        "except AuditError as e:\n"
+        "    print('refused', e)\n"
+    )
+    result = in_private_mount(f"mount --bind -o ro {directory} {directory}", snippet)
+    assert result.returncode == 0, result.stderr
+    assert "read 4" in result.stdout
+    assert (
+        f"refused cannot open the audit log {path}: the file system holding {directory} is "
+        "mounted read-only" in result.stdout
+    ), result.stdout
+    assert "Make it writable" in result.stdout
+
+
+@NEEDS_ROOT
+def test_a_full_disk_is_named(tmp_path: Path) -> None:
+    directory = tmp_path / "small"
+    directory.mkdir()
+    snippet = (
+        "import os\n"
+        "from audit.journal import Journal\n"
+        "from audit.errors import AuditError\n"
+        f"d = {str(directory)!r}\n"
+        "with open(os.path.join(d, 'fill'), 'wb') as f:\n"
+        "    try:\n"
+        "        while True: f.write(b'x' * 65536); f.flush()\n"
+        "    except OSError: pass\n"
+        "try:\n"
+        "    Journal(os.path.join(d, 'audit.db')).reserve()\n"
+        "except AuditError as e:\n"
+        "    print('refused', e)\n"
+    )
+    result = in_private_mount(f"mount -t tmpfs -o size=512k tmpfs {directory}", snippet)
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"refused cannot reserve journal space beside the audit log {directory}/audit.db: the "
+        "disk holding it is full" in result.stdout
+    ), result.stdout
+
+
+# -- the fallback journal ----------------------------------------------------------------------
+
+
+def test_journal_lines_are_rows_outside_the_chain_and_survive_a_torn_line(tmp_path: Path) -> None:
+    from audit.journal import Journal, journal_path, read_journal
+
+    db = filled(tmp_path / "a.db", 2)
+    journal = Journal(db)
+    journal.reserve(4096)
+    reserves = list(tmp_path.glob("a.db.journal.jsonl.reserve-*"))
+    assert len(reserves) == 1 and reserves[0].stat().st_size == 4096
+    fields = {**BASE, "run_id": "run-0", "from_state": "locking", "to_state": "failed"}
+    assert journal.write({**fields, "trigger": "lock_failed", "detail": {"jobs": ["a"]}})
+    with journal_path(db).open("a") as torn:  # a crash in the middle of a line
+        torn.write('{"run_id": "run-0", "ts": "2026')
+    journal.release()
+    assert list(tmp_path.glob("*.reserve-*")) == []
+
+    contents = read_journal(db)
+    assert contents.bad_lines == [2]
+    [row] = contents.rows
+    assert tuple(row) == tuple(name for name, _, _ in EVENT_COLUMNS)
+    assert (row["seq"], row["prev_hash"], row["hash"]) == (None, None, None)
+    assert row["detail"] == {"jobs": ["a"]} and TS_RE.match(row["ts"])
+    assert contents.run_ids() == ["run-0"]
+
+    report = verify_log(db)
+    assert report.ok and report.count == 2 and report.journal_events == 1
+    cli = run_cli("verify", str(db))
+    assert cli.returncode == 0, cli.stderr
+    assert (
+        f"journal {journal_path(db)}: 1 events of 1 run(s) (run-0) written when the audit log "
+        "could not be, OUTSIDE the hash chain" in cli.stdout
+    )
+    assert "journal lines 2 are not events" in cli.stdout
+    assert "what to do: keep the journal with the log" in cli.stdout
+
+
+def test_an_unwritable_journal_logs_the_event_instead(tmp_path: Path, caplog) -> None:
+    from audit.journal import Journal, journal_path
+
+    db = tmp_path / "a.db"
+    journal_path(db).mkdir()  # nothing can be appended to a directory, even by root
+    fields = {**BASE, "run_id": "run-9", "to_state": "failed", "trigger": "cleaned"}
+    assert Journal(db).write(fields) is False
+    [record] = [r for r in caplog.records if "NOT RECORDED" in r.getMessage()]
+    assert record.levelname == "ERROR"
+    assert '"run_id": "run-9"' in record.getMessage()
+
+
+def test_merged_timeline_puts_journal_rows_after_own_rows_and_recovered_last() -> None:
+    from audit.journal import merged_timeline, summarise
+
+    def row(trigger: str, to: str, ts: str, job: str | None = None) -> dict[str, Any]:
+        return {**BASE, "run_id": "r", "trigger": trigger, "to_state": to, "job": job, "ts": ts}
+
+    chained = [row("start", "discovering", "1"), row("recovered", "recovered", "9")]
+    journaled = [row("lock", "locking", "2", job="director"), row("lock_failed", "unlocking", "3")]
+    merged = merged_timeline(chained, journaled)
+    assert [r["trigger"] for r in merged] == ["start", "lock", "lock_failed", "recovered"]
+    summary = summarise("r", merged)
+    assert (summary.outcome, summary.finished, summary.events) == ("recovered", True, 4)
+    assert summarise("r", merged[:3]).outcome == "unlocking"

@@ -9,7 +9,10 @@ transport. Each case checks the same promises, from the VM's side and the operat
 - the target ends idle (`bbrx status`), after the cleanup bbrx told the operator to run
   where it said one was needed;
 - nothing bbrx started is left running on the VM: after a SIGKILL, the cleanup ends the
-  scripts the killed run left behind, by the pids the audit log holds.
+  scripts the killed run left behind, by the pids the audit log holds;
+- every lock script that ran has its intent row in the audit log itself (not only in the
+  fallback journal): no lock happens off the record, even when the log stops being
+  writable mid-run (another process takes its write lock when the phase starts).
 
 The size of the matrix and the leaked-lock count are printed at the end of the session.
 """
@@ -19,20 +22,28 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from audit import AuditLog, read_journal
 from orchestrator import artifact
 from orchestrator.errors import BbrxError
 from simulator.director import SimDirector, sim_root
 from tests.conftest import MATRIX_RESULTS, Bbrx, Target, process_running, wait_for
 
 SIGNALS = ("SIGINT", "SIGTERM", "SIGKILL")
-SCRIPT_FAULTS = ("fails", "hangs", *SIGNALS)
-TRANSFER_FAULTS = ("transfer fails", *SIGNALS)
+# Another process takes the audit database's write lock when the phase starts, and holds
+# it until bbrx exits; bbrx's busy timeout is cut short so the case stays quick.
+LOG_FAULT = "log unwritable"
+LOG_BUSY_TIMEOUT = "0.3"
+SCRIPT_FAULTS = ("fails", "hangs", *SIGNALS, LOG_FAULT)
+TRANSFER_FAULTS = ("transfer fails", *SIGNALS, LOG_FAULT)
 
 # (operation, phase, script the fault is put on, timeout flag of that phase)
 PHASES = [
@@ -93,15 +104,17 @@ class Case:
     def leaves_a_good_backup(self) -> bool:
         # bbr's order: a backup whose scripts succeeded is drained even when an unlock
         # script then failed (exit 8); the data was taken while every job was locked.
-        return (
-            self.operation == "backup"
-            and self.phase == "unlock"
-            and self.fault
-            in (
-                "fails",
-                "hangs",
-            )
-        )
+        # So is one whose log stopped taking rows once every backup script had started:
+        # its locks are all on the record, and the rest of its story is in the journal.
+        if self.operation != "backup":
+            return False
+        if self.fault == LOG_FAULT:
+            return self.phase in ("backup", "unlock", "drain")
+        return self.phase == "unlock" and self.fault in ("fails", "hangs")
+
+    @property
+    def unlocks_after_good_backup(self) -> bool:
+        return self.phase in ("unlock", "drain") or self.leaves_a_good_backup
 
     @property
     def needs_cleanup(self) -> bool:
@@ -176,9 +189,13 @@ def test_fault(case: Case, target: Target, tmp_path: Path, request: pytest.Fixtu
             what="the VM to be quiet",
         )
         stop_what_the_run_left(target)
-        if case.operation == "backup" and case.phase != "metadata":
-            good = case.phase in ("unlock", "drain")
+        # A failed metadata script stops before the locks; an unwritable log does not
+        # (the locks are refused one by one, and every job is unlocked as after any).
+        if case.operation == "backup" and (case.phase != "metadata" or case.fault == LOG_FAULT):
+            good = case.unlocks_after_good_backup
             assert set(target.unlock_env().values()) == {"true" if good else "false"}
+    if case.fault == LOG_FAULT:
+        check_journaled(case, target, stderr)
     if case.needs_cleanup:
         told_to = f"bbrx director --host {target.address} {case.cleanup}"
         state = target.bbrx.read_only("status", "--host", target.host).stdout
@@ -198,6 +215,7 @@ def test_fault(case: Case, target: Target, tmp_path: Path, request: pytest.Fixtu
         assert cleanup.code == 0, cleanup
         assert running_on_the_vm(target) == [], "the cleanup left a script of the run running"
 
+    assert locks_off_the_record(target, case) == {}, "a lock script ran with no intent row"
     leaked = leaked_locks(target, case)
     accepted = accepted_backups(out)
     result.update(leaked_locks=len(leaked), accepted_incomplete=0)
@@ -228,6 +246,10 @@ def run_with_fault(case: Case, target: Target, args: list[str]) -> tuple[int, st
         target.vm.set_fault(case.job, case.script, "hang")
         assert case.timeout_flag is not None
         timeouts = [case.timeout_flag, HANG_TIMEOUT]
+    elif case.fault == LOG_FAULT:
+        # Long enough for the test to take the write lock while the phase is under way.
+        target.vm.set_fault(case.job, case.script, "sleep 1")
+        target.bbrx.env["BBRX_AUDIT_BUSY_TIMEOUT"] = LOG_BUSY_TIMEOUT
     elif case.script == "transfer":
         target.vm.set_fault(case.job, case.script, "sleep 20")
     elif case.phase == "unlock":
@@ -237,6 +259,11 @@ def run_with_fault(case: Case, target: Target, args: list[str]) -> tuple[int, st
         target.vm.set_fault(case.job, case.script, "hang")
 
     proc = target.start(*timeouts, *args)
+    if case.fault == LOG_FAULT:
+        wait_for(lambda: phase_started(target, case), timeout=60, what=f"{case.phase} to start")
+        with write_lock_held(target.bbrx.audit_db):
+            _stdout, stderr = proc.communicate(timeout=120)
+        return proc.returncode, stderr
     if case.fault in SIGNALS:
         wait_for(
             lambda: started(target, case.job, case.script),
@@ -254,6 +281,53 @@ def run_with_fault(case: Case, target: Target, args: list[str]) -> tuple[int, st
             proc.send_signal(signal.Signals[case.fault])  # kill(1): the process alone
     _stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stderr
+
+
+def phase_started(target: Target, case: Case) -> bool:
+    if case.phase == "backup":
+        # The backup scripts start in parallel: wait for all of them, so that the case
+        # is the same every time (the log fails after every backup script started).
+        return all(started(target, job, "backup") for job in ("bbr-credhubdb", "blobstore"))
+    return started(target, case.job, case.script)
+
+
+@contextlib.contextmanager
+def write_lock_held(db: Path) -> Iterator[None]:
+    """Another process holds the audit database's write lock (readers still read: WAL)."""
+    connection = sqlite3.connect(db, timeout=10, isolation_level=None)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        yield
+        connection.execute("ROLLBACK")
+    finally:
+        connection.close()
+
+
+def check_journaled(case: Case, target: Target, stderr: str) -> None:
+    """The run says the log failed and where its journal is, and the journal has its end."""
+    db = target.bbrx.audit_db
+    journal = read_journal(db)
+    assert f"Error: could not write the audit log: cannot write to the audit log {db}" in stderr
+    assert f"the journal {journal.path}" in stderr, stderr
+    [run_id] = journal.run_ids()
+    ends = [r for r in journal.of(run_id) if r["job"] is None and r["to_state"] == "failed"]
+    assert len(ends) == 1 and ends[0]["detail"]["jobs_left_locked"] == [], journal.rows
+    assert journal.bad_lines == []
+    verify = target.bbrx.read_only("audit", "verify")
+    assert f"{len(journal.rows)} events of 1 run(s) ({run_id})" in verify.stdout, verify
+
+
+def locks_off_the_record(target: Target, case: Case) -> dict[str, int]:
+    """Lock-script starts in the VM's call log beyond the intent rows the chain holds."""
+    ran = Counter(c.job for c in target.vm.calls() if c.script == case.lock_script
+                  and c.event == "start")  # fmt: skip
+    recorded: Counter[str] = Counter()
+    with AuditLog(target.bbrx.audit_db, readonly=True) as audit:
+        for run in audit.runs():
+            for row in audit.timeline(run.run_id):
+                if (row["trigger"], row["script"]) == ("lock", case.lock_script):
+                    recorded[row["job"]] += 1
+    return {job: n - recorded[job] for job, n in ran.items() if n > recorded[job]}
 
 
 def started(target: Target, job: str, script: str) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 
+import pytest
+
 from tests.conftest import wait_for
 
 
@@ -48,3 +50,85 @@ def _hostname() -> str:
     import socket
 
     return socket.gethostname()
+
+
+def _now_iso() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_holder_alive_reads_proc_stat_after_the_process_name(tmp_path):
+    """A name with spaces and parentheses must not shift the state field (a zombie
+    named 'x (y) z' would otherwise read as state '(y)', alive)."""
+    import shutil
+    import socket
+
+    from orchestrator.lease import holder_alive
+
+    odd = tmp_path / "x (y) z"
+    shutil.copy("/bin/sleep", odd)
+    odd.chmod(0o755)
+    running = subprocess.Popen([str(odd), "30"])
+    ended = subprocess.Popen([str(odd), "0"])
+    try:
+        wait_for(lambda: "Z" in _stat_state(ended.pid), what="a zombie")
+        beat, host = _now_iso(), socket.gethostname()
+        assert holder_alive(running.pid, host, beat)
+        assert not holder_alive(ended.pid, host, beat)
+    finally:
+        running.kill()
+        running.wait()
+        ended.wait()
+
+
+def _stat_state(pid: int) -> str:
+    from pathlib import Path
+
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_lease_that_cannot_be_given_back_only_warns(tmp_path, caplog):
+    from orchestrator import lease
+
+    db = tmp_path / "audit.db"
+    with lease.hold(db, "sim://demo", "run-1", "backup", "alice", busy_timeout=0.2):
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # the log stopped being writable mid-run
+    other.execute("ROLLBACK")
+    other.close()
+    assert "Could not remove the lease of sim://demo" in caplog.text
+    assert "the next run takes it over" in caplog.text
+    assert lease.read(db, "sim://demo")["run_id"] == "run-1"
+
+
+def test_a_locked_database_refuses_the_lease_with_the_cause(tmp_path):
+    from audit import AuditError
+    from orchestrator import lease
+
+    db = tmp_path / "audit.db"
+    with lease.hold(db, "sim://demo", "run-0", "backup", "alice"):
+        pass  # creates the table
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with (
+            pytest.raises(AuditError) as caught,
+            lease.hold(db, "sim://demo", "run-1", "backup", "alice", busy_timeout=0.2),
+        ):
+            pass
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert f"cannot take the run's lease in the audit log {db}: another process" in str(
+        caught.value
+    )
+
+
+def test_a_lease_is_found_with_a_hash_or_question_mark_in_the_path(tmp_path):
+    from orchestrator import lease
+
+    db = tmp_path / "ops#2?mode=rw" / "audit.db"
+    with lease.hold(db, "sim://demo", "run-7", "backup", "alice"):
+        assert lease.read(db, "sim://demo")["run_id"] == "run-7"
+    assert lease.read(db, "sim://demo") is None
