@@ -23,6 +23,7 @@ from audit import (
     read_journal,
     summarise,
 )
+from audit.render import printable
 from orchestrator import lease
 from orchestrator.errors import BbrxError, CheckError
 from orchestrator.instance import Instance
@@ -48,27 +49,38 @@ class TargetState:
         return self.state in (INTERRUPTED, NEEDS_CLEANUP)
 
     def describe(self) -> str:
+        # Every value comes from the log, written by operators and scripts: escaped, so a
+        # newline or an escape sequence in a name cannot forge a line or drive the terminal.
+        target = printable(self.target)
         if self.state == IDLE:
-            last = f" (last run {self.run.run_id}: {self.run.outcome})" if self.run else ""
-            return f"{self.target}: idle{last}"
+            last = (
+                f" (last run {printable(self.run.run_id)}: {printable(str(self.run.outcome))})"
+                if self.run
+                else ""
+            )
+            return f"{target}: idle{last}"
         assert self.run is not None
+        run = self.run
         head = (
-            f"{self.target}: {self.state}: run {self.run.run_id} ({self.run.operation}) by "
-            f"{self.run.operator}, since {self.run.start}"
+            f"{target}: {self.state}: run {printable(run.run_id)} ({printable(run.operation)}) "
+            f"by {printable(run.operator)}, since {printable(run.start)}"
         )
         if self.state == NEEDS_CLEANUP:
-            head += f", ended {self.run.outcome}"
+            head += f", ended {printable(str(run.outcome))}"
         else:
-            head += f", phase {self.phase}"
+            head += f", phase {printable(str(self.phase))}"
         if self.holder:
-            head += f", pid {self.holder['pid']} on {self.holder['host']}"
+            head += (
+                f", pid {printable(str(self.holder['pid']))} "
+                f"on {printable(str(self.holder['host']))}"
+            )
         if self.blocks_new_runs:
             why = "its process is gone" if self.state == INTERRUPTED else "its unlock failed"
-            jobs = ", ".join(self.maybe_locked) or "none"
+            jobs = ", ".join(printable(job) for job in self.maybe_locked) or "none"
             head += (
                 f"\n  {why}; jobs that may still be locked: {jobs}"
-                f"\n  recover with: bbrx director --host {self.target} "
-                f"{cleanup_for(self.run.operation)}"
+                f"\n  recover with: bbrx director --host {target} "
+                f"{cleanup_for(run.operation)}"
             )
         return head
 

@@ -116,3 +116,40 @@ def test_what_goes_wrong_counts_the_fault_matrix():
 
     text = section("## What happens when things go wrong")
     assert f"({len(CASES) * len(TRANSPORTS)} cases)" in text
+
+
+def _attack_rows() -> list[tuple[str, str]]:
+    """(attack, test node) for each row of the README's attack table."""
+    text = section("### What a crafted backup or a broken environment gets")
+    rows = []
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[3].startswith("`tests/"):
+            rows.append((cells[0], cells[3].strip("`")))
+    return rows
+
+
+def test_attack_table_names_tests_that_exist():
+    import ast
+
+    rows = _attack_rows()
+    assert len(rows) >= 20
+    for attack, node in rows:
+        path, _, name = node.partition("::")
+        tree = ast.parse((ROOT / path).read_text(encoding="utf-8"))
+        names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert name in names, f"README attack row {attack!r} names {node}, which does not exist"
+
+
+def test_every_attack_test_is_in_the_table():
+    import ast
+
+    listed = {node for _, node in _attack_rows()}
+    path = "tests/test_attacks.py"
+    tree = ast.parse((ROOT / path).read_text(encoding="utf-8"))
+    tests = {
+        f"{path}::{n.name}"
+        for n in tree.body
+        if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+    }
+    assert tests - listed == set(), "attack tests missing from the README's attack table"

@@ -355,3 +355,20 @@ def test_a_killed_run_whose_rows_went_to_the_journal_is_still_recovered(target, 
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(hung.pid, signal.SIGKILL)
+
+
+def test_status_shows_what_the_log_holds_escaped():
+    from audit import RunSummary
+    from orchestrator.recovery import INTERRUPTED, TargetState
+
+    run = RunSummary(
+        run_id="r1", operation="backup", target="sim://demo", mode="sim",
+        operator="eve\nsim://demo: idle\x1b[2J", reason=None, start="2026-12-01T00:00:00Z",
+        end="2026-12-01T00:00:01Z", events=3, outcome="locking", finished=False,
+    )  # fmt: skip
+    text = TargetState(
+        "sim://demo", INTERRUPTED, run, "locking", None, ["dir\x1b]0;x\x07"]
+    ).describe()
+    assert "eve\\nsim://demo: idle\\x1b[2J" in text
+    assert "dir\\x1b]0;x\\x07" in text
+    assert "\x1b" not in text and text.count("\n") == 2  # only the lines describe itself makes
