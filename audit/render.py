@@ -120,7 +120,8 @@ def format_timeline(rows: Sequence[Mapping[str, Any]]) -> str:
         duration = row.get("duration")
         lines.append(
             (
-                str(row["seq"]),
+                # A journal row (written when the log could not be) has no place in the chain.
+                "journal" if row.get("seq") is None else str(row["seq"]),
                 short_time(row.get("ts")),
                 f"{_dash(row.get('from_state'))} -> {_dash(row.get('to_state'))}",
                 _dash(row.get("trigger")),

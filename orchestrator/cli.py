@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
 from audit import AuditError, AuditLog
-from audit.render import format_runs, format_timeline, printable
+from audit.render import format_runs, printable
 from orchestrator import __version__, machine, review, settings, simulation
 from orchestrator.errors import BbrxError, RunFailed
 from orchestrator.procedures import Request, run_director
@@ -435,9 +435,9 @@ def audit_show(
     run: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
     audit_db: AuditDbOption = None,
 ) -> None:
-    """The timeline of one run: every transition, job and script."""
-    with AuditLog(_audit_path(ctx, audit_db), readonly=True) as audit:
-        typer.echo(format_timeline(audit.timeline(run)))
+    """The timeline of one run: every transition, job and script (and the rows that went to
+    the fallback journal when the log could not be written)."""
+    typer.echo(review.timeline(_audit_path(ctx, audit_db), run))
 
 
 @audit_app.command("verify")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from audit import AuditLog, verify_log
+from audit import AuditLog, journal_path, merged_timeline, read_journal, verify_log
+from audit.render import format_timeline
 from orchestrator.artifact import AUDIT_HEAD_FILE
 from orchestrator.errors import ArtifactError, AuditBrokenError
 from orchestrator.recovery import target_state
@@ -60,3 +61,19 @@ def status(audit_db: Path, target: str) -> str:
         return f"{target}: idle (no audit log at {audit_db} yet)"
     with AuditLog(audit_db, readonly=True) as audit:
         return target_state(audit, target).describe()
+
+
+def timeline(audit_db: Path, run: str) -> str:
+    """A run's timeline: its log rows, then any rows its fallback journal holds."""
+    with AuditLog(audit_db, readonly=True) as audit:
+        run_id = audit.resolve_run(run)
+        rows = audit.timeline(run_id)
+    journaled = read_journal(audit_db).of(run_id)
+    text = format_timeline(merged_timeline(rows, journaled))
+    if journaled:
+        text += (
+            f"\n{len(journaled)} event(s) of this run are in the fallback journal "
+            f"{journal_path(audit_db)}: the audit log could not be written then, so they are "
+            "outside its hash chain"
+        )
+    return text

@@ -352,6 +352,13 @@ def test_a_killed_run_whose_rows_went_to_the_journal_is_still_recovered(target, 
         )
         verify = target.bbrx("audit", "verify")
         assert verify.code == 0 and "OUTSIDE the hash chain" in verify.stdout, verify
+        # The timeline a reviewer reads has the journaled rows too, marked as such.
+        killed = target.bbrx.audit_runs()[0].run_id
+        shown = target.bbrx("audit", "show", killed)
+        assert shown.code == 0, shown
+        journaled = [line for line in shown.stdout.splitlines() if line.startswith("journal ")]
+        assert any("post-backup-unlock" in line for line in journaled), shown.stdout
+        assert "in the fallback journal" in shown.stdout
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(hung.pid, signal.SIGKILL)
