@@ -183,6 +183,10 @@ def lock(run: Run, error_class: type[ScriptError], *, parallel: bool = True) -> 
         log.info("Locking level %d: %s", number, ", ".join(t.name for t in trackers))
 
         def lock_one(tracker: JobTracker) -> ScriptError | None:
+            # No lock once the run is interrupted: a job of this level whose turn comes
+            # after the signal stays as it is (run_job_script checks again at the start).
+            if run.interrupted_by:
+                return None
             return run.run_job_script(tracker, "lock", script, error_class)
 
         if parallel:
@@ -190,6 +194,8 @@ def lock(run: Run, error_class: type[ScriptError], *, parallel: bool = True) -> 
         else:
             errors = []
             for tracker in trackers:
+                if run.interrupted_by:
+                    break
                 error = lock_one(tracker)
                 if error:
                     errors.append(error)
