@@ -23,6 +23,7 @@ from orchestrator.instance import REMOTE_WORK_DIR, Job, ScriptCall
 from orchestrator.machine import SCRIPTS
 from orchestrator.ordering import JobMetadata, lock_levels, parse_metadata
 from orchestrator.run import JobTracker, Run
+from orchestrator.scriptio import STDOUT_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,13 @@ def _metadata(run: Run, job: Job) -> tuple[str, JobMetadata]:
             + (f"\n  stderr: {result.stderr_tail()}" if result.stderr_tail() else ""),
             job=job.name,
             killed_by=result.killed_by,
+        )
+    if result.stdout_truncated:
+        # Only the head was kept: parsing it could take half a document for the whole.
+        raise MetadataError(
+            f"metadata script for job {job.name} on {run.instance.address} printed more than "
+            f"{STDOUT_LIMIT >> 20} MiB: refusing it",
+            job=job.name,
         )
     return job.name, parse_metadata(job.name, result.stdout)
 
