@@ -346,18 +346,21 @@ class SshInstance:
         path = f"/var/vcap/jobs/{call.job}/bin/bbr/{call.script}"
         marker = secrets.token_hex(16)
         env = [f"{MARKER_VAR}={marker}", *(f"{key}={value}" for key, value in call.env.items())]
-        # setsid gives the script a process group of its own on the VM, and its pid (printed
-        # first on stderr) lets an interruption kill that group there, not just our ssh.
-        # The script runs as the wrapper's child, not exec'd, so that the wrapper can say
-        # when it ended: a process the script left behind may keep the channel open long
-        # after. Both lines carry a nonce of this call, so no script output can fake them.
+        # setsid gives the script a session and process group of its own on the VM, whose id
+        # is the script's pid (a background job of a non-interactive sh leads no group, so
+        # setsid execs without forking); that pid (printed on stderr) lets an interruption
+        # kill the group there, not just our ssh, and a cleanup find it again by its path
+        # (end_script). The wrapper stays outside that group and waits for the script, so
+        # it can say when the script ended, even while a process the script left behind
+        # keeps the channel open. Both lines carry a nonce of this call: no script output
+        # can fake them.
         nonce = secrets.token_hex(8)
         wrapper = (
-            f'echo "bbrx-pid {nonce} $$" >&2; "$0" "$@"; rc=$?; '
-            f'echo "bbrx-exit {nonce} $rc" >&2; exit $rc'
+            f'setsid -w "$0" "$@" & pid=$!; echo "bbrx-pid {nonce} $pid" >&2; '
+            f'wait "$pid"; rc=$?; echo "bbrx-exit {nonce} $rc" >&2; exit "$rc"'
         )
         remote = " ".join(
-            ["sudo", "-n", "setsid", "-w", "sh", "-c", shlex.quote(wrapper), "env"]
+            ["sudo", "-n", "sh", "-c", shlex.quote(wrapper), "env"]
             + [shlex.quote(part) for part in (*env, path)]
         )
         self.connect()
