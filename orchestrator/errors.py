@@ -111,8 +111,16 @@ class ScriptError(BbrxError):
         self.exit_code = exit_code
         self.stderr_tail = stderr_tail
         self.killed_by = killed_by
-        how = f"was killed ({killed_by})" if killed_by else f"exited {exit_code}"
-        message = f"{script} script for job {job} on {host} failed: it {how}"
+        if killed_by:
+            message = f"{script} script for job {job} on {host} failed: it was killed ({killed_by})"
+        elif exit_code is None:
+            # Never ran: what stands in the stderr tail is the reason, not the script's output.
+            message = f"{script} script for job {job} on {host} could not be started: " + (
+                " ".join(stderr_tail.split()) or "no reason given"
+            )
+            stderr_tail = ""
+        else:
+            message = f"{script} script for job {job} on {host} failed: it exited {exit_code}"
         if stderr_tail:
             message += "\n  stderr: " + "\n          ".join(stderr_tail.splitlines())
         super().__init__(message)

@@ -51,7 +51,12 @@ INTERRUPTED_KILL = "(run interrupted)"
 
 @dataclass(frozen=True)
 class ScriptResult:
-    """What one script run produced. `exit_code` is None when the process was killed."""
+    """What one script run produced. `exit_code` is None when the process was killed.
+
+    `stdout` and `stderr` are bounded (orchestrator.scriptio): the first bytes of stdout,
+    with `stdout_truncated` set when the script printed more; the last bytes of stderr,
+    with `stderr_dropped` counting the bytes before them that were not kept.
+    """
 
     job: str
     script: str
@@ -60,13 +65,27 @@ class ScriptResult:
     stderr: str
     duration: float
     killed_by: str | None = None  # e.g. "SIGTERM (run interrupted)", "timed out after 5 s"
+    stdout_truncated: bool = False
+    stderr_dropped: int = 0
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
 
-    def stderr_tail(self, lines: int = 10) -> str:
-        return "\n".join(self.stderr.strip().splitlines()[-lines:])
+    def stderr_tail(self, lines: int = 10, max_bytes: int = 4096) -> str:
+        """The last `lines` lines of stderr, and at most `max_bytes` of them: what error
+        messages and audit rows carry. A cut inside a line is marked at its start."""
+        tail = "\n".join(self.stderr.strip().splitlines()[-lines:])
+        data = tail.encode("utf-8", "replace")
+        if len(data) <= max_bytes:
+            return tail
+        kept = data[-max_bytes:].decode("utf-8", "ignore")
+        return f"[{len(data) - max_bytes} bytes cut] {kept}"
+
+    @classmethod
+    def not_started(cls, call: ScriptCall) -> ScriptResult:
+        """A script that `call.may_start` stopped at the last moment (the run was interrupted)."""
+        return cls(call.job, call.script, None, "", "", 0.0, f"not started {INTERRUPTED_KILL}")
 
 
 @dataclass
@@ -76,12 +95,19 @@ class ScriptCall:
     job: str
     script: str
     env: Mapping[str, str] = field(default_factory=dict)
-    #: Seconds the script may run; past that it is killed (on the VM) and reported with
-    #: killed_by "timed out after N s". None: no limit.
+    #: Seconds the script may run; past that it is killed (on the VM, with everything it
+    #: started) and reported with killed_by "timed out after N s". None: no limit.
     timeout: float | None = None
     #: Told the script's pid on the VM (its process group) once it is known, from the
     #: thread that called `run_script`, before the script's result.
     on_start: Callable[[int], None] | None = field(default=None, compare=False)
+    #: Asked once more just before the process starts, under the lock `terminate_scripts`
+    #: takes: False means do not start it (the result is `ScriptResult.not_started`). So a
+    #: script either starts where `terminate_scripts` sees it, or not at all.
+    may_start: Callable[[], bool] | None = field(default=None, compare=False)
+    #: A script that has exited but left processes holding its output: end them too (True),
+    #: or only stop reading and warn (False). See `Run.run_job_script` for who gets which.
+    end_leftovers: bool = False
 
 
 @runtime_checkable
@@ -118,11 +144,15 @@ class Instance(Protocol):
         ...
 
     def terminate_scripts(self) -> None:
-        """Kill every script this instance is running now (the run is being interrupted).
+        """Kill every script this instance is running now (the run is being interrupted),
+        and every process those scripts started (sessions of their own included).
 
         Their `run_script` calls then return with `killed_by` set. Copies under way are cut
-        too: their `stream_out` / `stream_in` raise InterruptedRunError. Must be callable from
-        a signal handler: no blocking, no locks that a running thread may hold.
+        too: their `stream_out` / `stream_in` raise InterruptedRunError. Called from an
+        ordinary thread (the run's signal watcher), never from a signal handler: it may
+        block until the scripts are gone (a few seconds: TERM, then KILL), and a script
+        whose `run_script` is starting at the same moment is either seen and killed or
+        asks its `may_start` after this has begun.
         """
         ...
 

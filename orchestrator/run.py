@@ -173,9 +173,15 @@ class Run:
         self.errors: list[BbrxError] = []
         self.jobs: dict[str, JobTracker] = {}
         self.interrupted_by: str | None = None
+        self._signals_seen = 0
         self._interrupt_fired = False
         self._interrupt_noted = False
+        # Whether an interruption may kill what runs now (not while unlocking or cleaning).
+        # The driver changes it, and the signal watcher acts on it, only under this lock:
+        # a kill decided in `locking` has finished before the first unlock script starts.
         self._killable = True
+        self._kill_lock = threading.Lock()
+        self._wake: tuple[int, int] | None = None  # the signal watcher's pipe, while driving
         # Once an append fails, every later row of this run goes to the journal: no waiting
         # out the busy timeout again and again, and no interleaving of chain and journal.
         self.audit_failed = False
@@ -211,7 +217,8 @@ class Run:
                 detail={"pid": os.getpid(), "timeouts": asdict(self.timeouts), **start_detail},
             )
             while self.state in actions:
-                self._killable = self.state not in PROTECTED_STATES
+                with self._kill_lock:
+                    self._killable = self.state not in PROTECTED_STATES
                 current = self.state
                 detail: dict[str, Any] = {}
                 try:
@@ -241,6 +248,8 @@ class Run:
                     self._interrupt_noted = True
                     detail = {**detail, "interrupted_by": self.interrupted_by}
                 self.fire(trigger, outcome=self._outcome_of(trigger), detail=detail)
+            with self._kill_lock:
+                self._killable = False  # the run is over: nothing of it is left to kill
         if self.interrupted_by:
             self.errors.insert(
                 0,
@@ -309,7 +318,16 @@ class Run:
         error_class: type[ScriptError],
         env: Mapping[str, str] | None = None,
     ) -> ScriptError | None:
-        """Run one job script as a job-machine phase: intent row, script, outcome row."""
+        """Run one job script as a job-machine phase: intent row, script, outcome row.
+
+        A lock, backup or restore script does not start once the run is interrupted (it
+        returns None without a row); the instance asks `may_start` again at the last moment,
+        so a signal that lands while it starts either stops it or is seen by the kill.
+        """
+        may_start = self._may_start_unlock if phase == "unlock" else self._may_start_work
+        if not may_start():
+            log.info("Not starting %s of job %s: the run is being stopped", script, tracker.name)
+            return None
         tracker.trigger(phase, script=script)
         refused = self.refuse_unrecorded(tracker, phase, script)
         if refused is not None:
@@ -321,6 +339,11 @@ class Run:
                 dict(env or {}),
                 timeout=self.timeouts.for_phase(phase),
                 on_start=lambda pid: self._script_started(tracker, script, pid),
+                may_start=may_start,
+                # What a lock, backup or restore script leaves running would run on with
+                # the director locked, and past the unlock: it is ended. An unlock script
+                # may rightly start a service in the background: that is left alone.
+                end_leftovers=phase != "unlock",
             )
             result = self.instance.run_script(call)
         except TransportError as exc:
@@ -373,6 +396,12 @@ class Run:
         tracker.trigger(f"{phase}_error", outcome="error", script=script, error=error)
         return error
 
+    def _may_start_work(self) -> bool:
+        return self.interrupted_by is None
+
+    def _may_start_unlock(self) -> bool:
+        return not self.abandoned
+
     def _script_started(self, tracker: JobTracker, script: str, pid: int) -> None:
         try:
             tracker.trigger("script_started", script=script, detail={"pid": pid})
@@ -418,14 +447,40 @@ class Run:
             raise InterruptedRunError(f"interrupted by {self.interrupted_by}")
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
+        """The SIGINT/SIGTERM handler: record the signal and wake the watcher, nothing else.
+
+        A handler runs between two bytecodes of the main thread, which may be holding
+        logging's, threading's or the instance's locks: taking any of them here (to log,
+        start a thread, kill) could deadlock. An attribute store and os.write cannot.
+        """
         if self.interrupted_by is None:
-            self.interrupted_by = name
+            self.interrupted_by = signal.Signals(signum).name
+        self._signals_seen += 1
+        if self._wake is not None:
+            with contextlib.suppress(OSError):  # a full pipe: the watcher is awake anyway
+                os.write(self._wake[1], bytes([signum]))
+
+    def _watch_signals(self, read_end: int) -> None:
+        """The signal watcher's thread: does what a signal asks, outside the handler."""
+        seen = 0
+        while data := os.read(read_end, 64):
+            for signum in data:
+                if signum == 0:
+                    return  # the run is over
+                seen += 1
+                try:
+                    self._handle_signal(signal.Signals(signum).name, first=seen == 1)
+                except Exception:  # the watcher must outlive a failed kill
+                    log.warning("handling %s failed", signal.Signals(signum).name, exc_info=True)
+
+    def _handle_signal(self, name: str, *, first: bool) -> None:
+        if first:
             log.warning(
                 "%s received: stopping; every job that was locked will be unlocked first", name
             )
-            if self._killable:
-                self.instance.terminate_scripts()
+            with self._kill_lock:
+                if self._killable:
+                    self.instance.terminate_scripts()
             return
         log.warning(
             "%s received again: bbrx is unlocking and cleaning up and will exit when done; "
@@ -439,7 +494,8 @@ class Run:
         if self.confirm_abandon is None:
             log.warning("No terminal to confirm on: bbrx goes on unlocking.")
             return
-        # Not in the handler: the unlock goes on while the operator makes up their mind.
+        # Not in the watcher: the unlock goes on, and further signals are handled, while the
+        # operator makes up their mind.
         self._asking = True
         threading.Thread(target=self._ask_abandon, daemon=True).start()
 
@@ -464,11 +520,32 @@ class Run:
     def stop_unlocking(self) -> None:
         """Stop unlocking now: the operator confirmed leaving the remaining jobs locked."""
         log.warning("Stopping the unlock at the operator's request; %s", self._unlock_summary())
+        # Set before the kill: an unlock script starting now asks `may_start` and stays put.
         self.abandoned = True
-        self.instance.terminate_scripts()
+        with self._kill_lock:
+            self.instance.terminate_scripts()
 
-    def _signals(self) -> _SignalGuard:
-        return _SignalGuard(self._on_signal)
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """The handler, the pipe it wakes the watcher through, and the watcher thread."""
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        watcher = threading.Thread(
+            target=self._watch_signals, args=(read_end,), name="bbrx-signals", daemon=True
+        )
+        watcher.start()
+        self._wake = (read_end, write_end)
+        try:
+            with _SignalGuard(self._on_signal):
+                yield
+        finally:
+            # The guard has put the old handlers back: what is in the pipe is all there is.
+            os.set_blocking(write_end, True)
+            os.write(write_end, b"\0")
+            watcher.join()
+            self._wake = None
+            os.close(read_end)
+            os.close(write_end)
 
     # --- audit -----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import logging
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -50,6 +51,7 @@ from orchestrator.instance import (
     ScriptCall,
     ScriptResult,
 )
+from orchestrator.scriptio import MARKER_VAR, OUTPUT_GRACE_SECONDS, ScriptOutput
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,6 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # Preferred first, the rest of OpenSSH's defaults after it: AES-GCM uses the CPU's AES
 # instructions and measured 1.2x faster than chacha20 here.
 CIPHERS = "^aes128-gcm@openssh.com"
-_PID_LINE = re.compile(rb"^bbrx-pid (\d+)\n")
 _SSH_FAILURE = 255
 
 
@@ -94,7 +95,11 @@ class SshInstance:
         self._control_dir = Path(tempfile.mkdtemp(prefix="bbrx-ssh-"))  # mode 0700
         self._connected = False
         self._connect_lock = threading.Lock()
+        # Guards starting and registering scripts against terminate_scripts (which runs in
+        # the run's signal watcher thread, never in a signal handler).
+        self._lock = threading.Lock()
         self._running: dict[subprocess.Popen[bytes], int | None] = {}
+        self._markers: dict[subprocess.Popen[bytes], str] = {}
         # Scripts running when the run was interrupted: their failure is the kill's doing.
         self._killed: set[subprocess.Popen[bytes]] = set()
         self._streams: set[subprocess.Popen[bytes]] = set()
@@ -408,60 +413,81 @@ class SshInstance:
 
     def run_script(self, call: ScriptCall) -> ScriptResult:
         path = f"/var/vcap/jobs/{call.job}/bin/bbr/{call.script}"
-        env = [f"{key}={value}" for key, value in call.env.items()]
-        # setsid gives the script a process group of its own on the VM, and its pid (printed
-        # first on stderr) lets an interruption kill that group there, not just our ssh.
-        wrapper = 'echo "bbrx-pid $$" >&2; exec "$0" "$@"'
+        marker = secrets.token_hex(16)
+        env = [f"{MARKER_VAR}={marker}", *(f"{key}={value}" for key, value in call.env.items())]
+        # setsid gives the script a session and process group of its own on the VM, whose id
+        # is the script's pid (a background job of a non-interactive sh leads no group, so
+        # setsid execs without forking); that pid (printed on stderr) lets an interruption
+        # kill the group there, not just our ssh, and a cleanup find it again by its path
+        # (end_script). The wrapper stays outside that group and waits for the script, so
+        # it can say when the script ended, even while a process the script left behind
+        # keeps the channel open. Both lines carry a nonce of this call: no script output
+        # can fake them.
+        nonce = secrets.token_hex(8)
+        wrapper = (
+            f'setsid -w "$0" "$@" & pid=$!; echo "bbrx-pid {nonce} $pid" >&2; '
+            f'wait "$pid"; rc=$?; echo "bbrx-exit {nonce} $rc" >&2; exit "$rc"'
+        )
         remote = " ".join(
-            ["sudo", "-n", "setsid", "-w", "sh", "-c", shlex.quote(wrapper), "env"]
+            ["sudo", "-n", "sh", "-c", shlex.quote(wrapper), "env"]
             + [shlex.quote(part) for part in (*env, path)]
         )
         self.connect()
         started = time.monotonic()
-        proc = subprocess.Popen(
-            self._ssh(remote),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        self._running[proc] = None
-        stdout_parts: list[bytes] = []
-        stderr_parts: list[bytes] = []
-        readers = [
-            threading.Thread(target=self._read_stderr, args=(proc, stderr_parts), daemon=True),
-            threading.Thread(
-                target=lambda: stdout_parts.append(cast(IO[bytes], proc.stdout).read()),
-                daemon=True,
-            ),
-        ]
-        for reader in readers:
-            reader.start()
-        # The ssh client's exit, not the pipes' EOF, ends the call: the master connection
-        # holds copies of our pipes and would keep a read blocked if the session hung.
-        timed_out = False
-        try:
-            self._announce_pid(proc, call, started)
-            remaining = (
-                None if call.timeout is None else call.timeout - (time.monotonic() - started)
+        # Started and registered under the lock terminate_scripts takes: it either sees this
+        # script (and kills it by its marker, pid known or not), or this script sees
+        # (through may_start) that the run is being stopped.
+        with self._lock:
+            if call.may_start is not None and not call.may_start():
+                return ScriptResult.not_started(call)
+            proc = subprocess.Popen(
+                self._ssh(remote),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
             )
-            returncode = proc.wait(timeout=None if remaining is None else max(remaining, 0))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            pid = self._running.get(proc)
-            if pid:
-                self._kill_remote(_kill_groups([pid]), [proc])
-            else:
-                proc.kill()
+            self._running[proc] = None
+            self._markers[proc] = marker
+        script = _RemoteScript(nonce.encode())
+
+        def on_line(line: bytes) -> None:
+            pid = script.take(line)
+            if pid is not None:
+                self._pid_known(proc, call, pid)
+
+        output = ScriptOutput(cast(IO[bytes], proc.stdout), cast(IO[bytes], proc.stderr), on_line)
+        deadline = None if call.timeout is None else started + call.timeout
+        timed_out = leftovers = ended = False
+        try:
+            # The script's end (its exit line) or the ssh client's exit ends the wait, not the
+            # pipes' EOF: a daemon the script left, or the master connection, may hold them.
+            timed_out = not output.pump_until(
+                lambda: script.exit_code is not None or proc.poll() is not None, deadline
+            )
+            if timed_out:
+                self._kill_remote(_kill_groups(self._pids(proc), [marker]), [proc])
+            if not output.pump_until(
+                lambda: proc.poll() is not None and output.at_eof,
+                time.monotonic() + OUTPUT_GRACE_SECONDS,
+            ):
+                leftovers = proc.poll() is None or not output.at_eof
+                ended = call.end_leftovers or timed_out or proc in self._killed
+                if ended:
+                    self._kill_remote(_kill_groups(self._pids(proc), [marker]), [])
+                    output.drain()
+        finally:
+            output.close()
+            if proc.poll() is None:
+                proc.kill()  # only our ssh client: what ran on the VM has been dealt with
             returncode = proc.wait()
-        for reader in readers:
-            reader.join(timeout=5)
-        stdout = b"".join(stdout_parts)
-        remote_pid = self._running.pop(proc, None)
-        stderr = b"".join(stderr_parts).decode("utf-8", "replace")
+        with self._lock:
+            remote_pid = self._running.pop(proc, None)
+            self._markers.pop(proc, None)
+            killed = proc in self._killed
+            self._killed.discard(proc)
+        stderr = script.strip(output.stderr).decode("utf-8", "replace")
         duration = time.monotonic() - started
-        killed = proc in self._killed
-        self._killed.discard(proc)
         if remote_pid is None and not killed and not timed_out:
             raise TransportError(
                 f"could not start the {call.script} script of job {call.job} on {self.address}: "
@@ -469,41 +495,59 @@ class SshInstance:
                 host=self.address,
             )
         killed_by: str | None = None
-        exit_code: int | None = returncode
+        exit_code: int | None = script.exit_code if script.exit_code is not None else returncode
         if timed_out:
             killed_by, exit_code = f"timed out after {call.timeout:g} s", None
-        elif killed and returncode != 0:
+        elif killed and exit_code != 0:
             killed_by, exit_code = f"SIGTERM {INTERRUPTED_KILL}", None
-        elif returncode == _SSH_FAILURE and remote_pid and not self._master_alive():
+        elif (
+            script.exit_code is None
+            and returncode == _SSH_FAILURE
+            and remote_pid
+            and not self._master_alive()
+        ):
             # The connection dropped, not the script: without a pty the script goes on
             # running on the VM (a lock script would lock after we unlocked). End it there.
-            killed_by, exit_code = self._kill_orphan(remote_pid), None
+            killed_by, exit_code = self._kill_orphan(remote_pid, marker), None
+        if leftovers:
+            how = f"was killed ({killed_by})" if killed_by else f"exited {exit_code}"
+            log.warning(
+                "%s/%s on %s %s, but a process it started still holds its output: bbrx "
+                "stopped reading it%s",
+                call.job,
+                call.script,
+                self.address,
+                how,
+                " and ended it" if ended else " (left running)",
+            )
         return ScriptResult(
             job=call.job,
             script=call.script,
             exit_code=exit_code,
-            stdout=stdout.decode("utf-8", "replace"),
+            stdout=output.stdout.decode("utf-8", "replace"),
             stderr=stderr,
             duration=duration,
             killed_by=killed_by,
+            stdout_truncated=output.stdout_truncated,
+            stderr_dropped=output.stderr_bytes_dropped,
         )
 
-    def _announce_pid(
-        self, proc: subprocess.Popen[bytes], call: ScriptCall, started: float
-    ) -> None:
-        """Tell `call.on_start` the script's pid once the stderr reader has it (here, in
-        the caller's thread), unless the script ended or timed out first."""
-        if call.on_start is None:
-            return
-        while self._running.get(proc) is None:
-            if proc.poll() is not None:
-                return
-            if call.timeout is not None and time.monotonic() - started > call.timeout:
-                return
-            time.sleep(0.01)
-        pid = self._running.get(proc)
-        if pid:
+    def _pid_known(self, proc: subprocess.Popen[bytes], call: ScriptCall, pid: int) -> None:
+        """The script's pid on the VM has arrived (in the caller's thread)."""
+        with self._lock:
+            self._running[proc] = pid
+            killed = proc in self._killed
+        if killed:
+            # Interrupted before its pid was known, and maybe before it ran at all (then
+            # the marker scan found nothing): end it now that it is known.
+            self._kill_remote(_kill_groups([pid], [self._markers.get(proc, "")]), [])
+        elif call.on_start is not None:
             call.on_start(pid)
+
+    def _pids(self, proc: subprocess.Popen[bytes]) -> list[int]:
+        with self._lock:
+            pid = self._running.get(proc)
+        return [pid] if pid else []
 
     def end_script(self, job: str, script: str, pid: int) -> bool:
         path = f"/var/vcap/jobs/{job}/bin/bbr/{script}"
@@ -516,34 +560,18 @@ class SshInstance:
         output = self._run(remote, what=f"ending the {script} script of job {job} (pid {pid})")
         return b"ended" in output
 
-    def _kill_orphan(self, pid: int) -> str:
+    def _kill_orphan(self, pid: int, marker: str) -> str:
         try:
             self.connect()
-            self._run(_kill_groups([pid]), what=f"ending process group {pid}")
+            self._run(_kill_groups([pid], [marker]), what=f"ending process group {pid}")
         except TransportError as error:
             log.error("could not end the orphaned script (process group %d): %s", pid, error)
             return "connection lost; it may still be running on the VM"
         return "connection lost; ended on the VM after reconnecting"
 
-    def _read_stderr(self, proc: subprocess.Popen[bytes], parts: list[bytes]) -> None:
-        stream = proc.stderr
-        assert stream is not None
-        # sudo or a login banner may speak first: the pid line is the first that matches.
-        for line in iter(stream.readline, b""):
-            match = _PID_LINE.match(line)
-            if not match:
-                parts.append(line)
-                continue
-            pid = int(match.group(1))
-            self._running[proc] = pid
-            if proc in self._killed:
-                # Interrupted before its pid was known: end it now that it is.
-                self._kill_remote(_kill_groups([pid]), [])
-            break
-        parts.append(stream.read())
-
     def terminate_scripts(self) -> None:
-        """Kill the running scripts' process groups on the VM (from a signal handler).
+        """Kill the running scripts on the VM, and everything they started, by their
+        process groups and their markers; returns once that command has run (or failed).
 
         Copies are cut by ending their local ssh client: the VM's tar then dies of a
         broken pipe, and whatever it left is in the work dir that cleaning removes.
@@ -552,16 +580,17 @@ class SshInstance:
             self._aborted.add(stream)
             with contextlib.suppress(ProcessLookupError):
                 stream.kill()
-        running = dict(self._running)
-        self._killed.update(running)
-        pids = [pid for pid in running.values() if pid]
-        if not pids:
-            return
-        remote = _kill_groups(pids)
-        # Not here: a signal handler must not block on the network.
-        threading.Thread(
-            target=self._kill_remote, args=(remote, list(running)), daemon=True
-        ).start()
+        with self._lock:
+            running = dict(self._running)
+            markers = [self._markers[proc] for proc in running if proc in self._markers]
+            self._killed.update(running)
+        if running:
+            pids = [pid for pid in running.values() if pid]
+            # A script whose pid has not arrived may not have started on the VM when the
+            # marker scan ran: its ssh client is left alone, so the pid still arrives and
+            # run_script ends it then (_pid_known).
+            known = [proc for proc, pid in running.items() if pid]
+            self._kill_remote(_kill_groups(pids, markers), known)
 
     def _kill_remote(self, remote: str, procs: list[subprocess.Popen[bytes]]) -> None:
         with contextlib.suppress(Exception):
@@ -672,21 +701,65 @@ class SshInstance:
         )
 
 
-def _kill_groups(pids: list[int]) -> str:
-    """The remote command that ends these process groups: TERM, then KILL if still there
-    after 3 s (it returns as soon as they are gone)."""
+def _kill_groups(pids: list[int], markers: list[str] | None = None) -> str:
+    """The remote command that ends these process groups and every process carrying one of
+    these markers: TERM, then KILL if still there after 3 s (it returns once they are gone)."""
     groups = ",".join(str(pid) for pid in pids)
-    return "sudo -n sh -c " + shlex.quote(f"{_term_then_kill(groups)}; true")
+    return "sudo -n sh -c " + shlex.quote(f"{_term_then_kill(groups, markers)}; true")
 
 
-def _term_then_kill(groups: str) -> str:
-    """Shell that sends TERM to process groups, waits up to 3 s for them to go, then KILL."""
+def _term_then_kill(groups: str, markers: list[str] | None = None) -> str:
+    """Shell that sends TERM to process groups and marked processes, waits up to 3 s for
+    them to go, then KILL."""
     # pkill -g: dash's kill builtin cannot signal a process group portably.
+    signal_, alive = [], []
+    if groups:
+        signal_.append("pkill -$s -g " + groups)
+        alive.append(f"pgrep -g {groups} >/dev/null")
+    patterns = " ".join(f"-e {shlex.quote(f'{MARKER_VAR}={m}')}" for m in markers or [] if m)
+    if patterns:
+        # One grep over every process's environment (NUL-separated; a zombie's is empty):
+        # finds what the scripts started in sessions of their own too. Not a process that
+        # scrubbed its environment: that one escapes.
+        marked = f"grep -lsxz {patterns} /proc/[0-9]*/environ | cut -d/ -f3"
+        # Not twice to a group member: a second TERM would cut bash's EXIT trap.
+        outside = f'{marked} | grep -vxF "$(pgrep -g {groups})"' if groups else marked
+        signal_.append(f"kill -$s $({outside}) 2>/dev/null")
+        alive.append(f'[ -n "$({marked})" ]')
+    if not signal_:
+        return "true"
+    send = "; ".join(signal_)
     return (
-        f"pkill -TERM -g {groups}; n=0; "
-        f"while pgrep -g {groups} >/dev/null && [ $n -lt 30 ]; do sleep 0.1; n=$((n + 1)); done; "
-        f"pkill -KILL -g {groups}"
+        f"s=TERM; {send}; n=0; "
+        f"while {{ {' || '.join(alive)}; }} && [ $n -lt 30 ]; do sleep 0.1; n=$((n + 1)); done; "
+        f"s=KILL; {send}"
     )
+
+
+class _RemoteScript:
+    """What the wrapper of one script run says on stderr: its pid, then its exit status."""
+
+    def __init__(self, nonce: bytes) -> None:
+        # search, not match: sudo or a login banner may speak first, and a daemon the script
+        # left may have printed half a line just before the exit line.
+        self._pid_line = re.compile(rb"bbrx-pid " + nonce + rb" (\d+)\n")
+        self._exit_line = re.compile(rb"bbrx-exit " + nonce + rb" (\d+)\n")
+        self._lines = re.compile(rb"bbrx-(?:pid|exit) " + nonce + rb" \d+\n")
+        self.pid: int | None = None
+        self.exit_code: int | None = None
+
+    def take(self, line: bytes) -> int | None:
+        """Note a stderr line; the pid if this is the pid line."""
+        if self.pid is None and (match := self._pid_line.search(line)):
+            self.pid = int(match.group(1))
+            return self.pid
+        if self.exit_code is None and (match := self._exit_line.search(line)):
+            self.exit_code = int(match.group(1))
+        return None
+
+    def strip(self, stderr: bytes) -> bytes:
+        """The script's own stderr: the wrapper's lines taken out."""
+        return self._lines.sub(b"", stderr)
 
 
 def _enlarge_pipe(stream: IO[bytes]) -> None:

@@ -24,6 +24,7 @@ from orchestrator.instance import REMOTE_WORK_DIR, Job, ScriptCall
 from orchestrator.machine import SCRIPTS, cleanup_for
 from orchestrator.ordering import JobMetadata, lock_levels, parse_metadata
 from orchestrator.run import JobTracker, Run
+from orchestrator.scriptio import STDOUT_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,13 @@ def _metadata(run: Run, job: Job) -> tuple[str, JobMetadata]:
             + (f"\n  stderr: {result.stderr_tail()}" if result.stderr_tail() else ""),
             job=job.name,
             killed_by=result.killed_by,
+        )
+    if result.stdout_truncated:
+        # Only the head was kept: parsing it could take half a document for the whole.
+        raise MetadataError(
+            f"metadata script for job {job.name} on {run.instance.address} printed more than "
+            f"{STDOUT_LIMIT >> 20} MiB: refusing it",
+            job=job.name,
         )
     return job.name, parse_metadata(job.name, result.stdout)
 
@@ -213,6 +221,10 @@ def lock(run: Run, error_class: type[ScriptError], *, parallel: bool = True) -> 
         log.info("Locking level %d: %s", number, ", ".join(t.name for t in trackers))
 
         def lock_one(tracker: JobTracker) -> ScriptError | None:
+            # No lock once the run is interrupted: a job of this level whose turn comes
+            # after the signal stays as it is (run_job_script checks again at the start).
+            if run.interrupted_by:
+                return None
             return run.run_job_script(tracker, "lock", script, error_class)
 
         if parallel:
@@ -220,6 +232,8 @@ def lock(run: Run, error_class: type[ScriptError], *, parallel: bool = True) -> 
         else:
             errors = []
             for tracker in trackers:
+                if run.interrupted_by:
+                    break
                 error = lock_one(tracker)
                 if error:
                     errors.append(error)

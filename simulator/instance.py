@@ -6,9 +6,11 @@ reaches bbrx alone and bbrx decides what to stop.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -31,6 +33,7 @@ from orchestrator.instance import (
     ScriptCall,
     ScriptResult,
 )
+from orchestrator.scriptio import MARKER_VAR, ScriptOutput
 from simulator.calllog import append_call
 from simulator.director import FAULTS_DIR, JOBS_DIR, STORE_DIR, SimDirector
 from simulator.faults import CORRUPT, TRANSFER, transfer_delay, transfer_failure_message
@@ -54,14 +57,13 @@ class SimInstance:
         self.root = director.root
         self.info: dict[str, str] = {}
         self.address = f"sim://{director.name}"
-        # Plain dict/set operations are atomic under the GIL; terminate_scripts relies on
-        # that instead of a lock, because it runs in a signal handler that may interrupt a
-        # thread in the middle of run_script.
-        self._running: dict[int, subprocess.Popen[bytes]] = {}
+        # Guards starting, registering and reaping scripts against terminate_scripts (which
+        # runs in the run's signal watcher thread, never in a signal handler).
+        self._lock = threading.Lock()
+        self._running: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
         self._terminated: set[int] = set()
         self._streams: dict[int, subprocess.Popen[bytes]] = {}
         self._aborted: set[int] = set()
-        self._generation = 0
 
     def __repr__(self) -> str:
         return f"SimInstance({self.address!r})"
@@ -109,54 +111,50 @@ class SimInstance:
                 f"cannot run {call.script} of job {call.job} on {self.address}: {path} not found",
                 host=self.address,
             )
+        marker = secrets.token_hex(16)
         env = {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "LANG": "C.UTF-8",
             "HOME": os.environ.get("HOME", "/"),
             **call.env,
+            MARKER_VAR: marker,
         }
-        generation = self._generation
         started = time.monotonic()
-        try:
-            proc = subprocess.Popen(
-                [str(path)],
-                cwd=self.root,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
-        except OSError as error:
-            raise TransportError(
-                f"cannot start {call.script} of job {call.job} on {self.address}: {error}",
-                host=self.address,
-            ) from error
-        self._running[proc.pid] = proc
+        # Started and registered under the lock terminate_scripts takes: it either sees this
+        # script, or this script sees (through may_start) that the run is being stopped.
+        with self._lock:
+            if call.may_start is not None and not call.may_start():
+                return ScriptResult.not_started(call)
+            proc = self._start(call, path, env)
+            self._running[proc.pid] = (proc, marker)
         if call.on_start is not None:
             call.on_start(proc.pid)
-        if self._generation != generation:
-            # terminate_scripts ran between Popen and registration and could not see us.
-            self._signal_group(proc, signal.SIGTERM)
         log.debug("started %s/%s on %s (pid %d)", call.job, call.script, self.address, proc.pid)
-        timed_out = False
+        output = ScriptOutput(cast(IO[bytes], proc.stdout), cast(IO[bytes], proc.stderr))
+        deadline = None if call.timeout is None else started + call.timeout
+        leftovers = ended = timed_out = False
         try:
-            try:
-                out, err = proc.communicate(timeout=call.timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                self._signal_group(proc, signal.SIGTERM)
-                try:
-                    out, err = proc.communicate(timeout=KILL_GRACE_SECONDS)
-                except subprocess.TimeoutExpired:
-                    self._signal_group(proc, signal.SIGKILL)
-                    out, err = proc.communicate()
+            # The script's own exit ends the wait, not its pipes' EOF (a daemon it left may
+            # hold them). Not reaped yet: its pid stays its group's id while we may signal it.
+            timed_out = not output.pump_until(lambda: _exited(proc), deadline)
+            if timed_out:
+                self._end([(proc, marker)])
+            if not output.drain():
+                leftovers = True
+                ended = call.end_leftovers or timed_out or proc.pid in self._terminated
+                if ended:
+                    self._end([(proc, marker)])
+                    output.drain()
         finally:
-            self._running.pop(proc.pid, None)
+            output.close()
+            if not _exited(proc):  # an exception on the way: leave nothing running
+                self._signal_script(proc, signal.SIGKILL)
+            with self._lock:
+                self._running.pop(proc.pid, None)
+                returncode = proc.wait()  # reaped under the lock _signal_script checks
+                interrupted = proc.pid in self._terminated
+                self._terminated.discard(proc.pid)
         duration = time.monotonic() - started
-        returncode = proc.returncode
-        interrupted = proc.pid in self._terminated
-        self._terminated.discard(proc.pid)
         exit_code: int | None = returncode
         killed_by: str | None = None
         if timed_out:
@@ -171,6 +169,8 @@ class SimInstance:
             # A script that traps SIGTERM and exits by itself was still stopped by us.
             exit_code = None
             killed_by = f"SIGTERM {INTERRUPTED_KILL}; it exited {returncode}"
+        if leftovers:
+            _warn_leftovers(call, self.address, exit_code, killed_by, ended=ended)
         log.debug(
             "%s/%s on %s ended: exit %s%s in %.3fs",
             call.job,
@@ -184,11 +184,40 @@ class SimInstance:
             job=call.job,
             script=call.script,
             exit_code=exit_code,
-            stdout=out.decode("utf-8", errors="replace"),
-            stderr=err.decode("utf-8", errors="replace"),
+            stdout=output.stdout.decode("utf-8", errors="replace"),
+            stderr=output.stderr.decode("utf-8", errors="replace"),
             duration=duration,
             killed_by=killed_by,
+            stdout_truncated=output.stdout_truncated,
+            stderr_dropped=output.stderr_bytes_dropped,
         )
+
+    def _start(self, call: ScriptCall, path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        def popen(argv: list[str]) -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                argv,
+                cwd=self.root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+
+        try:
+            try:
+                return popen([str(path)])
+            except OSError as error:
+                if error.errno != errno.ENOEXEC:
+                    raise
+                # No #! line: sudo on a VM hands such a script to /bin/sh (execvp does), and
+                # bbr's jobs rely on it.
+                return popen(["/bin/sh", str(path)])
+        except OSError as error:
+            raise TransportError(
+                f"cannot start {call.script} of job {call.job} on {self.address}: {error}",
+                host=self.address,
+            ) from error
 
     def terminate_scripts(self) -> None:
         # Copies are cut at once: their data is discarded either way.
@@ -196,20 +225,51 @@ class SimInstance:
             self._aborted.add(proc.pid)
             if proc.returncode is None:  # unreaped: its pid is still its group's id
                 self._signal_group(proc, signal.SIGKILL)
-        self._generation += 1
-        for proc in list(self._running.copy().values()):
-            self._terminated.add(proc.pid)
-            self._signal_group(proc, signal.SIGTERM)
-            timer = threading.Timer(KILL_GRACE_SECONDS, self._kill_if_alive, args=(proc,))
-            timer.daemon = True
-            timer.start()
+        with self._lock:
+            running = list(self._running.values())
+            self._terminated.update(proc.pid for proc, _ in running)
+        self._end(running)
 
-    def _kill_if_alive(self, proc: subprocess.Popen[bytes]) -> None:
-        # Only while the leader is unreaped: then its pid is still its group's id and
-        # cannot have been handed to an unrelated process.
-        if proc.returncode is None:
-            log.warning("script pid %d ignored SIGTERM; sending SIGKILL", proc.pid)
-            self._signal_group(proc, signal.SIGKILL)
+    def _end(self, scripts: list[tuple[subprocess.Popen[bytes], str]]) -> None:
+        """End scripts and everything they started: TERM to their process groups and to
+        every process carrying their marker, then KILL to what is left after 3 s.
+
+        A process that scrubbed its environment and left the group escapes (see MARKER_VAR).
+        """
+        if not scripts:
+            return
+        markers = {marker for _, marker in scripts}
+        groups = {proc.pid for proc, _ in scripts}
+
+        def signal_all(sig: signal.Signals) -> None:
+            for proc, _ in scripts:
+                self._signal_script(proc, sig)
+            for pid in _marked(markers):
+                # Not twice to a group member: a second TERM would cut bash's EXIT trap.
+                with suppress(ProcessLookupError, PermissionError):
+                    if os.getpgid(pid) not in groups:
+                        os.kill(pid, sig)
+
+        def alive() -> bool:
+            return any(not _exited(proc) for proc, _ in scripts) or bool(_marked(markers))
+
+        signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + KILL_GRACE_SECONDS
+        while time.monotonic() < deadline and alive():
+            time.sleep(0.05)
+        if alive():
+            log.warning(
+                "script pid(s) %s ignored SIGTERM; sending SIGKILL",
+                ", ".join(str(proc.pid) for proc, _ in scripts),
+            )
+            signal_all(signal.SIGKILL)
+
+    def _signal_script(self, proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        # Only while the leader is unreaped (run_script reaps under this lock): then its pid
+        # is still its group's id and cannot have been handed to an unrelated process.
+        with self._lock:
+            if proc.returncode is None:
+                self._signal_group(proc, sig)
 
     @staticmethod
     def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -445,9 +505,14 @@ class SimInstance:
         return checksums
 
     def close(self) -> None:
-        for proc in list(self._running.copy().values()):
-            self._terminated.add(proc.pid)
-            self._signal_group(proc, signal.SIGKILL)
+        with self._lock:
+            running = list(self._running.values())
+            self._terminated.update(proc.pid for proc, _ in running)
+        for proc, marker in running:
+            self._signal_script(proc, signal.SIGKILL)
+            for pid in _marked({marker}):
+                with suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def _signal_name(number: int) -> str:
@@ -509,6 +574,48 @@ class _CorruptingReader:
 
     def read(self, size: int = -1) -> bytes:
         return self._corrupt(self._source.read(size))
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the script has exited, without reaping it (WNOWAIT)."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _marked(markers: set[str]) -> set[int]:
+    """Live processes whose environment carries one of these script markers."""
+    wanted = {f"{MARKER_VAR}={marker}".encode() for marker in markers}
+    found = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            # A zombie's environ reads empty: only live processes are found.
+            variables = Path(entry.path, "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if wanted.intersection(variables):
+            found.add(int(entry.name))
+    return found
+
+
+def _warn_leftovers(
+    call: ScriptCall, address: str, exit_code: int | None, killed_by: str | None, *, ended: bool
+) -> None:
+    how = f"was killed ({killed_by})" if killed_by else f"exited {exit_code}"
+    log.warning(
+        "%s/%s on %s %s, but a process it started still holds its output: bbrx stopped "
+        "reading it%s",
+        call.job,
+        call.script,
+        address,
+        how,
+        " and ended it" if ended else " (left running)",
+    )
 
 
 def _group_alive(group: int) -> bool:
