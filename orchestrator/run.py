@@ -247,7 +247,7 @@ class Run:
                     # Signalled in a state that runs to its end: say so on its own row.
                     self._interrupt_noted = True
                     detail = {**detail, "interrupted_by": self.interrupted_by}
-                self.fire(trigger, outcome=self._outcome_of(trigger), detail=detail)
+                self._advance(current, trigger, detail)
             with self._kill_lock:
                 self._killable = False  # the run is over: nothing of it is left to kill
         if self.interrupted_by:
@@ -275,11 +275,32 @@ class Run:
             audit_db=Path(self.audit.path),
         )
 
+    def _advance(self, current: str, trigger: str, detail: dict[str, Any]) -> None:
+        """Fire the trigger an action returned. If the tables refuse it (a bug: the refusal
+        is on the record), take the state's failure path instead, so that even then the run
+        goes on through unlocking rather than leaving the loop with jobs locked."""
+        try:
+            self.fire(trigger, outcome=self._outcome_of(trigger), detail=detail)
+            if self.state != current:
+                return
+            error = BbrxError(f"internal error: {trigger} left the run in {current}")
+        except BbrxError as refused:
+            if self.state != current:
+                raise
+            error = refused
+        self.fail(error)
+        failure = self._failure_trigger(current)
+        if failure == trigger:
+            raise error
+        self.fire(failure, outcome="error", detail=error.detail())
+
     def fire(self, trigger: str, *, outcome: str = "ok", **kwargs: Any) -> None:
         try:
             self.trigger(trigger, outcome=outcome, **kwargs)
         except MachineError as exc:
             # Already recorded as refused by finalize_event; a refused trigger is a bug.
+            raise BbrxError(f"internal error: {exc}") from exc
+        except AttributeError as exc:  # no such trigger at all: a bug too
             raise BbrxError(f"internal error: {exc}") from exc
 
     def _can(self, trigger: str) -> bool:
