@@ -120,7 +120,9 @@ def run_restore_scripts(run: Run) -> steps.Step:
         log.info("Running the restore script of %s", job.name)
         error = run.run_job_script(tracker, "restore", "restore", RestoreScriptError, env)
         if error:
-            # A half-restored director is broken either way; stop and unlock.
+            # bbr runs every restore script and collects the errors; bbrx stops here on
+            # purpose: the director is half-restored either way, and the later scripts
+            # would restore on top of a broken one. Unlock, and let the operator act.
             run.fail(error)
             return "restore_failed"
     return "restored"

@@ -211,7 +211,10 @@ def lock_plan(run: Run, levels: list[list[str]]) -> list[dict[str, Any]]:
 def lock(run: Run, error_class: type[ScriptError], *, parallel: bool = True) -> Step:
     """Lock level by level; stop at the first level with a failure.
 
-    Serial mode (restore, as bbr does it) also stops at the first failed job.
+    Serial mode (restore: bbr runs restore locks one at a time, in order) also stops at
+    the first failed job. Here bbrx differs from bbr on purpose: bbr runs every job's lock
+    script and collects the errors; bbrx locks nothing more once a lock has failed, since
+    the run will not back up or restore and each further lock only lengthens the outage.
     """
     script = SCRIPTS[run.operation]["lock"]
     for number, level in enumerate(run.data["levels"]):
