@@ -155,7 +155,8 @@ def test_unsafe_members_are_refused_at_their_header(bad, reason, tar_format):
     hasher = TarHasher()
     # The bad member's header ends where tarfile says its data starts (after any long-name
     # or pax member): the hasher refuses in the feed that completes it, and not before.
-    end = next(i for i in tarfile.open(fileobj=io.BytesIO(data)) if i.name == bad.name).offset_data
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        end = next(i for i in archive if i.name == bad.name).offset_data
     hasher.feed(data[: end - 1])
     with pytest.raises(UnsafeMemberError) as caught:
         hasher.feed(data[end - 1 : end])
