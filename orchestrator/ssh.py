@@ -615,9 +615,14 @@ def _term_then_kill(groups: str) -> str:
 
 # The SHA-256 of exactly what the VM's tar reads, in the one pass that unpacks it: tar
 # runs this as its "decompressor" (-I), which passes its input (the stream ssh delivered;
-# tar drains it to the end) through to tar and through sha256sum. POSIX sh: the VM's sh
-# may be dash. Only tools an Ubuntu stemcell has: GNU tar, sh, tee, sha256sum.
-_HASH_FILTER = 'exec 3>&1; d=$(tee /dev/fd/3 | sha256sum) || exit 1; echo "bbrx-sha256 $d" >&2'
+# tar drains it to the end) through to tar and through the hash. POSIX sh: the VM's sh
+# may be dash. Only tools an Ubuntu stemcell has: GNU tar, sh, tee, and openssl, whose
+# SHA-256 uses the CPU's SHA instructions (coreutils' sha256sum, the fallback, measured
+# 170 MB/s here against openssl's 600+, and was the restore's bottleneck).
+_HASH_FILTER = (
+    "if command -v openssl >/dev/null; then h='openssl dgst -sha256 -r'; else h=sha256sum; fi; "
+    'exec 3>&1; d=$(tee /dev/fd/3 | $h) || exit 1; echo "bbrx-sha256 $d" >&2'
+)
 _DIGEST_LINE = re.compile(rb"^bbrx-sha256 ([0-9a-f]{64}) ", re.MULTILINE)
 
 
