@@ -15,8 +15,11 @@ written: the file is never read back.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import queue
+import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -27,8 +30,9 @@ from typing import BinaryIO
 
 import yaml
 
+from orchestrator import safeyaml
 from orchestrator.errors import ArtifactCorruptError, ArtifactError
-from orchestrator.tarstream import TarHasher, TarStreamError
+from orchestrator.tarstream import TarHasher, TarStreamError, UnsafeMemberError
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +83,6 @@ class Manifest:
 
 
 # --- writing -----------------------------------------------------------------------------
-
-
-def hash_tar_stream(source: BinaryIO) -> Checksums:
-    """SHA-256 of every regular file in a tar stream, keyed `./path` as bbr keys them."""
-    hasher = TarHasher()
-    for chunk in _chunks(source, None):
-        hasher.feed(chunk)
-    return hasher.finish()
 
 
 def _chunks(source: BinaryIO, check: Callable[[], None] | None) -> Iterator[bytes]:
@@ -176,7 +172,9 @@ class ArtifactWriter:
     ) -> Checksums:
         """Write one job's tar from `stream`, hashing its files on the way."""
         path = self.partial / tar_name(group, index, job)
-        hasher = TarHasher()
+        # Not strict: a backup records what the VM holds. What a restore would refuse is
+        # said now, while the operator can still change the job, not at restore time.
+        hasher = TarHasher(strict=False)
         try:
             with open(path, "xb") as sink, _BackgroundSync(sink) as syncer:
                 # One pass: each chunk goes to disk and through the hasher, never read back.
@@ -193,6 +191,13 @@ class ArtifactWriter:
             raise ArtifactError(f"the tar stream of job {job} is not a valid tar: {exc}") from exc
         except OSError as exc:
             raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        for unsafe in hasher.unsafe:
+            log.warning(
+                "%s: %s; bbrx will refuse to restore this backup (only regular files and "
+                "directories are restored)",
+                path.name,
+                unsafe,
+            )
         self.checksums[(group, index, job)] = checksums
         log.debug("Copied %s (%d files, %d bytes)", path.name, len(checksums), hasher.bytes)
         return checksums
@@ -314,10 +319,9 @@ def _represent_quoted(dumper: yaml.SafeDumper, value: _QuotedStr) -> yaml.Node:
     return dumper.represent_scalar("tag:yaml.org,2002:str", str(value), style='"')
 
 
-# libyaml's C emitter and parser where PyYAML has them: a blobstore's metadata lists
-# every blob, and the pure-Python ones take seconds over tens of thousands of entries.
+# libyaml's C emitter where PyYAML has it: a blobstore's metadata lists every blob, and
+# the pure-Python one takes seconds over tens of thousands of entries. (Reading: safeyaml.)
 _SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _MetadataDumper(_SafeDumper):  # type: ignore[misc, valid-type]
@@ -350,13 +354,27 @@ def _fsync_dir(path: Path) -> None:
 
 # --- reading -----------------------------------------------------------------------------
 
+# Names in metadata become file names (`<name>-<index>-<job>.tar`) and remote paths
+# (`/var/vcap/store/bbr-backup/<job>`): one safe path component each, as BOSH spells
+# instance groups and jobs. No leading dot, so never `.` or `..`.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+# Files an artifact may hold besides its tars: bbr's metadata and bbrx's audit head.
+_OWN_FILES = frozenset({METADATA_FILE, AUDIT_HEAD_FILE})
+INTACT_COPY = "Restore from an intact copy of this backup."
+
 
 def read_manifest(directory: Path) -> Manifest:
     """Parse and sanity-check an artifact's metadata, naming what is wrong."""
-    if not directory.is_dir():
+    if not directory.exists():
         raise ArtifactError(
             f"artifact directory {directory} does not exist",
             hint="Pass --artifact-path the directory a backup created (it holds a metadata file).",
+        )
+    if not directory.is_dir():
+        raise ArtifactError(
+            f"artifact path {directory} is a file, not a backup directory",
+            hint="Pass --artifact-path the directory a backup created (it holds a metadata file), "
+            "not a file inside it.",
         )
     if (directory / INCOMPLETE_MARKER).exists() or directory.name.endswith(INCOMPLETE_SUFFIX):
         raise ArtifactError(
@@ -369,13 +387,29 @@ def read_manifest(directory: Path) -> Manifest:
             f"{directory} has no metadata file: it is not a finished bbr/bbrx backup",
             hint="Pass --artifact-path the directory a backup created.",
         )
+    cap = safeyaml.ARTIFACT_METADATA_CAP
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeLoader)
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid YAML: {exc}") from exc
+        with open(path, "rb") as handle:
+            text = handle.read(cap + 1)  # never more than the cap into memory
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    try:
+        data = safeyaml.load(text, cap=cap)
+    except safeyaml.YamlRefused as exc:
+        what = "is not valid YAML" if exc.invalid else "was refused"
+        raise ArtifactError(
+            f"{path} {what}: {exc}",
+            hint="This is not metadata that bbr or bbrx wrote. " + INTACT_COPY,
+        ) from None
+    return _parse_manifest(path, data)
 
+
+def _parse_manifest(path: Path, data: object) -> Manifest:
     def bad(what: str) -> ArtifactError:
-        return ArtifactError(f"{path} does not follow bbr's metadata schema: {what}")
+        return ArtifactError(
+            f"{path} does not follow bbr's metadata schema: {what}",
+            hint="This is not metadata that bbr or bbrx wrote. " + INTACT_COPY,
+        )
 
     if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
         raise bad("no instances list")
@@ -385,23 +419,37 @@ def read_manifest(directory: Path) -> Manifest:
             hint="Restore it with a deployment-mode tool; bbrx director restores director backups.",
         )
     instances = []
+    seen: set[tuple[str, str, str]] = set()
     for position, instance in enumerate(data["instances"]):
+        where = f"instances[{position}]"
         if not isinstance(instance, dict) or not isinstance(instance.get("name"), str):
-            raise bad(f"instances[{position}] has no name")
+            raise bad(f"{where} has no name")
+        name, index = instance["name"], str(instance.get("index", "0"))
+        for label, value in (("name", name), ("index", index)):
+            if not _SAFE_NAME.fullmatch(value):
+                raise bad(f"{where} has the {label} {value!r}, which is not a plain name")
+        entries = instance.get("artifacts") or []
+        if not isinstance(entries, list):
+            raise bad(f"{where}.artifacts is not a list")
         artifacts = []
-        for art_pos, artifact in enumerate(instance.get("artifacts") or []):
-            if not isinstance(artifact, dict) or not isinstance(artifact.get("name"), str):
-                raise bad(f"instances[{position}].artifacts[{art_pos}] has no name")
-            sums = artifact.get("checksums") or {}
+        for art_pos, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise bad(f"{where}.artifacts[{art_pos}] has no name")
+            job = entry["name"]
+            if not _SAFE_NAME.fullmatch(job):
+                raise bad(f"{where}.artifacts[{art_pos}] names the job {job!r}, not a plain name")
+            if (name, index, job) in seen:
+                raise bad(f"job {job} of instance {name}/{index} is listed twice")
+            seen.add((name, index, job))
+            sums = entry.get("checksums") or {}
             if not isinstance(sums, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in sums.items()
             ):
-                raise bad(f"checksums of artifact {artifact['name']} are not a map of strings")
-            artifacts.append(JobArtifact(artifact["name"], dict(sums)))
-        instances.append(
-            InstanceArtifacts(instance["name"], str(instance.get("index", "0")), tuple(artifacts))
-        )
-    activity = data.get("backup_activity") or {}
+                raise bad(f"checksums of artifact {job} are not a map of strings")
+            artifacts.append(JobArtifact(job, dict(sums)))
+        instances.append(InstanceArtifacts(name, index, tuple(artifacts)))
+    activity = data.get("backup_activity")
+    activity = activity if isinstance(activity, dict) else {}
     return Manifest(
         path=path,
         instances=tuple(instances),
@@ -410,40 +458,167 @@ def read_manifest(directory: Path) -> Manifest:
     )
 
 
-def validate(directory: Path) -> Manifest:
-    """Re-hash every tar against the metadata (bbr's "Backup is corrupted" check)."""
-    manifest = read_manifest(directory)
-    for instance, artifact in manifest.jobs():
-        path = directory / tar_name(instance.name, instance.index, artifact.name)
+def _unreadable(path: Path, exc: OSError) -> ArtifactError:
+    return ArtifactError(
+        f"cannot read {path}: {exc.strerror or exc}",
+        hint="Run bbrx as a user who can read the whole backup directory, or fix its "
+        "permissions (e.g. chmod -R u+rX), then restore again.",
+    )
+
+
+def check_files(manifest: Manifest) -> None:
+    """The backup's file set matches its metadata: every listed tar is there and readable,
+    and every tar there is listed (a tar nobody checks would be a tar nobody restores)."""
+    directory = manifest.path.parent
+    listed = {tar_name(i.name, i.index, a.name) for i, a in manifest.jobs()}
+    for name in sorted(listed):
+        path = directory / name
+        if not path.exists():
+            raise ArtifactCorruptError(
+                f"Backup is corrupted: {name} is missing from {directory}", hint=INTACT_COPY
+            )
         if not path.is_file():
             raise ArtifactCorruptError(
-                f"Backup is corrupted: {path.name} is missing from {directory}",
-                hint="Restore from an intact copy of this backup.",
+                f"Backup is corrupted: {path} is not a regular file", hint=INTACT_COPY
             )
         try:
-            with open(path, "rb") as handle:
-                actual = hash_tar_stream(handle)
-        except (TarStreamError, OSError) as exc:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise _unreadable(path, exc) from exc
+    try:
+        present = sorted(entry.name for entry in directory.iterdir())
+    except OSError as exc:
+        raise _unreadable(directory, exc) from exc
+    for name in present:
+        if name.endswith(".tar") and name not in listed and name not in _OWN_FILES:
             raise ArtifactCorruptError(
-                f"Backup is corrupted: {path.name} cannot be read as a tar: {exc}",
-                hint="Restore from an intact copy of this backup.",
-            ) from exc
-        _compare(path.name, artifact.checksums, actual, "the metadata")
+                f"Backup is corrupted: {name} is in {directory} but its metadata does not "
+                "list it, so nothing vouches for its content",
+                hint="Remove the file if it does not belong to this backup, or restore from "
+                "an intact copy.",
+            )
+
+
+class TarReader:
+    """One job's tar, read once and checked as it goes.
+
+    `chunks()` hands on each chunk only after the hasher has seen it: a member that must
+    not be restored (see tarstream), or a file the metadata does not list, stops the
+    stream before its header leaves the jump box. The SHA-256 of the whole stream is kept
+    (`digest`) for the VM's own digest of what its tar read to be compared with, and
+    `verify()` compares every file's checksum with the metadata once the stream has ended.
+    """
+
+    def __init__(self, directory: Path, instance: InstanceArtifacts, job: JobArtifact) -> None:
+        self.job = job
+        self.name = tar_name(instance.name, instance.index, job.name)
+        self.path = directory / self.name
+        self._hasher = TarHasher(listed=job.checksums)
+        self._whole: _ThreadedDigest | None = None  # started by chunks(): no idle thread
+        self._digest: str | None = None
+
+    @property
+    def digest(self) -> str:
+        """The SHA-256 of every byte `chunks()` handed on (once it has ended)."""
+        if self._digest is None:
+            if self._whole is None:
+                raise RuntimeError("the digest is known once chunks() has run")
+            self._digest = self._whole.hexdigest()
+        return self._digest
+
+    @property
+    def sent_bytes(self) -> int:
+        return self._hasher.bytes
+
+    def chunks(self, check: Callable[[], None] | None = None) -> Iterator[bytes]:
+        whole = self._whole = _ThreadedDigest()
+        try:
+            with open(self.path, "rb") as source:
+                for chunk in _chunks(source, check):
+                    self._hasher.feed(chunk)
+                    whole.update(chunk)
+                    yield chunk
+        except UnsafeMemberError as exc:
+            raise ArtifactCorruptError(
+                f"Backup is corrupted: {self.name}: {exc}: a restore plants only regular "
+                "files and directories that the metadata's checksums cover",
+                hint=f"Nothing was locked or restored. {INTACT_COPY}",
+            ) from None
+        except TarStreamError as exc:
+            raise self._not_a_tar(exc) from None
+        except OSError as exc:
+            raise _unreadable(self.path, exc) from exc
+        finally:
+            whole.close()
+
+    def verify(self) -> Checksums:
+        """Every file's checksum against the metadata (after `chunks()` has ended)."""
+        try:
+            actual = self._hasher.finish()
+        except TarStreamError as exc:
+            raise self._not_a_tar(exc) from None
+        _compare(self.name, self.job.checksums, actual, "the metadata")
+        return actual
+
+    def _not_a_tar(self, exc: TarStreamError) -> ArtifactCorruptError:
+        return ArtifactCorruptError(
+            f"Backup is corrupted: {self.name} cannot be read as a tar: {exc}",
+            hint=f"Nothing was locked or restored. {INTACT_COPY}",
+        )
+
+
+class _ThreadedDigest:
+    """SHA-256 of a stream, computed in a thread of its own.
+
+    The reader hashes every file's data for the metadata and the whole stream for the
+    VM's digest: two passes of SHA-256 over the same bytes. hashlib releases the GIL on
+    large updates, so the second runs beside the first instead of after it. At most
+    DEPTH chunks wait in the queue.
+    """
+
+    DEPTH = 8
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(self.DEPTH)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._digest.hexdigest()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._digest.update(chunk)
+
+
+def validate(directory: Path) -> Manifest:
+    """Read every tar against the metadata, locally (bbr's "Backup is corrupted" check).
+
+    A restore does not call this: it makes the same checks in the pass that copies each
+    tar to the VM. This is for checking a backup on its own.
+    """
+    manifest = read_manifest(directory)
+    check_files(manifest)
+    for instance, job in manifest.jobs():
+        reader = TarReader(directory, instance, job)
+        for _ in reader.chunks():
+            pass
+        reader.verify()
     return manifest
 
 
-NOTHING_TOUCHED = "Nothing on the target was touched. Restore from an intact copy of this backup."
-
-
-def compare_checksums(
-    where: str, expected: Checksums, actual: Checksums, source: str, hint: str = NOTHING_TOUCHED
-) -> None:
-    _compare(where, expected, actual, source, hint)
-
-
-def _compare(
-    where: str, expected: Checksums, actual: Checksums, source: str, hint: str = NOTHING_TOUCHED
-) -> None:
+def _compare(where: str, expected: Checksums, actual: Checksums, source: str) -> None:
     for key in sorted(expected.keys() | actual.keys()):
         if key not in actual:
             problem = f"{key} is listed in {source} but missing"
@@ -453,10 +628,7 @@ def _compare(
             problem = f"{key} has SHA-256 {actual[key]}, {source} says {expected[key]}"
         else:
             continue
-        raise ArtifactCorruptError(f"Backup is corrupted: {where}: {problem}", hint=hint)
-
-
-def iter_file(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            yield chunk
+        raise ArtifactCorruptError(
+            f"Backup is corrupted: {where}: {problem}",
+            hint=f"Nothing was locked or restored. {INTACT_COPY}",
+        )

@@ -198,12 +198,16 @@ class Instance(Protocol):
         """
         ...
 
-    def stream_in(self, job: str, chunks: Iterator[bytes]) -> None:
-        """Unpack a tar, given as chunks, into the job's artifact directory."""
-        ...
+    def stream_in(self, job: str, chunks: Iterator[bytes]) -> str:
+        """Unpack a tar, given as chunks, into the job's artifact directory; return the
+        SHA-256 (hex) of the stream the VM's tar read, computed on the VM as it read it.
 
-    def checksum_artifact_directory(self, job: str) -> dict[str, str]:
-        """SHA-256 of every regular file in the job's artifact directory, keyed `./path`."""
+        The caller compares it with the digest of what it sent: that one comparison stands
+        for re-hashing the unpacked files. Extraction keeps neither the archive's owners
+        nor its set-id bits (GNU tar --no-same-owner --no-same-permissions, as root).
+        An exception raised by `chunks` ends the copy and is re-raised; raises
+        `errors.TransportError` if the VM's side failed.
+        """
         ...
 
     def remove_work_dir(self) -> None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import yaml
-
+from orchestrator import safeyaml
 from orchestrator.errors import CyclicLockOrderError, MetadataError
 
 _ORDER_KEYS = ("backup_should_be_locked_before", "restore_should_be_locked_before")
@@ -34,12 +33,12 @@ def parse_metadata(job: str, text: str) -> JobMetadata:
     """Parse the YAML a `metadata` script printed, as strictly as bbr does."""
     hint = f"Fix the metadata script of job {job} (it must print a YAML mapping)."
     try:
-        data = yaml.safe_load(text) if text.strip() else {}
-    except yaml.YAMLError as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else "parse error"
+        data = safeyaml.load(text, cap=safeyaml.SCRIPT_METADATA_CAP) if text.strip() else {}
+    except safeyaml.YamlRefused as exc:
+        what = "invalid YAML" if exc.invalid else "YAML that bbrx refuses"
         raise MetadataError(
-            f"metadata script for job {job} printed invalid YAML: {first_line}", job=job, hint=hint
-        ) from exc
+            f"metadata script for job {job} printed {what}: {exc}", job=job, hint=hint
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

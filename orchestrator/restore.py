@@ -1,19 +1,26 @@
 """The restore operation (bbr contract section 6).
 
-validate the local artifact (every checksum, before anything remote is touched)
--> discover -> check the target can take it -> copy each tar to the VM and confirm its
-checksums there -> pre-restore-lock (serially, in lock order) -> restore scripts
--> post-restore-unlock (reverse order) -> remove the remote work dir.
+validate the artifact's metadata and file set (every listed tar there and readable, no
+tar unlisted) -> discover -> check the target can take it -> copy each tar to the VM,
+checking it in the same pass -> pre-restore-lock (serially, in lock order) -> restore
+scripts -> post-restore-unlock (reverse order) -> remove the remote work dir.
+
+One read per tar: bbr re-hashes every tar before it starts and hashes the files again on
+the VM; bbrx checks each chunk (member types and names, then every file's checksum
+against the metadata) on its way to the VM, and the VM reports the SHA-256 of the stream
+its tar read, which must be the digest of what bbrx checked and sent. Any difference
+fails the copy, which precedes every lock: nothing is locked or restored, and cleaning
+removes what was copied.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 from orchestrator import artifact, recovery, steps
 from orchestrator.errors import (
+    ArtifactCorruptError,
     BbrxError,
     CheckError,
     PreRestoreLockError,
@@ -26,8 +33,9 @@ log = logging.getLogger(__name__)
 
 def restore_actions(artifact_path: Path) -> dict[str, Action]:
     def validate(run: Run) -> steps.Step:
-        log.info("Validating the checksums of %s", artifact_path)
-        manifest = artifact.validate(artifact_path)
+        log.info("Reading the metadata of %s", artifact_path)
+        manifest = artifact.read_manifest(artifact_path)
+        artifact.check_files(manifest)
         run.data["manifest"] = manifest
         return "validated", {
             "artifact": str(artifact_path),
@@ -79,34 +87,33 @@ def copy(run: Run) -> steps.Step:
             return "copy_failed"
         tracker = run.jobs[job.name]
         tracker.trigger("copy")
-        path = directory / artifact.tar_name(instance.name, instance.index, job.name)
+        reader = artifact.TarReader(directory, instance, job)
         try:
             run.instance.make_artifact_directory(job.name)
-            run.instance.stream_in(job.name, _checked(run, artifact.iter_file(path)))
-            remote = run.instance.checksum_artifact_directory(job.name)
-            artifact.compare_checksums(
-                f"{job.name} after copying to {run.instance.address}",
-                job.checksums,
-                remote,
-                "the metadata",
-                hint="The copy is removed from the VM's work dir and nothing was locked or "
-                "restored. Check the jump box's disk and the network, then restore again.",
-            )
+            received = run.instance.stream_in(job.name, reader.chunks(run.check_interrupt))
+            files = reader.verify()
+            if received != reader.digest:
+                raise ArtifactCorruptError(
+                    f"the copy of {reader.name} to {run.instance.address} is corrupted: "
+                    f"the VM's tar read a stream with SHA-256 {received}, bbrx checked and "
+                    f"sent {reader.digest}",
+                    hint="The tar itself is intact (every checksum matched the metadata). "
+                    "Nothing was locked or restored, and the copy is removed from the VM's "
+                    "work dir. Check the network and the VM's disk, then restore again.",
+                )
         except BbrxError as error:
             tracker.trigger("copy_error", outcome="error", error=error)
             run.fail(error)
             return "copy_failed"
-        tracker.trigger("copy_ok", detail={"files": len(remote)})
+        tracker.trigger("copy_ok", detail={"files": len(files), "sha256": received})
         log.info(
-            "Copied %s to %s and verified its checksums there", path.name, run.instance.address
+            "Copied %s to %s (%d bytes, SHA-256 %s on both ends; every checksum matched)",
+            reader.name,
+            run.instance.address,
+            reader.sent_bytes,
+            received,
         )
     return "copied"
-
-
-def _checked(run: Run, chunks: Iterator[bytes]) -> Iterator[bytes]:
-    for chunk in chunks:
-        run.check_interrupt()
-        yield chunk
 
 
 def run_restore_scripts(run: Run) -> steps.Step:

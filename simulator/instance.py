@@ -389,14 +389,17 @@ class SimInstance:
                     host=self.address,
                 )
 
-    def stream_in(self, job: str, chunks: Iterator[bytes]) -> None:
+    def stream_in(self, job: str, chunks: Iterator[bytes]) -> str:
         self.make_artifact_directory(job)
         path = self._artifact_path(job)
         fault = self._transfer_fault(job)
+        # The VM's digest of what its tar reads: taken after the `corrupt` fault, which
+        # stands for the link between the jump box and the VM. Owners and set-id bits are
+        # not kept (see orchestrator.ssh._unpack_command for what each flag does).
+        received = hashlib.sha256()
+        tar = ["tar", "-C", str(path), "--no-same-owner", "--no-same-permissions", "-xf", "-"]
         with tempfile.TemporaryFile() as errors:
-            proc = self._start_transfer(
-                job, "in", ["tar", "-C", str(path), "--no-same-owner", "-xf", "-"], fault, errors
-            )
+            proc = self._start_transfer(job, "in", tar, fault, errors)
             stdin = proc.stdin
             assert stdin is not None
             broken = False
@@ -408,6 +411,7 @@ class SimInstance:
                         chunk = corrupt(chunk)
                     elif drops and number == 1:
                         raise self._dropped(job, fault or "")
+                    received.update(chunk)
                     try:
                         stdin.write(chunk)
                     except BrokenPipeError:
@@ -431,6 +435,7 @@ class SimInstance:
                     f"tar exited {returncode}: {message or 'no message'}",
                     host=self.address,
                 )
+            return received.hexdigest()
 
     def _start_transfer(
         self, job: str, direction: str, tar: list[str], fault: str | None, errors: IO[bytes]
@@ -489,6 +494,11 @@ class SimInstance:
         )
 
     def checksum_artifact_directory(self, job: str) -> dict[str, str]:
+        """SHA-256 of every regular file in the job's artifact directory, keyed `./path`.
+
+        Not part of the instance contract (a restore checks the stream in `stream_in`):
+        the simulator's tests use it to look at what landed on the VM.
+        """
         base = self._existing_artifact_path(job)
         checksums: dict[str, str] = {}
         for dirpath, dirnames, filenames in os.walk(base):

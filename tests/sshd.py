@@ -52,19 +52,19 @@ fault=/var/vcap/sys/run/bbr-sim/faults/$job/transfer
 [[ -f $fault ]] || exec "$real" "$@"
 read -r word rest <"$fault"
 export LC_ALL=C
+# Passes the stream through with the byte at offset $1 changed.
 flip() {
-  dd bs=1 count=1024 2>/dev/null
+  dd bs="$1" count=1 iflag=fullblock 2>/dev/null
   dd bs=1 count=1 2>/dev/null | tr '\000-\377' '\001-\377\000'
   cat
 }
 case "$word" in
   sleep) sleep "$rest"; exec "$real" "$@" ;;
   corrupt)
-    if [[ $mode == out ]]; then "$real" "$@" | flip; exit; fi
-    # What lands differs from what was sent: one byte of the first file, as if in flight.
-    "$real" "$@" || exit
-    first=$(find "$dir" -type f -size +0 | sort | head -n 1)
-    printf 'X' | dd of="$first" bs=1 count=1 conv=notrunc 2>/dev/null ;;
+    if [[ $mode == out ]]; then "$real" "$@" | flip 1024; exit; fi
+    # In flight, before the VM's tar reads it: one byte at the offset the simulator's
+    # _Corrupter flips (file data of the seed's blobstore, so the tar stays readable).
+    flip 600000 | "$real" "$@" ;;
   *)
     if [[ $mode == out ]]; then "$real" "$@" | head -c 4096; else head -c 4096 >/dev/null; fi
     printf '%s\n' "${rest:-connection reset by peer}" >&2

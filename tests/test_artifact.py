@@ -3,6 +3,7 @@
 import hashlib
 import io
 import os
+import re
 import stat
 import subprocess
 import tarfile
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import artifact
+from orchestrator import artifact, safeyaml
 from orchestrator.errors import ArtifactCorruptError, ArtifactError
 
 STARTED = datetime(2026, 5, 30, 15, 49, 2, tzinfo=UTC)
@@ -191,3 +192,70 @@ def test_reads_a_bbr_made_artifact(tmp_path):
     assert [(i.name, i.index, a.name) for i, a in manifest.jobs()] == [
         ("bosh", "0", "bbr-credhubdb")
     ]
+
+
+# --- bounded input, and the file set -----------------------------------------------------------
+
+FIXTURES = Path("/work/shared/fixtures/bbr")
+
+
+@pytest.mark.parametrize("name", ["director-backup", "director-backup-integration", "redis-backup"])
+def test_artifacts_bbr_itself_wrote_validate(name):
+    """Read where they lie (never copied in): bbr's own GNU tar and Go YAML output."""
+    if not (FIXTURES / name).is_dir():
+        pytest.skip("bbr's fixtures are not on this machine")
+    manifest = artifact.validate(FIXTURES / name)
+    assert all(job.checksums for _, job in manifest.jobs())
+
+
+def test_the_metadata_cap_is_named(tmp_path, monkeypatch):
+    final = published(tmp_path)
+    monkeypatch.setattr(safeyaml, "ARTIFACT_METADATA_CAP", 100)
+    with pytest.raises(ArtifactError, match=r"metadata was refused: it is 101 bytes, over the 100"):
+        artifact.read_manifest(final)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: &x [1]\nb: *x\n", "it uses the YAML anchor &x (line 1)"),
+        ("b: *x\n", "it uses the YAML alias *x (line 1)"),
+        ("a: !!python/object:os.system {}\n", "could not determine a constructor"),
+        ("a: [\n", "while parsing a flow node (line 2, column 1)"),
+        ("x" * 2000, "over the 1024 bytes cap"),
+    ],
+)
+def test_bounded_yaml_refuses(text, message):
+    with pytest.raises(safeyaml.YamlRefused, match=re.escape(message)):
+        safeyaml.load(text, cap=1024)
+
+
+def test_bounded_yaml_keeps_ampersands_and_stars_in_strings():
+    assert safeyaml.load("'./blobs/a&b*': abc\n", cap=1024) == {"./blobs/a&b*": "abc"}
+
+
+def test_the_file_set_must_match_the_metadata(tmp_path):
+    final = published(tmp_path)
+    manifest = artifact.read_manifest(final)
+    artifact.check_files(manifest)  # metadata, bbrx-audit.yml and the listed tar: fine
+    (final / "notes.txt").write_text("an operator's note is not a tar\n")
+    artifact.check_files(manifest)
+    (final / "bosh-0-stray.tar").write_bytes(bytes(1024))
+    with pytest.raises(ArtifactCorruptError, match=r"bosh-0-stray\.tar is in .* does not list"):
+        artifact.check_files(manifest)
+    (final / "bosh-0-stray.tar").unlink()
+    (final / "bosh-0-director.tar").unlink()
+    (final / "bosh-0-director.tar").mkdir()
+    with pytest.raises(ArtifactCorruptError, match="is not a regular file"):
+        artifact.check_files(manifest)
+
+
+def test_one_pass_reader_checks_as_it_streams(tmp_path):
+    final = published(tmp_path)
+    manifest = artifact.read_manifest(final)
+    [(instance, job)] = manifest.jobs()
+    reader = artifact.TarReader(final, instance, job)
+    sent = b"".join(reader.chunks())
+    assert reader.digest == hashlib.sha256(sent).hexdigest()
+    assert sent == (final / "bosh-0-director.tar").read_bytes()
+    assert reader.verify() == job.checksums

@@ -108,7 +108,7 @@ def test_the_seed_runbook_end_to_end(target, tmp_path):
     assert f"is tied to run {runs[2].run_id}" in verify.stdout
 
 
-def test_corrupted_artifact_is_refused_and_target_untouched(target, backup):
+def test_corrupted_artifact_is_refused_and_nothing_is_locked(target, backup):
     tar = backup / "bosh-0-director.tar"
     data = bytearray(tar.read_bytes())
     data[data.index(b"INSERT")] ^= 0x20  # one byte of the dump, inside the tar
@@ -121,12 +121,17 @@ def test_corrupted_artifact_is_refused_and_target_untouched(target, backup):
         "Error: Backup is corrupted: bosh-0-director.tar: ./director.sql has SHA-256"
         in result.stderr
     )
-    assert "Nothing on the target was touched" in result.stderr
-    assert target.vm.calls() == []  # not even discovery's metadata scripts ran
+    assert "Nothing was locked or restored" in result.stderr
+    # Checked in the pass that copies it, which precedes every lock: nothing locked or
+    # restored, and what was copied is gone from the VM.
+    assert target.scripts_run("pre-restore-lock") == []
+    assert target.scripts_run("restore") == []
     assert target.vm.data_digest() == before
     assert not target.work_dir().exists()
-    states = [r["to_state"] for r in target.bbrx.audit_rows() if r["job"] is None]
-    assert states == ["validating", "failed"]
+    rows = target.bbrx.audit_rows()
+    states = [r["to_state"] for r in rows if r["job"] is None]
+    assert states[-3:] == ["copying", "cleaning", "failed"]
+    assert [r["job"] for r in rows if r["trigger"] == "copy_error"] == ["director"]
 
 
 def test_restore_onto_a_director_lacking_a_job(target, backup):
@@ -206,9 +211,11 @@ def test_a_copy_that_differs_on_the_vm_is_not_restored(target, backup):
     target.vm.set_fault("blobstore", "transfer", "corrupt")
     result = target.director("restore", "--artifact-path", str(backup))
     assert result.code == 1, result
-    assert f"Backup is corrupted: blobstore after copying to {target.address}: ./" in (
-        result.stderr
-    )
+    assert (
+        f"the copy of bosh-0-blobstore.tar to {target.address} is corrupted: the VM's tar read "
+        "a stream with SHA-256 " in result.stderr
+    ), result
+    assert "The tar itself is intact" in result.stderr
     assert target.scripts_run("pre-restore-lock") == []
     assert target.scripts_run("restore") == []
     assert not target.work_dir().exists()
