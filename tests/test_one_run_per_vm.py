@@ -23,9 +23,10 @@ def out(tmp_path: Path) -> Path:
 def _backup_holding_the_vm(target: Target, out: Path) -> subprocess.Popen[str]:
     """A backup that stays locked for a while (its last lock script sleeps)."""
     target.vm.set_fault("blobstore", "pre-backup-lock", "sleep 4")
+    before = target.scripts_run("pre-backup-lock").count("blobstore")
     first = target.start("backup", "--artifact-path", str(out))
     wait_for(
-        lambda: ("blobstore", "pre-backup-lock", "start") in target.calls(),
+        lambda: target.scripts_run("pre-backup-lock").count("blobstore") > before,
         what="the first run's last lock",
     )
     return first
