@@ -21,7 +21,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from typer.core import TyperGroup
 
-try:  # typer >= 0.22 vendors its own click; older releases use the click package
+try:  # typer >= 0.26 vendors its own click; older releases import the click package
     from typer._click import exceptions as click_exceptions
     from typer._click.core import Context as ClickContext
 except ImportError:  # pragma: no cover
