@@ -258,6 +258,18 @@ def target(request: pytest.FixtureRequest, bbrx: Bbrx) -> Iterator[Target]:
         )  # fmt: skip
 
 
+@pytest.fixture
+def backup(target, tmp_path) -> Path:
+    """A good backup of the target, and the target's call log cleared after it."""
+    out = tmp_path / "generated-backup"
+    out.mkdir()
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 0, result
+    [artifact] = list(out.iterdir())
+    target.vm.clear_calls()
+    return artifact
+
+
 def process_running(pid: int) -> bool:
     """Running, not a zombie waiting to be reaped."""
     try:

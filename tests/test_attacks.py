@@ -27,17 +27,6 @@ Member = tuple[tarfile.TarInfo, bytes]
 FIXTURES = Path("/work/shared/fixtures/bbr")
 
 
-@pytest.fixture
-def backup(target, tmp_path) -> Path:
-    out = tmp_path / "generated-backup"
-    out.mkdir()
-    result = target.director("backup", "--artifact-path", str(out))
-    assert result.code == 0, result
-    [artifact] = list(out.iterdir())
-    target.vm.clear_calls()
-    return artifact
-
-
 def craft(backup: Path, job: str, change: Callable[[list[Member]], list[Member]]) -> None:
     """Rewrite one job's tar with tarfile, and its checksums in metadata to match it."""
     path = backup / f"bosh-0-{job}.tar"

@@ -3,23 +3,29 @@ that locked anything goes through unlocking."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from audit import AuditLog
 from orchestrator import backup
-from orchestrator.run import Identity, Run
+from orchestrator.run import Identity, Outcome, Run
 from simulator.director import SimDirector, sim_root
 from simulator.instance import SimInstance
 
 
-def test_a_refused_trigger_still_leads_through_unlocking(tmp_path: Path):
+def drive_backup(
+    tmp_path: Path, state: str, action: Callable[[Any, Run], str]
+) -> tuple[Outcome, list[dict], SimDirector, Path]:
+    """A backup of a fresh simulated director, with the action of `state` replaced by
+    `action(original, run)`: the outcome, the run's audit rows, the VM and the output dir."""
     vm = SimDirector(sim_root(tmp_path, "demo"))
     vm.create()
     out = tmp_path / "out"
     out.mkdir()
     actions = dict(backup.backup_actions(out, "demo"))
-    # An action with a bug: a trigger the tables refuse from its state, then one they lack.
-    actions["backing_up"] = lambda run: "drained"
+    original = actions[state]
+    actions[state] = lambda run: action(original, run)
     instance = SimInstance(vm)
     with AuditLog(tmp_path / "audit.db") as audit:
         run = Run("backup", instance, audit, Identity("tester"), "sim://demo")
@@ -27,10 +33,17 @@ def test_a_refused_trigger_still_leads_through_unlocking(tmp_path: Path):
         backup.finish(run)
         rows = audit.timeline(run.run_id)
     instance.close()
+    return outcome, rows, vm, out
+
+
+def test_a_refused_trigger_still_leads_through_unlocking(tmp_path: Path):
+    # An action with a bug: it returns a trigger the tables refuse from its state.
+    outcome, rows, vm, out = drive_backup(tmp_path, "backing_up", lambda _original, _run: "drained")
 
     assert outcome.state == "failed"
-    assert any("Can't trigger event drained from state backing_up" in e.message
-               for e in outcome.errors)  # fmt: skip
+    assert any(
+        "Can't trigger event drained from state backing_up" in e.message for e in outcome.errors
+    )
     refused = [r for r in rows if r["job"] is None and r["outcome"] == "refused"]
     assert [r["trigger"] for r in refused] == ["drained"]
     run_states = [r["to_state"] for r in rows if r["job"] is None and r["outcome"] != "refused"]
@@ -44,19 +57,11 @@ def test_a_refused_trigger_still_leads_through_unlocking(tmp_path: Path):
 
 
 def test_an_unknown_trigger_after_locking_still_unlocks(tmp_path: Path):
-    vm = SimDirector(sim_root(tmp_path, "demo"))
-    vm.create()
-    out = tmp_path / "out"
-    out.mkdir()
-    actions = dict(backup.backup_actions(out, "demo"))
-    locking = actions["locking"]
-    actions["locking"] = lambda run: (locking(run), "no_such_trigger")[1]
-    instance = SimInstance(vm)
-    with AuditLog(tmp_path / "audit.db") as audit:
-        run = Run("backup", instance, audit, Identity("tester"), "sim://demo")
-        outcome = run.drive(actions)
-        backup.finish(run)
-    instance.close()
+    def lock_then_bug(original, run):
+        original(run)
+        return "no_such_trigger"
+
+    outcome, _rows, vm, out = drive_backup(tmp_path, "locking", lock_then_bug)
     assert outcome.state == "failed"
     assert any("no_such_trigger" in e.message for e in outcome.errors)
     assert vm.locked_jobs() == []

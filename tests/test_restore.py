@@ -4,24 +4,9 @@ before it touches the target."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
-
-import pytest
 
 ALL_JOBS = {"bbr-credhubdb", "blobstore", "director", "uaa"}
 RESTORE_JOBS = {"bbr-credhubdb", "blobstore", "director"}
-
-
-@pytest.fixture
-def backup(target, tmp_path) -> Path:
-    """A good backup of the target, and the target's call log cleared after it."""
-    out = tmp_path / "generated-backup"
-    out.mkdir()
-    result = target.director("backup", "--artifact-path", str(out))
-    assert result.code == 0, result
-    [artifact] = list(out.iterdir())
-    target.vm.clear_calls()
-    return artifact
 
 
 def test_round_trip_onto_a_wiped_director(target, backup):
