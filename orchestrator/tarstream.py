@@ -126,7 +126,13 @@ class TarHasher:
             self._zero_blocks += 1
             self.ended = self._zero_blocks >= 2
             return
-        self._zero_blocks = 0
+        if self._zero_blocks:
+            # GNU tar stops at a zero block ("A lone zero block") and exits 0: whatever
+            # follows would be hashed here and never unpacked there.
+            raise TarStreamError(
+                f"a lone zero block before byte {self.bytes}: tar stops reading there, so the "
+                "members after it would not be restored"
+            )
         try:
             info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
         except tarfile.HeaderError as exc:
@@ -146,6 +152,10 @@ class TarHasher:
             link = self._pax.get("linkpath") or self._long_link or info.linkname
             pax, self._long_name, self._long_link, self._pax = self._pax, None, None, {}
             problem = _problem(info, name, link, pax, block, self.checksums)
+            if problem is None and size and info.type not in _REGULAR:
+                # GNU tar reads no data after a directory or a hard link: these bytes would
+                # be skipped here as data and read there as further, unchecked members.
+                problem = f"a {_what(info)} with {size} bytes of data after its header"
             if (
                 problem is None
                 and self.listed is not None
@@ -221,6 +231,10 @@ def _problem(
         if _key(link) not in checksums:
             return f"a hard link to {_key(link)}, which is not an earlier regular file of this tar"
     return None
+
+
+def _what(info: tarfile.TarInfo) -> str:
+    return "directory" if info.type == tarfile.DIRTYPE else "hard link"
 
 
 def _bad_name(name: str) -> str | None:

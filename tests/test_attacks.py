@@ -9,6 +9,7 @@ import hashlib
 import io
 import os
 import shutil
+import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -199,7 +200,7 @@ def test_an_alias_bomb_from_a_metadata_script_is_refused(target, backup):
 
 def test_a_metadata_script_printing_more_than_the_cap_is_refused(target, backup):
     target.set_metadata("uaa", "# " + "x" * (1 << 20) + "\nskip_bbr_scripts: false\n")
-    assert_refused(target, restore(target, backup), "over the 1 MiB cap")
+    assert_refused(target, restore(target, backup), "printed more than 1 MiB: refusing it")
 
 
 @pytest.mark.parametrize(
@@ -283,3 +284,57 @@ def test_an_artifact_bbr_itself_wrote_restores(target):
         == (expected["instances"][0]["artifacts"][0]["checksums"]["./backup"])
     )
     assert not target.work_dir().exists() or target.director("restore-cleanup").code == 0
+
+
+def _header(name: str, kind: bytes, size: int = 0, **fields) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+def _file(name: str, data: bytes) -> bytes:
+    return _header(name, tarfile.REGTYPE, len(data)) + data + bytes(-len(data) % 512)
+
+
+def append_raw(backup: Path, job: str, tail: bytes, listed: dict[str, bytes]) -> Path:
+    """Rewrite one job's tar as its own members, then `tail` (raw blocks: the crafted
+    part), then the end-of-archive; metadata also lists `listed` (name -> data)."""
+    path = backup / f"bosh-0-{job}.tar"
+    with tarfile.open(path) as source:
+        source.getmembers()
+        end = source.offset  # just past the last member's data
+    path.write_bytes(path.read_bytes()[:end] + tail + bytes(1024))
+
+    def add_listed(doc: dict) -> None:
+        for art in doc["instances"][0]["artifacts"]:
+            if art["name"] == job:
+                for name, data in listed.items():
+                    art["checksums"][name] = hashlib.sha256(data).hexdigest()
+
+    edit_metadata(backup, add_listed)
+    return path
+
+
+def test_a_directory_with_data_cannot_smuggle_members_past_the_check(target, backup):
+    # GNU tar reads no data after a directory header; a hasher that skipped `size` bytes
+    # would never see the symlink and the file hidden in them, and tar would plant both.
+    hidden = _header("./evil", tarfile.SYMTYPE, linkname="/etc") + _file("./planted", b"x\n")
+    path = append_raw(backup, "director", _header("./d", tarfile.DIRTYPE, len(hidden)) + hidden, {})
+    listing = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True).stdout
+    assert "./evil" in listing and "./planted" in listing  # the attack is real for tar
+    assert_refused(
+        target,
+        restore(target, backup),
+        f"member ./d is a directory with {len(hidden)} bytes of data after its header",
+    )
+
+
+def test_a_lone_zero_block_cannot_hide_files_from_the_restore(target, backup):
+    # tar stops at a lone zero block and exits 0: ./b would be listed, checked, and never
+    # restored, and the restore would look good.
+    path = append_raw(backup, "director", bytes(512) + _file("./b", b"b\n"), {"./b": b"b\n"})
+    listing = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True).stdout
+    assert "./b" not in listing  # what tar would restore
+    assert_refused(target, restore(target, backup), "a lone zero block before byte")
