@@ -367,14 +367,19 @@ class Run:
                 end_leftovers=phase != "unlock",
             )
             result = self.instance.run_script(call)
-        except TransportError as exc:
-            # The script could not even start: a failure of this phase for this job all the same.
+        except Exception as exc:
+            # The script could not even start (or the transport broke in a way it did not
+            # foresee: a fork that failed, say): a failure of this phase for this job all the
+            # same, so that one job's trouble never skips the other jobs' unlocks.
+            if not isinstance(exc, TransportError):
+                log.debug("running %s of job %s failed", script, tracker.name, exc_info=True)
+            message = exc.message if isinstance(exc, TransportError) else f"internal error: {exc!r}"
             error = error_class(
                 job=tracker.name,
                 script=script,
                 host=self.instance.address,
                 exit_code=None,
-                stderr_tail=exc.message,
+                stderr_tail=message,
             )
             tracker.trigger(f"{phase}_error", outcome="error", script=script, error=error)
             return error

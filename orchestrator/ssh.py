@@ -425,13 +425,19 @@ class SshInstance:
         with self._lock:
             if call.may_start is not None and not call.may_start():
                 return ScriptResult.not_started(call)
-            proc = subprocess.Popen(
-                self._ssh(remote),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
+            try:
+                proc = subprocess.Popen(
+                    self._ssh(remote),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
+            except OSError as error:  # no fork, no fds: this jump box is out of resources
+                raise TransportError(
+                    f"cannot start ssh for the {call.script} script of job {call.job}: {error}",
+                    host=self.address,
+                ) from error
             self._running[proc] = None
             self._markers[proc] = marker
         script = _RemoteScript(nonce.encode())

@@ -15,7 +15,10 @@ from simulator.instance import SimInstance
 
 
 def drive_backup(
-    tmp_path: Path, state: str, action: Callable[[Any, Run], str]
+    tmp_path: Path,
+    state: str,
+    action: Callable[[Any, Run], str],
+    instance_class: type[SimInstance] = SimInstance,
 ) -> tuple[Outcome, list[dict], SimDirector, Path]:
     """A backup of a fresh simulated director, with the action of `state` replaced by
     `action(original, run)`: the outcome, the run's audit rows, the VM and the output dir."""
@@ -26,7 +29,7 @@ def drive_backup(
     actions = dict(backup.backup_actions(out, "demo"))
     original = actions[state]
     actions[state] = lambda run: action(original, run)
-    instance = SimInstance(vm)
+    instance = instance_class(vm)
     with AuditLog(tmp_path / "audit.db") as audit:
         run = Run("backup", instance, audit, Identity("tester"), "sim://demo")
         outcome = run.drive(actions)
@@ -66,3 +69,28 @@ def test_an_unknown_trigger_after_locking_still_unlocks(tmp_path: Path):
     assert any("no_such_trigger" in e.message for e in outcome.errors)
     assert vm.locked_jobs() == []
     assert list(out.iterdir()) == []
+
+
+class _ForkFailsOnOneUnlock(SimInstance):
+    """A stand-in for what cannot be staged here: the jump box cannot fork for one unlock."""
+
+    def run_script(self, call):
+        if (call.job, call.script) == ("director", "post-backup-unlock"):
+            raise OSError(11, "Resource temporarily unavailable")
+        return super().run_script(call)
+
+
+def test_an_unforeseen_error_in_one_unlock_does_not_skip_the_others(tmp_path: Path):
+    outcome, rows, vm, _out = drive_backup(
+        tmp_path, "backing_up", lambda original, run: original(run), _ForkFailsOnOneUnlock
+    )
+    unlocked = {c.job for c in vm.calls() if (c.script, c.event) == ("post-backup-unlock", "start")}
+    # director is unlocked in level 1; the levels before and after it still ran.
+    assert unlocked == {"bbr-credhubdb", "blobstore", "uaa"}
+    assert outcome.state == "failed"
+    assert any(
+        "post-backup-unlock script for job director" in e.message
+        and "Resource temporarily unavailable" in e.message
+        for e in outcome.errors
+    )
+    assert [r["job"] for r in rows if r["trigger"] == "unlock_error"] == ["director"]
