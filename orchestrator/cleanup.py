@@ -10,15 +10,22 @@ cleanup: unlocking everything matters more than the order.
 
 from __future__ import annotations
 
+import re
+
+from audit.render import printable
 from orchestrator import recovery, steps
+from orchestrator.errors import CheckError
+from orchestrator.instance import REMOTE_WORK_DIR
 from orchestrator.run import Action, Run
 
 
-def cleanup_actions() -> dict[str, Action]:
+def cleanup_actions(*, force: bool = False) -> dict[str, Action]:
     def discover(run: Run) -> steps.Step:
         trigger, detail = steps.discover(run, lenient=True)
         steps.plan_levels(run, strict=False)
         unfinished = recovery.refuse_if_unfinished(run.audit, run.target, run.operation, run.run_id)
+        if not force:
+            _refuse_a_claim_this_log_does_not_know(run)
         if unfinished is not None:
             run.data["recovering"] = unfinished
             detail["recovering"] = unfinished.run_id
@@ -32,3 +39,28 @@ def cleanup_actions() -> dict[str, Action]:
         "unlocking": steps.unlock,
         "cleaning": steps.remove_work_dir,
     }
+
+
+_OWNER_RUN = re.compile(r"run (\S+) \(")
+
+
+def _refuse_a_claim_this_log_does_not_know(run: Run) -> None:
+    """A cleanup unlocks every job and removes the work dir: done under a run that is still
+    going on from another jump box or audit log, it would wreck that run. bbr cannot tell;
+    bbrx can, from the owner file the claiming run wrote. A run this audit log knows is
+    this log's to judge (the lease and the recovery above have done so)."""
+    owner = run.instance.work_dir_owner()
+    match = _OWNER_RUN.match(owner or "")
+    if match is None:
+        return  # no work dir, or one bbr or an older bbrx left: clean it, as bbr does
+    if any(summary.run_id == match.group(1) for summary in run.audit.runs()):
+        return
+    raise CheckError(
+        f"{REMOTE_WORK_DIR} on {run.instance.address} was created by bbrx "
+        f"{printable(owner or '')[:300]}, which this audit log ({run.audit.path}) does not know: "
+        "that run may still be going on from another jump box or audit log, and this cleanup "
+        "would unlock its jobs under it",
+        hint=f"Check with whoever runs it (or `bbrx status --host {run.target} --audit-db "
+        "THEIR_LOG`). If that run is over, run this cleanup again with --force. Nothing was "
+        "unlocked or removed.",
+    )

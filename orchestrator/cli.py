@@ -392,10 +392,20 @@ def restore(
     _audit_footer(outcome)
 
 
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Clean up even if the work dir was created by a bbrx run this audit log does not "
+        "know (from another jump box or audit log): only once you know that run is over.",
+    ),
+]
+
+
 @director_app.command("backup-cleanup")
-def backup_cleanup(ctx: typer.Context) -> None:
+def backup_cleanup(ctx: typer.Context, force: ForceOption = False) -> None:
     """Unlock every job and remove what a failed backup left on the director."""
-    request = _request(ctx, "backup-cleanup")
+    request = replace(_request(ctx, "backup-cleanup"), force=force)
     outcome = _run(ctx, request)
     typer.echo(
         f"Backup cleanup of {request.target.address} done: every job unlocked, work dir removed."
@@ -404,9 +414,9 @@ def backup_cleanup(ctx: typer.Context) -> None:
 
 
 @director_app.command("restore-cleanup")
-def restore_cleanup(ctx: typer.Context) -> None:
+def restore_cleanup(ctx: typer.Context, force: ForceOption = False) -> None:
     """Unlock every job and remove what a failed restore left on the director."""
-    request = _request(ctx, "restore-cleanup")
+    request = replace(_request(ctx, "restore-cleanup"), force=force)
     outcome = _run(ctx, request)
     typer.echo(
         f"Restore cleanup of {request.target.address} done: every job unlocked, work dir removed."

@@ -40,6 +40,8 @@ class Request:
     timeouts: Timeouts = field(default_factory=Timeouts)
     # Asked after a second Ctrl-C while unlocking; None where there is no terminal.
     confirm_abandon: Callable[[list[str], threading.Event], bool] | None = None
+    # A cleanup even over a work dir that a run this audit log does not know created.
+    force: bool = False
 
 
 def run_director(request: Request) -> Outcome:
@@ -135,5 +137,5 @@ def _drive(request: Request, run: Run) -> Outcome:
         assert artifact_path is not None
         return run.drive(restore.restore_actions(artifact_path), **start)
     if operation in ("backup-cleanup", "restore-cleanup"):
-        return run.drive(cleanup.cleanup_actions(), **start)
+        return run.drive(cleanup.cleanup_actions(force=request.force), **start)
     raise UsageError(f"unknown operation {operation}")

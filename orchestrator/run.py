@@ -232,22 +232,8 @@ class Run:
                     internal = BbrxError(f"internal error while {current}: {exc!r}")
                     trigger, detail = self._failure_trigger(current), internal.detail()
                     self.fail(internal)
-                if self.abandoned and self._can("abandon"):
-                    self.fire(
-                        "abandon",
-                        outcome="error",
-                        detail={**detail, "confirmed_by": self.identity.operator},
-                    )
-                    continue
-                if self.interrupted_by and not self._interrupt_fired and self._can("interrupt"):
-                    self._interrupt_fired = self._interrupt_noted = True
-                    self.fire("interrupt", outcome="error", detail={"signal": self.interrupted_by})
-                    continue
-                if self.interrupted_by and not self._interrupt_noted:
-                    # Signalled in a state that runs to its end: say so on its own row.
-                    self._interrupt_noted = True
-                    detail = {**detail, "interrupted_by": self.interrupted_by}
-                self._advance(current, trigger, detail)
+                with self._kill_lock:  # no kill decided for this state lands in the next
+                    self._leave(current, trigger, detail)
             with self._kill_lock:
                 self._killable = False  # the run is over: nothing of it is left to kill
         if self.interrupted_by:
@@ -274,6 +260,35 @@ class Run:
             artifact=self.artifact,
             audit_db=Path(self.audit.path),
         )
+
+    def _leave(self, current: str, trigger: str, detail: dict[str, Any]) -> None:
+        """Take the transition out of `current` that the action's trigger, an abandon or an
+        interruption calls for."""
+        if self.abandoned and self._can("abandon"):
+            confirmed = {**detail, "confirmed_by": self.identity.operator}
+            self.fire("abandon", outcome="error", detail=confirmed)
+            return
+        interrupting = self.interrupted_by and not self._interrupt_fired and self._can("interrupt")
+        if interrupting and not self._leads_where(trigger, "interrupt"):
+            self._interrupt_fired = self._interrupt_noted = True
+            self.fire("interrupt", outcome="error", detail={"signal": self.interrupted_by})
+            return
+        if self.interrupted_by and not self._interrupt_noted:
+            # Signalled in a state that runs to its end, or in one whose work was done and
+            # leads where the interruption would (a drain that published its backup): the
+            # action's own row stands, with its detail, and says so.
+            self._interrupt_noted = True
+            detail = {**detail, "interrupted_by": self.interrupted_by}
+        self._advance(current, trigger, detail)
+
+    def _leads_where(self, trigger: str, other: str) -> bool:
+        """Whether `trigger` from here goes, whatever its conditions, where `other` goes."""
+        dests = {
+            t.dest
+            for name in (trigger, other)
+            for t in self.machine.get_transitions(trigger=name, source=self.state)
+        }
+        return len(dests) == 1 and self._outcome_of(trigger) != "error"
 
     def _advance(self, current: str, trigger: str, detail: dict[str, Any]) -> None:
         """Fire the trigger an action returned. If the tables refuse it (a bug: the refusal
@@ -538,17 +553,20 @@ class Run:
             return
         if not answer:
             log.warning("Going on unlocking.")
-        elif self.state != "unlocking" or not self.locked_jobs():
-            log.warning("Unlocking has finished meanwhile; nothing was left locked by choice.")
         else:
             self.stop_unlocking()
 
     def stop_unlocking(self) -> None:
         """Stop unlocking now: the operator confirmed leaving the remaining jobs locked."""
-        log.warning("Stopping the unlock at the operator's request; %s", self._unlock_summary())
-        # Set before the kill: an unlock script starting now asks `may_start` and stays put.
-        self.abandoned = True
+        # Under the lock the driver holds while it changes state: the check and the kill
+        # are one step, so a "y" typed as the last unlock ends cannot cut the drain after it.
         with self._kill_lock:
+            if self.state != "unlocking" or not self.locked_jobs():
+                log.warning("Unlocking has finished meanwhile; nothing was left locked by choice.")
+                return
+            log.warning("Stopping the unlock at the operator's request; %s", self._unlock_summary())
+            # Set before the kill: an unlock script starting now asks `may_start`, stays put.
+            self.abandoned = True
             self.instance.terminate_scripts()
 
     @contextlib.contextmanager

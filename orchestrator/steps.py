@@ -7,12 +7,14 @@ An action that raises a `BbrxError` takes its state's failure transition.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
 
 from orchestrator import BBR_COMPATIBLE_VERSION, recovery
 from orchestrator.errors import (
+    BbrxError,
     CheckError,
     CleanupError,
     CyclicLockOrderError,
@@ -144,7 +146,16 @@ def claim_work_dir(run: Run) -> None:
         f"from {run.identity.origin_host}, pid {os.getpid()}, "
         f"since {run.started:%Y-%m-%dT%H:%M:%SZ}"
     )
-    if not run.instance.claim_work_dir(owner):
+    try:
+        claimed = run.instance.claim_work_dir(owner)
+    except BbrxError:
+        # The mkdir may have happened before the connection broke. If the owner file is
+        # this run's, take the dir away again: no later run is to be refused for it.
+        with contextlib.suppress(BbrxError):
+            if run.instance.work_dir_owner() == owner:
+                run.instance.remove_work_dir()
+        raise
+    if not claimed:
         raise _work_dir_busy(run)
     run.data["claimed_work_dir"] = True
 

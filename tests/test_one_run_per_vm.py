@@ -140,3 +140,32 @@ def test_an_artifact_path_that_is_a_file_is_named_as_such(tmp_path: Path):
     path.write_text("")
     with pytest.raises(artifact.ArtifactError, match="is not a directory"):
         artifact.ArtifactWriter(path, "demo", STARTED, "run-a")
+
+
+def test_a_cleanup_refuses_to_unlock_under_a_run_this_log_does_not_know(
+    target: Target, out: Path, tmp_path: Path
+):
+    first = _backup_holding_the_vm(target, out)
+    unlocks_before = len(target.scripts_run("post-backup-unlock"))
+    other_db = tmp_path / "elsewhere" / "audit.db"
+    cleanup = target.director("--audit-db", str(other_db), "backup-cleanup")
+    assert cleanup.code == 1, cleanup
+    assert "which this audit log" in cleanup.stderr and "does not know" in cleanup.stderr
+    assert "run this cleanup again with --force" in cleanup.stderr
+    assert len(target.scripts_run("post-backup-unlock")) == unlocks_before  # nothing unlocked
+    assert target.work_dir().is_dir()
+    first.communicate(timeout=60)
+    assert first.returncode == 0  # the first run was not disturbed
+
+
+def test_force_cleans_up_after_a_run_from_elsewhere_that_is_over(target: Target):
+    target.work_dir().mkdir(parents=True)
+    (target.work_dir() / ".bbrx-owner").write_text(
+        "run 20261130T000000Z-abcdef (backup) by someone from jumpbox-2, pid 1, since ...\n"
+    )
+    refused = target.director("backup-cleanup")
+    assert refused.code == 1, refused
+    assert "bbrx run 20261130T000000Z-abcdef (backup) by someone from jumpbox-2" in refused.stderr
+    forced = target.director("backup-cleanup", "--force")
+    assert forced.code == 0, forced
+    assert not target.work_dir().exists()
