@@ -172,8 +172,9 @@ class ArtifactWriter:
     ) -> Checksums:
         """Write one job's tar from `stream`, hashing its files on the way."""
         path = self.partial / tar_name(group, index, job)
-        # Not strict: a backup records what the VM holds. What a restore would refuse is
-        # said now, while the operator can still change the job, not at restore time.
+        # Not strict while streaming: the whole tar is read, and everything a restore would
+        # refuse is named at once, now, while the job can still be changed, not on the day
+        # of a disaster when this backup would turn out to be one bbrx will not restore.
         hasher = TarHasher(strict=False)
         try:
             with open(path, "xb") as sink, _BackgroundSync(sink) as syncer:
@@ -191,12 +192,15 @@ class ArtifactWriter:
             raise ArtifactError(f"the tar stream of job {job} is not a valid tar: {exc}") from exc
         except OSError as exc:
             raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        for unsafe in hasher.unsafe:
-            log.warning(
-                "%s: %s; bbrx will refuse to restore this backup (only regular files and "
-                "directories are restored)",
-                path.name,
-                unsafe,
+        if hasher.unsafe:
+            named = "; ".join(str(unsafe) for unsafe in hasher.unsafe[:5])
+            more = len(hasher.unsafe) - 5
+            raise ArtifactError(
+                f"the backup of job {job} holds what bbrx will not restore ({path.name}: "
+                f"{named}{f'; and {more} more' if more > 0 else ''}): it is not published",
+                hint="A restore places only regular files and directories, each one covered by "
+                "a checksum. Make the job's backup script write only those, then back up again "
+                "(every job has been unlocked).",
             )
         self.checksums[(group, index, job)] = checksums
         log.debug("Copied %s (%d files, %d bytes)", path.name, len(checksums), hasher.bytes)

@@ -338,3 +338,18 @@ def test_a_lone_zero_block_cannot_hide_files_from_the_restore(target, backup):
     listing = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True).stdout
     assert "./b" not in listing  # what tar would restore
     assert_refused(target, restore(target, backup), "a lone zero block before byte")
+
+
+def test_a_backup_holding_what_a_restore_refuses_is_not_published(target, tmp_path):
+    # A job's backup script that leaves a symlink in its artifact: bbr would back it up and
+    # restore it blindly; bbrx says so at backup time, when the job can still be fixed.
+    script = target.vm.root / "var/vcap/jobs/director/bin/bbr/backup"
+    script.write_text(script.read_text() + 'ln -s /etc/passwd "${art}passwd"\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 1, result
+    assert "the backup of job director holds what bbrx will not restore" in result.stderr
+    assert "member ./passwd is a symbolic link (to /etc/passwd)" in result.stderr
+    assert list(out.iterdir()) == []
+    assert target.vm.locked_jobs() == []
