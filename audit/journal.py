@@ -57,8 +57,8 @@ def journal_row(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class JournalContents:
-    """What a journal holds: its rows in file order and the lines that did not parse
-    (a write torn by a crash; their line numbers)."""
+    """What a journal holds: its rows in file order and the lines that are not events
+    (a write torn by a crash, or a line someone wrote by hand; their line numbers)."""
 
     path: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -94,13 +94,42 @@ def read_journal(db: str | Path) -> JournalContents:
         except ValueError:
             bad.append(number)
             continue
-        if not isinstance(row, dict) or not isinstance(row.get("run_id"), str):
+        if not _well_formed(row):
             bad.append(number)
             continue
         rows.append({name: row.get(name) for name in COLUMN_NAMES})
     if bad:
         logger.warning("audit journal %s: lines %s are not events", path, bad)
     return JournalContents(path, rows, bad)
+
+
+# The journal is outside the hash chain, and anyone who can write the file can write a
+# line: a line the readers (status, the cleanups, verify) could trip on is not an event.
+_TEXT_REQUIRED = ("run_id", "operation", "target", "mode", "operator", "to_state", "trigger", "ts")
+_TEXT_OPTIONAL = ("reason", "from_state", "job", "script", "outcome", "origin_host")
+
+
+def _well_formed(row: Any) -> bool:
+    if not isinstance(row, dict):
+        return False
+    if not all(isinstance(row.get(key), str) for key in _TEXT_REQUIRED):
+        return False
+    if not all(isinstance(row.get(key), str | None) for key in _TEXT_OPTIONAL):
+        return False
+    duration, exit_code = row.get("duration"), row.get("exit_code")
+    if duration is not None and (
+        isinstance(duration, bool) or not isinstance(duration, int | float)
+    ):
+        return False
+    if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
+        return False
+    detail = row.get("detail")
+    if detail is not None and not isinstance(detail, dict):
+        return False
+    if row["trigger"] == "script_started":
+        pid = (detail or {}).get("pid")
+        return isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
+    return True
 
 
 def merged_timeline(

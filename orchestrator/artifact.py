@@ -209,17 +209,27 @@ class ArtifactWriter:
     def publish(self, finished: datetime, audit_head: dict[str, object]) -> Path:
         """Write metadata and the audit head, then rename to the final name."""
         document = metadata_document(self.checksums, self.started, finished)
-        _write_synced(self.partial / METADATA_FILE, _dump_metadata(document))
-        _write_synced(
-            self.partial / AUDIT_HEAD_FILE,
-            "# Ties this backup to its audited bbrx run: the audit chain head when it was "
-            "sealed.\n# Check it with: bbrx audit verify --artifact THIS_DIRECTORY\n"
-            + yaml.safe_dump(audit_head, sort_keys=False),
-        )
-        (self.partial / INCOMPLETE_MARKER).unlink()
-        _fsync_dir(self.partial)
-        os.rename(self.partial, self.final)
-        _fsync_dir(self.final.parent)
+        try:
+            _write_synced(self.partial / METADATA_FILE, _dump_metadata(document))
+            _write_synced(
+                self.partial / AUDIT_HEAD_FILE,
+                "# Ties this backup to its audited bbrx run: the audit chain head when it was "
+                "sealed.\n# Check it with: bbrx audit verify --artifact THIS_DIRECTORY\n"
+                + yaml.safe_dump(audit_head, sort_keys=False),
+            )
+            (self.partial / INCOMPLETE_MARKER).unlink()
+            _fsync_dir(self.partial)
+            os.rename(self.partial, self.final)
+        except OSError as exc:
+            raise ArtifactError(
+                f"cannot seal the backup in {self.partial}: {exc.strerror or exc}",
+                hint="Free some space (or pick another --artifact-path) and back up again "
+                "(every job has been unlocked); the partial backup is removed.",
+            ) from exc
+        try:
+            _fsync_dir(self.final.parent)
+        except OSError as exc:  # published already: say so, do not undo it
+            log.warning("could not sync %s after publishing: %s", self.final.parent, exc)
         log.info("Backup published: %s", self.final)
         return self.final
 
@@ -278,7 +288,13 @@ class _BackgroundSync:
 
 def check_free_space(directory: Path, needed: int) -> None:
     """Refuse a drain that cannot fit, before a byte is written (bbr never checks)."""
-    free = shutil.disk_usage(directory).free
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError as exc:
+        raise ArtifactError(
+            f"cannot tell the free space in {directory}: {exc.strerror or exc}",
+            hint="Check the artifact path, then back up again (every job has been unlocked).",
+        ) from exc
     # tar's headers and padding, and the metadata, add a little to the data's size.
     margin = 64 * 1024 * 1024
     if needed + margin > free:
@@ -369,6 +385,13 @@ INTACT_COPY = "Restore from an intact copy of this backup."
 
 def read_manifest(directory: Path) -> Manifest:
     """Parse and sanity-check an artifact's metadata, naming what is wrong."""
+    try:
+        return _read_manifest(directory)
+    except OSError as exc:  # a directory on the way that this user may not search, say
+        raise _unreadable(Path(exc.filename or directory), exc) from exc
+
+
+def _read_manifest(directory: Path) -> Manifest:
     if not directory.exists():
         raise ArtifactError(
             f"artifact directory {directory} does not exist",

@@ -31,7 +31,11 @@ def check_actions(artifact_path: Path) -> dict[str, Action]:
 def space_estimate(run: Run, artifact_path: Path) -> dict[str, object]:
     """Pre-flight (bbr has none): will a backup fit at the artifact path? Warn if not."""
     needed = run.instance.store_size()
-    free = shutil.disk_usage(artifact_path).free if artifact_path.is_dir() else 0
+    try:
+        free = shutil.disk_usage(artifact_path).free if artifact_path.is_dir() else 0
+    except OSError as exc:  # a pre-flight estimate: say why it has none, check the rest
+        log.warning("Cannot tell the free space at %s: %s", artifact_path, exc)
+        free = 0
     if needed > free:
         log.warning(
             "A backup may not fit: the director's stores hold %d MiB, %s has %d MiB free",

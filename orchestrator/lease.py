@@ -59,7 +59,10 @@ def _iso(moment: datetime) -> str:
 
 
 def holder_alive(pid: int, host: str, heartbeat: str) -> bool:
-    beat = datetime.strptime(heartbeat, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    try:
+        beat = datetime.strptime(heartbeat, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    except (TypeError, ValueError):
+        return False  # a lease row bbrx did not write: nobody's heartbeat, so stale
     fresh = _now() - beat < STALE_AFTER
     if host != socket.gethostname():
         return fresh  # another jump box: only its heartbeat can tell

@@ -897,3 +897,30 @@ def test_merged_timeline_puts_journal_rows_after_own_rows_and_recovered_last() -
     summary = summarise("r", merged)
     assert (summary.outcome, summary.finished, summary.events) == ("recovered", True, 4)
     assert summarise("r", merged[:3]).outcome == "unlocking"
+
+
+def test_journal_lines_a_reader_could_trip_on_are_not_events(tmp_path: Path) -> None:
+    import json
+
+    from audit import read_journal
+    from audit.journal import journal_path
+
+    db = tmp_path / "audit.db"
+    good = {
+        "run_id": "r1", "operation": "backup", "target": "sim://demo", "mode": "sim",
+        "operator": "op", "origin_host": "h", "reason": None, "from_state": "locking",
+        "to_state": "unlocking", "trigger": "lock_failed", "job": None, "script": None,
+        "outcome": "error", "exit_code": None, "duration": None, "detail": {"x": 1},
+        "ts": "2026-12-01T00:00:00.000000Z", "tool_version": "bbrx 0.1.0",
+    }  # fmt: skip
+    lines = [
+        good,
+        {**good, "trigger": None},  # would break `.endswith` in the cleanups
+        {**good, "trigger": "script_started", "detail": {}},  # a pid row without a pid
+        {**good, "duration": "slow"},  # would break the timeline's rendering
+        {**good, "detail": "not a mapping"},
+    ]
+    journal_path(db).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    contents = read_journal(db)
+    assert [row["trigger"] for row in contents.rows] == ["lock_failed"]
+    assert contents.bad_lines == [2, 3, 4, 5]
