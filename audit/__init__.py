@@ -6,6 +6,7 @@ reviewer can verify and read a log (``python -m audit``) without the rest of bbr
 
 from audit.errors import AuditError
 from audit.journal import (
+    AuditRecord,
     Journal,
     JournalContents,
     journal_path,
@@ -24,6 +25,7 @@ __all__ = [
     "AppendedEvent",
     "AuditError",
     "AuditLog",
+    "AuditRecord",
     "Journal",
     "JournalContents",
     "RunSummary",

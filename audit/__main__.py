@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from audit.errors import AuditError
+from audit.journal import AuditRecord
 from audit.log import AuditLog
 from audit.render import format_runs, format_timeline
 from audit.verify import verify_log
@@ -60,10 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _out(line)
             return 0
         with AuditLog(args.path, readonly=True) as log:
+            # The fallback journal's rows count in: they are what the log could not take.
+            record = AuditRecord(log)
             if args.command == "runs":
-                _out(format_runs(log.runs()))
+                _out(format_runs(record.runs()))
             else:
-                _out(format_timeline(log.timeline(args.run)))
+                _out(format_timeline(record.timeline(args.run)))
         return 0
     except AuditError as exc:
         _err(f"error: {exc}")

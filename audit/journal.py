@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.errors import AuditError
-from audit.log import RunSummary, explain, utc_now
+from audit.log import AuditLog, RunSummary, explain, utc_now
 from audit.schema import COLUMN_NAMES, TERMINAL_STATES
 
 logger = logging.getLogger(__name__)
@@ -164,6 +164,51 @@ def summarise(run_id: str, rows: list[dict[str, Any]]) -> RunSummary:
     )
 
 
+class AuditRecord:
+    """The audit log and its fallback journal, read as one: a run's journal rows (written
+    after the log failed it) follow its log rows. What status, the cleanups and a reviewer
+    read: a killed run whose lock row went to the journal is still seen as maybe locked,
+    with its pids, and a run whose end went there still shows how it ended."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+        self.journal: JournalContents = read_journal(audit.path)
+
+    def runs(self) -> list[RunSummary]:
+        summaries = []
+        known = set()
+        for summary in self.audit.runs():
+            known.add(summary.run_id)
+            extra = self.journal.of(summary.run_id)
+            if extra:
+                summary = summarise(summary.run_id, self.timeline(summary.run_id))
+            summaries.append(summary)
+        for run_id in self.journal.run_ids():
+            if run_id not in known:  # every row of it went to the journal
+                summaries.append(summarise(run_id, self.journal.of(run_id)))
+        return summaries
+
+    def resolve(self, run: str) -> str:
+        """The run id for an id or a unique prefix, among the log's runs and the journal's."""
+        try:
+            return self.audit.resolve_run(run)
+        except AuditError:
+            matches = [r for r in self.journal.run_ids() if run and r.startswith(run)]
+            if len(matches) == 1:
+                return matches[0]  # every row of it went to the journal
+            raise
+
+    def timeline(self, run: str) -> list[dict[str, Any]]:
+        """One run's rows (``run``: an id or a unique prefix): the log's, then the journal's."""
+        run_id = self.resolve(run)
+        journaled = self.journal.of(run_id)
+        chained = self.audit.timeline(run_id) if run_id in self._chained_ids() else []
+        return merged_timeline(chained, journaled)
+
+    def _chained_ids(self) -> set[str]:
+        return {summary.run_id for summary in self.audit.runs()}
+
+
 class Journal:
     """The writing side, for one process. Thread-safe; each ``write`` is durable when it
     returns True."""
@@ -175,8 +220,6 @@ class Journal:
             f"{self.path.name}.reserve-{socket.gethostname()}-{os.getpid()}"
         )
         self._lock = threading.Lock()
-        self.written = 0
-        self.lost = 0
 
     # -- the space reservation -----------------------------------------------------------
 
@@ -233,7 +276,6 @@ class Journal:
                     self._append(line.encode("utf-8"))
                 except OSError as again:
                     return self._lose(line, again)
-            self.written += 1
         return True
 
     def _append(self, data: bytes) -> None:
@@ -252,7 +294,6 @@ class Journal:
             _fsync_directory(self.path.parent)
 
     def _lose(self, line: str, exc: OSError) -> bool:
-        self.lost += 1
         logger.error(
             "audit event NOT RECORDED (the audit journal %s cannot be written either: %s): %s",
             self.path,

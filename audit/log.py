@@ -313,16 +313,6 @@ class AuditLog:
                 self.path,
             )
 
-    def check_writable(self) -> None:
-        """Raise AuditError (naming the cause) unless a writer can take the write lock now.
-
-        Called before a run starts, so that a log that cannot be written (held by another
-        process, read-only) refuses the run before anything is touched.
-        """
-        with self._using("write") as db:
-            db.conn.execute("BEGIN IMMEDIATE")
-            db.conn.execute("ROLLBACK")
-
     def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
         """WAL, once per file. Switching needs the file to itself for a moment, and SQLite
         answers "database is locked" at once (no busy wait) while another process is

@@ -28,8 +28,8 @@ except ImportError:  # pragma: no cover
     from click import Context as ClickContext  # type: ignore[assignment]
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
-from audit import AuditError, AuditLog
-from audit.render import format_runs, printable
+from audit import AuditError
+from audit.render import printable
 from orchestrator import __version__, machine, review, settings, simulation
 from orchestrator.errors import BbrxError, RunFailed
 from orchestrator.procedures import Request, run_director
@@ -308,7 +308,7 @@ def _confirm_abandon(locked: list[str], cancelled: threading.Event) -> bool:
         )
         return False
     typer.echo(
-        f"Still locked: {', '.join(locked)}. bbrx is unlocking them. "
+        f"Still locked: {printable(', '.join(locked))}. bbrx is unlocking them. "
         "Stop now and leave them locked? [y/N]: ",
         err=True,
         nl=False,
@@ -435,8 +435,7 @@ def _audit_path(ctx: typer.Context, audit_db: Path | None) -> Path:
 @audit_app.command("runs")
 def audit_runs(ctx: typer.Context, audit_db: AuditDbOption = None) -> None:
     """One line a run: id, operation, target, operator, start, end, outcome."""
-    with AuditLog(_audit_path(ctx, audit_db), readonly=True) as audit:
-        typer.echo(format_runs(audit.runs()))
+    typer.echo(review.runs(_audit_path(ctx, audit_db)))
 
 
 @audit_app.command("show")

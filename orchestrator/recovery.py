@@ -15,13 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from audit import (
-    AuditError,
     AuditLog,
-    JournalContents,
+    AuditRecord,
     RunSummary,
-    merged_timeline,
-    read_journal,
-    summarise,
 )
 from audit.render import printable
 from orchestrator import lease
@@ -91,40 +87,6 @@ INTERRUPTED = "interrupted"
 NEEDS_CLEANUP = "needs cleanup"
 
 
-class Record:
-    """The audit log and its fallback journal, read as one: a run's journal rows (written
-    after the log failed it) follow its log rows, so a killed run whose lock row went to
-    the journal is still seen as maybe locked, with its pids."""
-
-    def __init__(self, audit: AuditLog) -> None:
-        self.audit = audit
-        self.journal: JournalContents = read_journal(audit.path)
-
-    def runs(self) -> list[RunSummary]:
-        summaries = []
-        known = set()
-        for summary in self.audit.runs():
-            known.add(summary.run_id)
-            extra = self.journal.of(summary.run_id)
-            if extra:
-                summary = summarise(summary.run_id, self.timeline(summary.run_id))
-            summaries.append(summary)
-        for run_id in self.journal.run_ids():
-            if run_id not in known:  # every row of it went to the journal
-                summaries.append(summarise(run_id, self.journal.of(run_id)))
-        return summaries
-
-    def timeline(self, run_id: str) -> list[dict[str, Any]]:
-        journaled = self.journal.of(run_id)
-        try:
-            chained = self.audit.timeline(run_id)
-        except AuditError:
-            if not journaled:
-                raise
-            chained = []  # every row of it went to the journal
-        return merged_timeline(chained, journaled)
-
-
 def maybe_locked(rows: list[dict[str, Any]]) -> list[str]:
     """Jobs of one run that may hold a lock: as the run said when it ended, else (a run
     that was killed) those whose lock script started and whose unlock never succeeded."""
@@ -171,7 +133,7 @@ def end_left_running(audit: AuditLog, instance: Instance, run: RunSummary) -> li
     cleanup's unlock. Only groups still running that very script are ended.
     """
     ended = []
-    for script in left_running(Record(audit).timeline(run.run_id)):
+    for script in left_running(AuditRecord(audit).timeline(run.run_id)):
         try:
             if instance.end_script(script.job, script.script, script.pid):
                 log.warning(
@@ -202,7 +164,7 @@ def target_state(audit: AuditLog, target: str, *, exclude: str | None = None) ->
     failed or were refused without locking anything do not hide one, and nor does a
     cleanup of the other kind.
     """
-    record = Record(audit)
+    record = AuditRecord(audit)
     runs = [r for r in record.runs() if r.target == target and r.run_id != exclude]
     if not runs:
         return TargetState(target, IDLE)

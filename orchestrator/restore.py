@@ -89,7 +89,6 @@ def copy(run: Run) -> steps.Step:
         tracker.trigger("copy")
         reader = artifact.TarReader(directory, instance, job)
         try:
-            run.instance.make_artifact_directory(job.name)
             received = run.instance.stream_in(job.name, reader.chunks(run.check_interrupt))
             files = reader.verify()
             if received != reader.digest:

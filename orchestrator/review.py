@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from audit import AuditLog, journal_path, merged_timeline, read_journal, verify_log
-from audit.render import format_timeline
+from audit import AuditLog, AuditRecord, verify_log
+from audit.render import format_runs, format_timeline
 from orchestrator.artifact import AUDIT_HEAD_FILE
 from orchestrator.errors import ArtifactError, AuditBrokenError
 from orchestrator.recovery import target_state
@@ -63,17 +63,32 @@ def status(audit_db: Path, target: str) -> str:
         return target_state(audit, target).describe()
 
 
+def runs(audit_db: Path) -> str:
+    """One line a run, the fallback journal's rows counted in (a run whose end went there
+    shows how it ended, not the last state the log could take)."""
+    with AuditLog(audit_db, readonly=True) as audit:
+        record = AuditRecord(audit)
+        text = format_runs(record.runs())
+    journaled = record.journal.run_ids()
+    if journaled:
+        text += (
+            f"\n{len(journaled)} run(s) have events in the fallback journal "
+            f"{record.journal.path}, outside the hash chain: {', '.join(journaled)}"
+        )
+    return text
+
+
 def timeline(audit_db: Path, run: str) -> str:
     """A run's timeline: its log rows, then any rows its fallback journal holds."""
     with AuditLog(audit_db, readonly=True) as audit:
-        run_id = audit.resolve_run(run)
-        rows = audit.timeline(run_id)
-    journaled = read_journal(audit_db).of(run_id)
-    text = format_timeline(merged_timeline(rows, journaled))
+        record = AuditRecord(audit)
+        run_id = record.resolve(run)
+        text = format_timeline(record.timeline(run_id))
+    journaled = record.journal.of(run_id)
     if journaled:
         text += (
             f"\n{len(journaled)} event(s) of this run are in the fallback journal "
-            f"{journal_path(audit_db)}: the audit log could not be written then, so they are "
+            f"{record.journal.path}: the audit log could not be written then, so they are "
             "outside its hash chain"
         )
     return text

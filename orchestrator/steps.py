@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from audit.render import printable
 from orchestrator import BBR_COMPATIBLE_VERSION, recovery
 from orchestrator.errors import (
     BbrxError,
@@ -165,7 +166,7 @@ def _work_dir_busy(run: Run) -> CheckError:
     owner = run.instance.work_dir_owner()
     if owner:
         # It comes from the VM: shown as text, never as terminal control sequences.
-        who = "".join(c if c.isprintable() else "?" for c in owner)[:300]
+        who = printable(owner)[:300]
         why = f"it was created by bbrx {who}: that run is in progress or did not finish"
     else:
         why = "another run (bbr or bbrx) is in progress, or an earlier run did not finish"

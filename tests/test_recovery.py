@@ -359,6 +359,10 @@ def test_a_killed_run_whose_rows_went_to_the_journal_is_still_recovered(target, 
         journaled = [line for line in shown.stdout.splitlines() if line.startswith("journal ")]
         assert any("post-backup-unlock" in line for line in journaled), shown.stdout
         assert "in the fallback journal" in shown.stdout
+        runs = target.bbrx("audit", "runs")
+        assert runs.code == 0, runs
+        assert "1 run(s) have events in the fallback journal" in runs.stdout
+        assert killed in runs.stdout.splitlines()[-1]
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(hung.pid, signal.SIGKILL)
