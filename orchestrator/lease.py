@@ -58,21 +58,48 @@ def _iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def holder_alive(pid: int, host: str, heartbeat: str) -> bool:
-    try:
-        beat = datetime.strptime(heartbeat, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-    except (TypeError, ValueError):
-        return False  # a lease row bbrx did not write: nobody's heartbeat, so stale
-    fresh = _now() - beat < STALE_AFTER
+def holder_alive(pid: int, host: str, heartbeat: str, acquired: str | None = None) -> bool:
+    """Whether the lease's owner still runs. On another jump box only its heartbeat can
+    tell. On this one its process can: a live (not zombie) process that is no younger than
+    the lease holds it, even if its heartbeats could not be written for a while (another
+    writer held the database); a younger one is a reused pid."""
+    beat = _parse(heartbeat)
+    fresh = beat is not None and _now() - beat < STALE_AFTER
     if host != socket.gethostname():
-        return fresh  # another jump box: only its heartbeat can tell
+        return fresh
+    started = _process_start(pid)
+    if started is None:
+        return False  # gone, or a zombie
+    since = _parse(acquired) if acquired is not None else None
+    if since is None:
+        return fresh
+    return started <= since + timedelta(seconds=2)
+
+
+def _parse(moment: str | None) -> datetime | None:
+    try:
+        return datetime.strptime(str(moment), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None  # a lease row bbrx did not write: nobody's, so stale
+
+
+def _process_start(pid: int) -> datetime | None:
+    """When process `pid` started, or None if it is gone or a zombie."""
     try:
         # The name in parentheses may hold spaces and parentheses: the fields follow
         # the last ')'.
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state not in ("Z", "X") and fresh
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):
+            return None
+        ticks = int(fields[19])  # starttime, field 22 of proc(5)
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+    return datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"), UTC)
 
 
 def _connect(db: Path, busy_timeout: float) -> sqlite3.Connection:
@@ -173,7 +200,7 @@ def _take(
         ).fetchone()
         if held is not None:
             run, op, who, pid, host, since, beat = held
-            if holder_alive(pid, host, beat):
+            if holder_alive(pid, host, beat, since):
                 raise TargetBusyError(
                     f"{target} is busy: run {run} ({op}) by {who}, pid {pid} on {host}, "
                     f"since {since}",

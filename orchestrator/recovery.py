@@ -186,7 +186,7 @@ def target_state(audit: AuditLog, target: str, *, exclude: str | None = None) ->
         if (
             holder is not None
             and holder["run_id"] == summary.run_id
-            and holder_alive(holder["pid"], holder["host"], holder["heartbeat"])
+            and holder_alive(holder["pid"], holder["host"], holder["heartbeat"], holder["acquired"])
         ):
             return TargetState(target, IN_PROGRESS, summary, phase, holder, locked)
         return TargetState(target, INTERRUPTED, summary, phase, None, locked)

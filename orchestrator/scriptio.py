@@ -11,11 +11,16 @@ reading, whoever still holds the pipes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import selectors
 import time
 from collections.abc import Callable
 from typing import IO
+
+from orchestrator.instance import ScriptCall
+
+log = logging.getLogger(__name__)
 
 #: Each script run carries this variable with a value of its own; everything it starts
 #: inherits it, sessions of their own (setsid, double forks) included, so a timeout or an
@@ -142,3 +147,20 @@ class ScriptOutput:
             self._line_too_long = True
         else:
             self._line += rest
+
+
+def warn_leftovers(
+    call: ScriptCall, address: str, exit_code: int | None, killed_by: str | None, *, ended: bool
+) -> None:
+    """Both transports' one word on a script that ended while a process it started
+    still held its output."""
+    how = f"was killed ({killed_by})" if killed_by else f"exited {exit_code}"
+    log.warning(
+        "%s/%s on %s %s, but a process it started still holds its output: bbrx stopped "
+        "reading it%s",
+        call.job,
+        call.script,
+        address,
+        how,
+        " and ended it" if ended else " (left running)",
+    )

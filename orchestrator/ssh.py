@@ -51,7 +51,7 @@ from orchestrator.instance import (
     ScriptCall,
     ScriptResult,
 )
-from orchestrator.scriptio import MARKER_VAR, OUTPUT_GRACE_SECONDS, ScriptOutput
+from orchestrator.scriptio import MARKER_VAR, OUTPUT_GRACE_SECONDS, ScriptOutput, warn_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -501,16 +501,7 @@ class SshInstance:
             # running on the VM (a lock script would lock after we unlocked). End it there.
             killed_by, exit_code = self._kill_orphan(remote_pid, marker), None
         if leftovers:
-            how = f"was killed ({killed_by})" if killed_by else f"exited {exit_code}"
-            log.warning(
-                "%s/%s on %s %s, but a process it started still holds its output: bbrx "
-                "stopped reading it%s",
-                call.job,
-                call.script,
-                self.address,
-                how,
-                " and ended it" if ended else " (left running)",
-            )
+            warn_leftovers(call, self.address, exit_code, killed_by, ended=ended)
         return ScriptResult(
             job=call.job,
             script=call.script,

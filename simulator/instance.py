@@ -33,7 +33,7 @@ from orchestrator.instance import (
     ScriptCall,
     ScriptResult,
 )
-from orchestrator.scriptio import MARKER_VAR, ScriptOutput
+from orchestrator.scriptio import MARKER_VAR, ScriptOutput, warn_leftovers
 from simulator.calllog import append_call
 from simulator.director import FAULTS_DIR, JOBS_DIR, STORE_DIR, SimDirector
 from simulator.faults import CORRUPT, TRANSFER, transfer_delay, transfer_failure_message
@@ -170,7 +170,7 @@ class SimInstance:
             exit_code = None
             killed_by = f"SIGTERM {INTERRUPTED_KILL}; it exited {returncode}"
         if leftovers:
-            _warn_leftovers(call, self.address, exit_code, killed_by, ended=ended)
+            warn_leftovers(call, self.address, exit_code, killed_by, ended=ended)
         log.debug(
             "%s/%s on %s ended: exit %s%s in %.3fs",
             call.job,
@@ -611,21 +611,6 @@ def _marked(markers: set[str]) -> set[int]:
         if wanted.intersection(variables):
             found.add(int(entry.name))
     return found
-
-
-def _warn_leftovers(
-    call: ScriptCall, address: str, exit_code: int | None, killed_by: str | None, *, ended: bool
-) -> None:
-    how = f"was killed ({killed_by})" if killed_by else f"exited {exit_code}"
-    log.warning(
-        "%s/%s on %s %s, but a process it started still holds its output: bbrx stopped "
-        "reading it%s",
-        call.job,
-        call.script,
-        address,
-        how,
-        " and ended it" if ended else " (left running)",
-    )
 
 
 def _group_alive(group: int) -> bool:

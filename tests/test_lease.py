@@ -132,3 +132,22 @@ def test_a_lease_is_found_with_a_hash_or_question_mark_in_the_path(tmp_path):
     with lease.hold(db, "sim://demo", "run-7", "backup", "alice"):
         assert lease.read(db, "sim://demo")["run_id"] == "run-7"
     assert lease.read(db, "sim://demo") is None
+
+
+def test_a_live_holder_whose_heartbeats_stalled_still_holds_and_a_reused_pid_does_not():
+    """Heartbeats stall while another writer holds the database; on this jump box the
+    process itself says whether the lease's owner still runs."""
+    from orchestrator.lease import holder_alive
+
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        stalled = "2020-01-01T00:00:00.000000Z"
+        assert holder_alive(holder.pid, _hostname(), stalled, _now_iso())
+        # A lease acquired long before this process started was some earlier process's.
+        assert not holder_alive(holder.pid, _hostname(), stalled, stalled)
+        # Another jump box: only the heartbeat can tell.
+        assert not holder_alive(holder.pid, "another-jumpbox", stalled, _now_iso())
+        assert holder_alive(holder.pid, "another-jumpbox", _now_iso(), _now_iso())
+    finally:
+        holder.kill()
+        holder.wait()
