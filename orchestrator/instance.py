@@ -8,6 +8,7 @@ Paths in this contract are the paths the VM's scripts see (on a real VM,
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -108,6 +109,10 @@ class ScriptCall:
     #: A script that has exited but left processes holding its output: end them too (True),
     #: or only stop reading and warn (False). See `Run.run_job_script` for who gets which.
     end_leftovers: bool = False
+    #: This script run's own mark: its value of BBRX_SCRIPT_ID, which everything it starts
+    #: inherits. Recorded with its pid, so that a cleanup after a killed bbrx can end what
+    #: the script started in sessions of its own too. A random token, not a secret.
+    marker: str = field(default_factory=lambda: secrets.token_hex(16), compare=False)
 
 
 @runtime_checkable
@@ -214,10 +219,11 @@ class Instance(Protocol):
         """Remove `/var/vcap/store/bbr-backup` and everything in it (no error if absent)."""
         ...
 
-    def end_script(self, job: str, script: str, pid: int) -> bool:
+    def end_script(self, job: str, script: str, pid: int, marker: str | None = None) -> bool:
         """End a script a killed bbrx left running: process group `pid`, if that group is
-        still this job's script (a pid reused since, after a reboot say, is left alone).
-        True if it was running and has been ended."""
+        still this job's script (a pid reused since, after a reboot say, is left alone), and
+        every process carrying its `marker` (what it started, daemons included).
+        True if anything was running and has been ended."""
         ...
 
     def close(self) -> None:

@@ -110,20 +110,32 @@ class LeftRunning:
     job: str
     script: str
     pid: int
+    marker: str | None = None  # its BBRX_SCRIPT_ID (rows of older bbrx have none)
 
 
 def left_running(rows: list[dict[str, Any]]) -> list[LeftRunning]:
     """The scripts of one run with a pid row and no outcome row after it."""
-    started: dict[tuple[str, str], int] = {}
+    started: dict[tuple[str, str], LeftRunning] = {}
     for row in rows:
         if not row["job"] or not row["script"]:
             continue
         key = (row["job"], row["script"])
         if row["trigger"] == "script_started":
-            started[key] = int((row["detail"] or {})["pid"])
+            detail = row["detail"] or {}
+            marker = detail.get("marker")
+            started[key] = LeftRunning(
+                row["job"], row["script"], int(detail["pid"]), marker if _a_marker(marker) else None
+            )
         elif row["trigger"].endswith(("_ok", "_error")):
             started.pop(key, None)
-    return [LeftRunning(job, script, pid) for (job, script), pid in started.items()]
+    return list(started.values())
+
+
+def _a_marker(value: object) -> bool:
+    # It goes into a shell command on the VM: only the hex token bbrx itself writes.
+    return (
+        isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+    )
 
 
 def end_left_running(audit: AuditLog, instance: Instance, run: RunSummary) -> list[str]:
@@ -135,7 +147,7 @@ def end_left_running(audit: AuditLog, instance: Instance, run: RunSummary) -> li
     ended = []
     for script in left_running(AuditRecord(audit).timeline(run.run_id)):
         try:
-            if instance.end_script(script.job, script.script, script.pid):
+            if instance.end_script(script.job, script.script, script.pid, script.marker):
                 log.warning(
                     "Ended the %s script of job %s (pid %d) that run %s left running",
                     script.script,

@@ -369,12 +369,14 @@ class Run:
         if refused is not None:
             return refused
         try:
+            marker = secrets.token_hex(16)
             call = ScriptCall(
                 tracker.name,
                 script,
                 dict(env or {}),
                 timeout=self.timeouts.for_phase(phase),
-                on_start=lambda pid: self._script_started(tracker, script, pid),
+                on_start=lambda pid: self._script_started(tracker, script, pid, marker),
+                marker=marker,
                 may_start=may_start,
                 # What a lock, backup or restore script leaves running would run on with
                 # the director locked, and past the unlock: it is ended. An unlock script
@@ -443,9 +445,10 @@ class Run:
     def _may_start_unlock(self) -> bool:
         return not self.abandoned
 
-    def _script_started(self, tracker: JobTracker, script: str, pid: int) -> None:
+    def _script_started(self, tracker: JobTracker, script: str, pid: int, marker: str) -> None:
         try:
-            tracker.trigger("script_started", script=script, detail={"pid": pid})
+            detail = {"pid": pid, "marker": marker}
+            tracker.trigger("script_started", script=script, detail=detail)
         except Exception:  # a missing pid row must not stop the script's phase
             log.warning("could not record the pid of %s/%s", tracker.name, script, exc_info=True)
 

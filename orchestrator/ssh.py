@@ -398,7 +398,7 @@ class SshInstance:
 
     def run_script(self, call: ScriptCall) -> ScriptResult:
         path = f"/var/vcap/jobs/{call.job}/bin/bbr/{call.script}"
-        marker = secrets.token_hex(16)
+        marker = call.marker
         env = [f"{MARKER_VAR}={marker}", *(f"{key}={value}" for key, value in call.env.items())]
         # setsid gives the script a session and process group of its own on the VM, whose id
         # is the script's pid (a background job of a non-interactive sh leads no group, so
@@ -531,13 +531,18 @@ class SshInstance:
             pid = self._running.get(proc)
         return [pid] if pid else []
 
-    def end_script(self, job: str, script: str, pid: int) -> bool:
+    def end_script(self, job: str, script: str, pid: int, marker: str | None = None) -> bool:
         path = f"/var/vcap/jobs/{job}/bin/bbr/{script}"
-        # Only if that group is still running this job's script: pids are reused.
+        # The group only if it is still running this job's script: pids are reused. What
+        # carries the script run's marker is that run's, whatever its pid.
         check = f"pgrep -g {pid} -f {shlex.quote(path)} >/dev/null"
-        remote = "sudo -n sh -c " + shlex.quote(
-            f"if {check}; then {_term_then_kill(str(pid))}; echo ended; fi; true"
-        )
+        shell = f"if {check}; then {_term_then_kill(str(pid))}; echo ended; fi; "
+        if marker:
+            marked = f"grep -lsxz -e {shlex.quote(f'{MARKER_VAR}={marker}')} /proc/[0-9]*/environ"
+            shell += (
+                f'if [ -n "$({marked})" ]; then {_term_then_kill("", [marker])}; echo ended; fi; '
+            )
+        remote = "sudo -n sh -c " + shlex.quote(shell + "true")
         self.connect()
         output = self._run(remote, what=f"ending the {script} script of job {job} (pid {pid})")
         return b"ended" in output

@@ -10,7 +10,6 @@ import errno
 import hashlib
 import logging
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -111,7 +110,7 @@ class SimInstance:
                 f"cannot run {call.script} of job {call.job} on {self.address}: {path} not found",
                 host=self.address,
             )
-        marker = secrets.token_hex(16)
+        marker = call.marker
         env = {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "LANG": "C.UTF-8",
@@ -276,7 +275,25 @@ class SimInstance:
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
 
-    def end_script(self, job: str, script: str, pid: int) -> bool:
+    def end_script(self, job: str, script: str, pid: int, marker: str | None = None) -> bool:
+        ended = self._end_group_if_script(job, script, pid)
+        # What carries the script run's marker is that run's, whatever its pid: the daemons
+        # it started in sessions of their own among them.
+        leftovers = _marked({marker}) if marker else set()
+        if not marker or not leftovers:
+            return ended
+        for leftover in leftovers:
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(leftover, signal.SIGTERM)
+        deadline = time.monotonic() + KILL_GRACE_SECONDS
+        while time.monotonic() < deadline and _marked({marker}):
+            time.sleep(0.05)
+        for leftover in _marked({marker}):
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(leftover, signal.SIGKILL)
+        return True
+
+    def _end_group_if_script(self, job: str, script: str, pid: int) -> bool:
         path = str(self._script_path(job, script))
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

@@ -7,6 +7,7 @@ a script started is still running afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -251,3 +252,39 @@ def test_a_script_asked_not_to_start_at_the_last_moment_does_not(tmp_path):
     assert result.killed_by == "not started (run interrupted)"
     assert vm.calls() == []
     assert vm.locked_jobs() == []
+
+
+def test_a_cleanup_after_a_killed_run_ends_the_daemons_its_scripts_started(target, tmp_path):
+    """bbrx is SIGKILLed while a lock script hangs, having started a daemon in a session of
+    its own. The cleanup finds both by what the audit log holds (the script's pid and its
+    BBRX_SCRIPT_ID) and ends them before it unlocks."""
+    write_script(
+        target.vm.root,
+        "uaa",
+        "pre-backup-lock",
+        'sim_lock\nsetsid sleep 1000 >/dev/null 2>&1 &\necho $! > "$RUN/daemon.pid"\n'
+        "while :; do sleep 1; done\n",
+    )
+    proc = target.start("backup", "--artifact-path", str(tmp_path))
+    daemon = pid_in(target, "daemon.pid")
+    hung: list[int] = []
+    try:
+        wait_for(lambda: target.pid_recorded("uaa", "pre-backup-lock"), what="the lock's pid row")
+        row = next(r for r in target.bbrx.audit_rows() if r["trigger"] == "script_started")
+        assert len(row["detail"]["marker"]) == 32  # recorded with the pid
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        hung = [c.pid for c in target.vm.calls() if (c.job, c.script) == ("uaa", "pre-backup-lock")]
+        assert process_running(daemon)
+        target.stop_orphaned_ssh_master()
+
+        cleanup = target.director("backup-cleanup")
+        assert cleanup.code == 0, cleanup
+        assert "Ended the pre-backup-lock script of job uaa" in cleanup.stderr
+        assert not process_running(daemon), "the daemon outlived the cleanup"
+        assert target.vm.locked_jobs() == []
+    finally:
+        kill_if_running(daemon)
+        for pid in hung:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
