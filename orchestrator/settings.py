@@ -10,8 +10,8 @@ import yaml
 
 from audit import AuditError, busy_timeout_from_env
 from audit.log import BUSY_TIMEOUT_ENV
+from orchestrator.engine.run import Identity, Timeouts
 from orchestrator.errors import UsageError
-from orchestrator.run import Identity, Timeouts
 
 
 def bbrx_home() -> Path:

@@ -18,7 +18,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from orchestrator.errors import TargetError
-from orchestrator.instance import SCRIPT_NAMES
+from orchestrator.transport.instance import SCRIPT_NAMES
 from simulator.calllog import CALL_LOG, ScriptCallRecord, parse_call_log
 from simulator.director_db import Deployment, parse_dump, render_dump, render_vms_table
 from simulator.faults import TRANSFER, validate_fault, validate_transfer_fault

@@ -1,4 +1,4 @@
-"""SimInstance: the `orchestrator.instance.Instance` contract over a SimDirector.
+"""SimInstance: the `orchestrator.transport.instance.Instance` contract over a SimDirector.
 
 Scripts run as real subprocesses in their own sessions, so a Ctrl-C at the terminal
 reaches bbrx alone and bbrx decides what to stop.
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, BinaryIO, cast
 
 from orchestrator.errors import DiscoveryError, InterruptedRunError, TransportError
-from orchestrator.instance import (
+from orchestrator.transport.instance import (
     IGNORED_JOBS,
     INTERRUPTED_KILL,
     OWNER_MAX,
@@ -32,7 +32,7 @@ from orchestrator.instance import (
     ScriptCall,
     ScriptResult,
 )
-from orchestrator.scriptio import MARKER_VAR, ScriptOutput, warn_leftovers
+from orchestrator.transport.scriptio import MARKER_VAR, ScriptOutput, warn_leftovers
 from simulator.calllog import append_call
 from simulator.director import FAULTS_DIR, JOBS_DIR, STORE_DIR, SimDirector
 from simulator.faults import CORRUPT, TRANSFER, transfer_delay, transfer_failure_message
@@ -412,7 +412,7 @@ class SimInstance:
         fault = self._transfer_fault(job)
         # The VM's digest of what its tar reads: taken after the `corrupt` fault, which
         # stands for the link between the jump box and the VM. Owners and set-id bits are
-        # not kept (see orchestrator.ssh._unpack_command for what each flag does).
+        # not kept (see orchestrator.transport.ssh._unpack_command for what each flag does).
         received = hashlib.sha256()
         tar = ["tar", "-C", str(path), "--no-same-owner", "--no-same-permissions", "-xf", "-"]
         with tempfile.TemporaryFile() as errors:

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from audit import AuditError, AuditLog
-from orchestrator.cli import app
+from orchestrator.cli.app import app
 from simulator.director import SimDirector, sim_root
 from tests import sshd
 from tests.sshd import Keys

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import artifact, safeyaml
+from orchestrator.bbr import artifact, safeyaml
 from orchestrator.errors import ArtifactCorruptError, ArtifactError
 
 STARTED = datetime(2026, 5, 30, 15, 49, 2, tzinfo=UTC)

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import artifact
+from orchestrator.bbr import artifact
+from orchestrator.bbr.tarstream import TarHasher
 from orchestrator.errors import ArtifactError
-from orchestrator.ssh import SshInstance
-from orchestrator.tarstream import TarHasher
+from orchestrator.transport.ssh import SshInstance
 from simulator.instance import SimInstance
 
 Member = tuple[tarfile.TarInfo, bytes]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.artifact import validate
+from orchestrator.bbr.artifact import validate
 from tests.conftest import wait_for
 
 ALL_JOBS = {"bbr-credhubdb", "blobstore", "director", "uaa"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.cli.app import main
 from tests.conftest import Bbrx, Result
 
 

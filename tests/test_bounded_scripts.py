@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.instance import ScriptCall
+from orchestrator.transport.instance import ScriptCall
 from simulator.director import SimDirector
 from simulator.instance import SimInstance
 from tests.conftest import interrupt, process_running, wait_for

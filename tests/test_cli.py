@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.machine import MACHINES
+from orchestrator.engine.machine import MACHINES
 
 
 def test_version(bbrx):
@@ -144,7 +144,7 @@ def test_printable_escapes_controls(raw, shown):
 
 
 def _in_process(bbrx, monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from orchestrator.cli import main
+    from orchestrator.cli.app import main
 
     for name, value in bbrx.environ().items():
         monkeypatch.setenv(name, value)

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from audit import AuditLog
-from orchestrator import backup
-from orchestrator.run import Identity, Outcome, Run
+from orchestrator.engine.run import Identity, Outcome, Run
+from orchestrator.operations import backup
 from simulator.director import SimDirector, sim_root
 from simulator.instance import SimInstance
 

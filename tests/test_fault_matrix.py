@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from audit import AuditLog, read_journal
-from orchestrator import artifact
+from orchestrator.bbr import artifact
 from orchestrator.errors import BbrxError
 from simulator.director import SimDirector, sim_root
 from tests.conftest import MATRIX_RESULTS, Bbrx, Target, process_running, wait_for

@@ -64,7 +64,7 @@ def test_holder_alive_reads_proc_stat_after_the_process_name(tmp_path):
     import shutil
     import socket
 
-    from orchestrator.lease import holder_alive
+    from orchestrator.state.lease import holder_alive
 
     odd = tmp_path / "x (y) z"
     shutil.copy("/bin/sleep", odd)
@@ -89,7 +89,7 @@ def _stat_state(pid: int) -> str:
 
 
 def test_a_lease_that_cannot_be_given_back_only_warns(tmp_path, caplog):
-    from orchestrator import lease
+    from orchestrator.state import lease
 
     db = tmp_path / "audit.db"
     with lease.hold(db, "sim://demo", "run-1", "backup", "alice", busy_timeout=0.2):
@@ -104,7 +104,7 @@ def test_a_lease_that_cannot_be_given_back_only_warns(tmp_path, caplog):
 
 def test_a_locked_database_refuses_the_lease_with_the_cause(tmp_path):
     from audit import AuditError
-    from orchestrator import lease
+    from orchestrator.state import lease
 
     db = tmp_path / "audit.db"
     with lease.hold(db, "sim://demo", "run-0", "backup", "alice"):
@@ -126,7 +126,7 @@ def test_a_locked_database_refuses_the_lease_with_the_cause(tmp_path):
 
 
 def test_a_lease_is_found_with_a_hash_or_question_mark_in_the_path(tmp_path):
-    from orchestrator import lease
+    from orchestrator.state import lease
 
     db = tmp_path / "ops#2?mode=rw" / "audit.db"
     with lease.hold(db, "sim://demo", "run-7", "backup", "alice"):
@@ -137,7 +137,7 @@ def test_a_lease_is_found_with_a_hash_or_question_mark_in_the_path(tmp_path):
 def test_a_live_holder_whose_heartbeats_stalled_still_holds_and_a_reused_pid_does_not():
     """Heartbeats stall while another writer holds the database; on this jump box the
     process itself says whether the lease's owner still runs."""
-    from orchestrator.lease import holder_alive
+    from orchestrator.state.lease import holder_alive
 
     holder = subprocess.Popen(["sleep", "30"])
     try:

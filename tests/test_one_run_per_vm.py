@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import artifact
+from orchestrator.bbr import artifact
 from tests.conftest import Target, wait_for
 
 

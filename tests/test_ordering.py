@@ -2,8 +2,8 @@
 
 import pytest
 
+from orchestrator.bbr.ordering import JobMetadata, lock_levels, parse_metadata
 from orchestrator.errors import CyclicLockOrderError, MetadataError
-from orchestrator.ordering import JobMetadata, lock_levels, parse_metadata
 
 
 def meta(*before: str) -> JobMetadata:

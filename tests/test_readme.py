@@ -10,10 +10,11 @@ import pytest
 import typer
 
 from audit import EVENT_COLUMNS
-from orchestrator import artifact, errors, settings
-from orchestrator.cli import app
-from orchestrator.machine import mermaid
-from orchestrator.run import Timeouts
+from orchestrator import errors, settings
+from orchestrator.bbr import artifact
+from orchestrator.cli.app import app
+from orchestrator.engine.machine import mermaid
+from orchestrator.engine.run import Timeouts
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

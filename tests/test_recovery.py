@@ -370,7 +370,7 @@ def test_a_killed_run_whose_rows_went_to_the_journal_is_still_recovered(target, 
 
 def test_status_shows_what_the_log_holds_escaped():
     from audit import RunSummary
-    from orchestrator.recovery import INTERRUPTED, TargetState
+    from orchestrator.state.recovery import INTERRUPTED, TargetState
 
     run = RunSummary(
         run_id="r1", operation="backup", target="sim://demo", mode="sim",

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from orchestrator.errors import DiscoveryError, TargetError, TransportError
-from orchestrator.instance import Instance, ScriptCall, ScriptResult
+from orchestrator.transport.instance import Instance, ScriptCall, ScriptResult
 from simulator.director import SimDirector, sim_root
 from simulator.instance import SimInstance
 

@@ -11,7 +11,7 @@ import tarfile
 
 import pytest
 
-from orchestrator.tarstream import TarHasher, TarStreamError, UnsafeMemberError
+from orchestrator.bbr.tarstream import TarHasher, TarStreamError, UnsafeMemberError
 
 
 def feed_in(data: bytes, size: int, **options) -> dict[str, str]:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 
 from audit.render import printable
-from orchestrator import recovery, steps
+from orchestrator.engine.run import Action, Run
 from orchestrator.errors import CheckError
-from orchestrator.instance import REMOTE_WORK_DIR
-from orchestrator.run import Action, Run
+from orchestrator.operations import steps
+from orchestrator.state import recovery
+from orchestrator.transport.instance import REMOTE_WORK_DIR
 
 
 def cleanup_actions(*, force: bool = False) -> dict[str, Action]:

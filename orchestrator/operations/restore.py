@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from orchestrator import artifact, recovery, steps
+from orchestrator.bbr import artifact
+from orchestrator.engine.run import Action, Run
 from orchestrator.errors import (
     ArtifactCorruptError,
     BbrxError,
@@ -26,7 +27,8 @@ from orchestrator.errors import (
     PreRestoreLockError,
     RestoreScriptError,
 )
-from orchestrator.run import Action, Run
+from orchestrator.operations import steps
+from orchestrator.state import recovery
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ INTERRUPTED_KILL = "(run interrupted)"
 class ScriptResult:
     """What one script run produced. `exit_code` is None when the process was killed.
 
-    `stdout` and `stderr` are bounded (orchestrator.scriptio): the first bytes of stdout,
+    `stdout` and `stderr` are bounded (orchestrator.transport.scriptio): the first bytes of stdout,
     with `stdout_truncated` set when the script printed more; the last bytes of stderr,
     with `stderr_dropped` counting the bytes before them that were not kept.
     """

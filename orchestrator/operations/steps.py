@@ -13,7 +13,10 @@ import os
 from typing import Any
 
 from audit.render import printable
-from orchestrator import BBR_COMPATIBLE_VERSION, recovery
+from orchestrator import BBR_COMPATIBLE_VERSION
+from orchestrator.bbr.ordering import JobMetadata, lock_levels, parse_metadata
+from orchestrator.engine.machine import SCRIPTS, cleanup_for
+from orchestrator.engine.run import JobTracker, Run
 from orchestrator.errors import (
     BbrxError,
     CheckError,
@@ -23,11 +26,9 @@ from orchestrator.errors import (
     ScriptError,
     UnlockError,
 )
-from orchestrator.instance import REMOTE_WORK_DIR, Job, ScriptCall
-from orchestrator.machine import SCRIPTS, cleanup_for
-from orchestrator.ordering import JobMetadata, lock_levels, parse_metadata
-from orchestrator.run import JobTracker, Run
-from orchestrator.scriptio import STDOUT_LIMIT
+from orchestrator.state import recovery
+from orchestrator.transport.instance import REMOTE_WORK_DIR, Job, ScriptCall
+from orchestrator.transport.scriptio import STDOUT_LIMIT
 
 log = logging.getLogger(__name__)
 

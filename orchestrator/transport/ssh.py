@@ -40,7 +40,7 @@ from orchestrator.errors import (
     TargetError,
     TransportError,
 )
-from orchestrator.instance import (
+from orchestrator.transport.instance import (
     IGNORED_JOBS,
     INTERRUPTED_KILL,
     OWNER_MAX,
@@ -51,7 +51,12 @@ from orchestrator.instance import (
     ScriptCall,
     ScriptResult,
 )
-from orchestrator.scriptio import MARKER_VAR, OUTPUT_GRACE_SECONDS, ScriptOutput, warn_leftovers
+from orchestrator.transport.scriptio import (
+    MARKER_VAR,
+    OUTPUT_GRACE_SECONDS,
+    ScriptOutput,
+    warn_leftovers,
+)
 
 log = logging.getLogger(__name__)
 

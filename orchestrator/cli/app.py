@@ -30,12 +30,14 @@ except ImportError:  # pragma: no cover
 
 from audit import AuditError
 from audit.render import printable
-from orchestrator import __version__, machine, review, settings, simulation
+from orchestrator import __version__, settings, simulation
+from orchestrator.engine import machine
+from orchestrator.engine.progress import progress_for
+from orchestrator.engine.run import Outcome, Timeouts
 from orchestrator.errors import BbrxError, RunFailed
-from orchestrator.procedures import Request, run_director
-from orchestrator.progress import progress_for
-from orchestrator.run import Outcome, Timeouts
-from orchestrator.targets import parse_host
+from orchestrator.operations.procedures import Request, run_director
+from orchestrator.state import review
+from orchestrator.transport.targets import parse_host
 
 log = logging.getLogger("bbrx")
 

@@ -12,10 +12,11 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
-from orchestrator import __version__, steps
-from orchestrator.artifact import ArtifactWriter, check_free_space, tar_name
+from orchestrator import __version__
+from orchestrator.bbr.artifact import ArtifactWriter, check_free_space, tar_name
+from orchestrator.engine.run import Action, JobTracker, Run
 from orchestrator.errors import BackupScriptError, BbrxError, LockError, ScriptError
-from orchestrator.run import Action, JobTracker, Run
+from orchestrator.operations import steps
 
 log = logging.getLogger(__name__)
 

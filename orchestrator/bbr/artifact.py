@@ -30,9 +30,9 @@ from typing import BinaryIO
 
 import yaml
 
-from orchestrator import safeyaml
+from orchestrator.bbr import safeyaml
+from orchestrator.bbr.tarstream import TarHasher, TarStreamError, UnsafeMemberError
 from orchestrator.errors import ArtifactCorruptError, ArtifactError
-from orchestrator.tarstream import TarHasher, TarStreamError, UnsafeMemberError
 
 log = logging.getLogger(__name__)
 

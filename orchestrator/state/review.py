@@ -8,9 +8,9 @@ import yaml
 
 from audit import AuditLog, AuditRecord, verify_log
 from audit.render import format_runs, format_timeline
-from orchestrator.artifact import AUDIT_HEAD_FILE
+from orchestrator.bbr.artifact import AUDIT_HEAD_FILE
 from orchestrator.errors import ArtifactError, AuditBrokenError
-from orchestrator.recovery import target_state
+from orchestrator.state.recovery import target_state
 
 
 def verify(audit_db: Path, artifact: Path | None = None) -> list[str]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import UsageError
-from orchestrator.instance import Instance
+from orchestrator.transport.instance import Instance
 
 SIM_SCHEME = "sim://"
 
@@ -82,7 +82,7 @@ def open_instance(
             f"--host {target.host} is a real director: --username and --private-key-path "
             "are required"
         )
-    from orchestrator.ssh import SshInstance
+    from orchestrator.transport.ssh import SshInstance
 
     return SshInstance(
         target.name,

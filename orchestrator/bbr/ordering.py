@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from orchestrator import safeyaml
+from orchestrator.bbr import safeyaml
 from orchestrator.errors import CyclicLockOrderError, MetadataError
 
 _ORDER_KEYS = ("backup_should_be_locked_before", "restore_should_be_locked_before")

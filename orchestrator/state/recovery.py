@@ -20,11 +20,11 @@ from audit import (
     RunSummary,
 )
 from audit.render import printable
-from orchestrator import lease
+from orchestrator.engine.machine import cleanup_for, lock_held_after
 from orchestrator.errors import BbrxError, CheckError
-from orchestrator.instance import Instance
-from orchestrator.lease import holder_alive
-from orchestrator.machine import cleanup_for, lock_held_after
+from orchestrator.state import lease
+from orchestrator.state.lease import holder_alive
+from orchestrator.transport.instance import Instance
 
 log = logging.getLogger(__name__)
 

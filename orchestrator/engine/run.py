@@ -28,17 +28,7 @@ from transitions import EventData, MachineError
 
 from audit import AppendedEvent, AuditError, AuditLog, Journal
 from orchestrator import __version__
-from orchestrator.errors import (
-    AuditUnwritableError,
-    BbrxError,
-    InterruptedRunError,
-    LocksLeftError,
-    ScriptError,
-    ScriptNotStartedError,
-    TransportError,
-)
-from orchestrator.instance import INTERRUPTED_KILL, Instance, Job, ScriptCall, ScriptResult
-from orchestrator.machine import (
+from orchestrator.engine.machine import (
     PROTECTED_STATES,
     SCRIPTS,
     TERMINAL,
@@ -48,7 +38,23 @@ from orchestrator.machine import (
     failure_trigger,
     lock_held_after,
 )
-from orchestrator.progress import NoProgress, ProgressSink
+from orchestrator.engine.progress import NoProgress, ProgressSink
+from orchestrator.errors import (
+    AuditUnwritableError,
+    BbrxError,
+    InterruptedRunError,
+    LocksLeftError,
+    ScriptError,
+    ScriptNotStartedError,
+    TransportError,
+)
+from orchestrator.transport.instance import (
+    INTERRUPTED_KILL,
+    Instance,
+    Job,
+    ScriptCall,
+    ScriptResult,
+)
 
 log = logging.getLogger(__name__)
 

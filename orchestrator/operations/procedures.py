@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from audit import AuditError, AuditLog
-from orchestrator import backup, cleanup, lease, recovery, restore, settings
+from orchestrator import settings
+from orchestrator.engine.progress import ProgressSink
+from orchestrator.engine.run import Identity, Outcome, Run, Timeouts
 from orchestrator.errors import AuditUnwritableError, RunFailed, UsageError
-from orchestrator.instance import Instance
-from orchestrator.progress import ProgressSink
-from orchestrator.run import Identity, Outcome, Run, Timeouts
-from orchestrator.targets import Target, open_instance
+from orchestrator.operations import backup, cleanup, restore
+from orchestrator.state import lease, recovery
+from orchestrator.transport.instance import Instance
+from orchestrator.transport.targets import Target, open_instance
 
 log = logging.getLogger(__name__)
 

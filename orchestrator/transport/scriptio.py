@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import IO
 
-from orchestrator.instance import ScriptCall
+from orchestrator.transport.instance import ScriptCall
 
 log = logging.getLogger(__name__)
 

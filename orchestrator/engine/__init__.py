@@ -1,0 +1,1 @@
+"""The engine: the machines as tables (no I/O), the driver that runs them, progress."""

@@ -1,0 +1,1 @@
+"""What the audit log says of a target: the lease, recovery after a killed run, reviewers 'views."""

@@ -1,0 +1,1 @@
+"""Transports: the instance contract, the logic every transport shares, SSH, and target names."""
