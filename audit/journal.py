@@ -6,7 +6,8 @@ what it does then must not be lost. Those events go to ``<audit.db>.journal.json
 beside the database: one JSON object per line with the columns of an ``events`` row
 (``seq``, ``prev_hash`` and ``hash`` null: the rows are outside the hash chain), each
 line fsync'd before the write returns. Readers (``bbrx status``, the cleanups,
-``verify``) merge a run's journal rows after its log rows.
+``verify``) merge a run's journal rows after its log rows. A line written before schema
+version 2 lacks the instance keys; it reads with them None, like a version 1 row.
 
 A disk that is full would refuse the journal too, so each run reserves space for it when
 it starts (a preallocated file, released the moment the journal is first needed). If
@@ -106,7 +107,18 @@ def read_journal(db: str | Path) -> JournalContents:
 # The journal is outside the hash chain, and anyone who can write the file can write a
 # line: a line the readers (status, the cleanups, verify) could trip on is not an event.
 _TEXT_REQUIRED = ("run_id", "operation", "target", "mode", "operator", "to_state", "trigger", "ts")
-_TEXT_OPTIONAL = ("reason", "from_state", "job", "script", "outcome", "origin_host")
+_TEXT_OPTIONAL = (
+    "reason",
+    "from_state",
+    "job",
+    "script",
+    "outcome",
+    "origin_host",
+    # Schema version 2; a line written before it has none of them, which reads as None.
+    "instance_group",
+    "instance_index",
+    "instance_id",
+)
 
 
 def _well_formed(row: Any) -> bool:

@@ -10,7 +10,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,13 +27,17 @@ from audit.schema import (
     COLUMN_NAMES,
     GENESIS_HASH,
     HASH_ORDER,
+    INSTANCE_COLUMNS,
+    MIGRATED_TO_PREFIX,
     MODES,
     OUTCOMES,
     SCHEMA_VERSION,
     TERMINAL_STATES,
     TRIGGERS,
+    V1_COLUMN_NAMES,
     canonical_json,
     create_schema,
+    migrate_to_2,
     row_hash,
 )
 
@@ -212,6 +216,12 @@ class AuditLog:
 
     ``readonly=True`` is for reviewers: the file is opened with ``mode=ro`` and nothing
     is ever created or changed.
+
+    Schema versions: new logs are created at ``SCHEMA_VERSION`` (2). A writer opening a
+    version 1 log migrates it first, once, in one ``BEGIN IMMEDIATE`` transaction (see
+    ``schema.migrate_to_2``; a second process opening it meanwhile finds it migrated).
+    A reader leaves a version 1 log as it is and reads its instance columns as None.
+    A log of a higher version than this code knows is refused, read-only or not.
     """
 
     def __init__(
@@ -222,6 +232,9 @@ class AuditLog:
         self.busy_timeout = busy_timeout_from_env() if busy_timeout is None else busy_timeout
         self._lock = threading.Lock()
         self._closed = False
+        # Whether events has the instance columns (schema version 2). A writer migrates
+        # a version 1 log when it opens it; a read-only reader of one selects them as NULL.
+        self._has_instance_columns = False
         doing = "read" if readonly else "open"
         conn = self._connect()
         try:
@@ -293,6 +306,7 @@ class AuditLog:
         if self.readonly:
             if not tables:
                 raise self._not_audit_log("it is empty")
+            # A reader never changes the file: a version 1 log is read as it is.
             self._check_schema()
             return
         mode = self._switch_to_wal(conn)
@@ -301,7 +315,9 @@ class AuditLog:
         conn.execute("PRAGMA synchronous=FULL")
         if not tables:
             self._create_schema_once()
-        self._check_schema()
+        if self._check_schema() < SCHEMA_VERSION:
+            self._migrate_once()
+            self._check_schema()
         missing = self.missing_triggers() + self.altered_triggers()
         if missing:
             # Recreating them would hide the tampering from verify; say so loudly instead.
@@ -344,34 +360,116 @@ class AuditLog:
                 conn.execute("ROLLBACK")
             raise
 
+    def _migrate_once(self) -> None:
+        conn = self._db.conn
+        # Another process may be migrating the same file right now: decide under the
+        # write lock whether it still needs migrating, and migrate in one transaction.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            migrated = self._effective_version() < 2
+            if migrated:
+                migrate_to_2(self._db, utc_now())
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if migrated:
+            logger.info(
+                "migrated audit log %s from schema version 1 to 2 (instance columns added; "
+                "no row changed)",
+                self.path,
+            )
+
     def _not_audit_log(self, why: str) -> AuditError:
         return AuditError(
             f"{self.path} is not a bbrx audit log ({why}): check the path, "
             "or move the file away so a new log can be created"
         )
 
-    def _check_schema(self) -> None:
-        if "meta" not in self._db.table_names():
-            raise self._not_audit_log("it has no meta table")
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None:
+    def _effective_version(self) -> int:
+        """The highest of ``schema_version`` and every ``migrated_to_N`` in meta."""
+        rows = self._db.execute(
+            "SELECT key, value FROM meta WHERE key = 'schema_version' OR substr(key, 1, ?) = ?",
+            [len(MIGRATED_TO_PREFIX), MIGRATED_TO_PREFIX],
+        ).fetchall()
+        found = dict(rows)
+        if "schema_version" not in found:
             raise self._not_audit_log("meta has no schema_version")
         try:
-            version = int(row[0])
+            version = int(found["schema_version"])
         except (TypeError, ValueError):
-            raise self._not_audit_log(f"schema_version is {row[0]!r}") from None
-        if version > SCHEMA_VERSION:
-            raise AuditError(
-                f"{self.path} has audit schema version {version}, but this bbrx understands "
-                f"only up to {SCHEMA_VERSION}: upgrade bbrx to read or write it"
-            )
+            raise self._not_audit_log(f"schema_version is {found['schema_version']!r}") from None
         if version < 1:
             raise self._not_audit_log(f"schema_version is {version}")
-        columns = tuple(c.name for c in self._db.table("events").columns)
-        if columns != COLUMN_NAMES:
+        for key in found:
+            if key == "schema_version":
+                continue
+            number = key.removeprefix(MIGRATED_TO_PREFIX)
+            if not (number.isascii() and number.isdigit()):
+                raise self._not_audit_log(f"meta key {key!r} names no schema version")
+            version = max(version, int(number))
+        return version
+
+    def _check_schema(self) -> int:
+        """Check the file is an audit log this bbrx can read; its effective version."""
+        if "meta" not in self._db.table_names():
+            raise self._not_audit_log("it has no meta table")
+        # Version and columns from one snapshot: a writer may be migrating the file.
+        with self._snapshot():
+            version = self._effective_version()
+            if version > SCHEMA_VERSION:
+                raise AuditError(
+                    f"{self.path} has audit schema version {version}, but this bbrx "
+                    f"understands only up to {SCHEMA_VERSION}: upgrade bbrx to read or write it"
+                )
+            columns = tuple(c.name for c in self._db.table("events").columns)
+        expected = V1_COLUMN_NAMES if version == 1 else COLUMN_NAMES
+        if columns != expected:
             raise self._not_audit_log(
-                f"events columns are {', '.join(columns)}; expected {', '.join(COLUMN_NAMES)}"
+                f"events columns are {', '.join(columns)} at schema version {version}; "
+                f"expected {', '.join(expected)}"
             )
+        self._has_instance_columns = version >= 2
+        return version
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """One read transaction around the block, so that what it reads (the schema among
+        it) is one state of the file, whatever other processes commit meanwhile."""
+        conn = self._db.conn
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN")
+        try:
+            # The first read fixes the snapshot, and with it the schema the block sees.
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()
+            yield
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
+    @contextmanager
+    def _reading(self) -> Iterator[tuple[sqlite_utils.Database, Callable[[Iterable[str]], str]]]:
+        """``_using`` for reads of events rows, with the select list to use for columns:
+        a version 1 log's missing instance columns as NULL. For such a log (a read-only
+        reader's) the read is one snapshot, since a writer may migrate it meanwhile."""
+        with self._using() as db:
+            if self._has_instance_columns:
+                yield db, ", ".join
+                return
+            with self._snapshot():
+                present = {c.name for c in db.table("events").columns}
+                self._has_instance_columns = all(n in present for n in INSTANCE_COLUMNS)
+
+                def select(names: Iterable[str]) -> str:
+                    return ", ".join(
+                        n if n in present or n not in INSTANCE_COLUMNS else f"NULL AS {n}"
+                        for n in names
+                    )
+
+                yield db, select
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -425,8 +523,15 @@ class AuditLog:
         duration: float | None = None,
         detail: dict[str, Any] | None = None,
         tool_version: str,
+        instance_group: str | None = None,
+        instance_index: str | None = None,
+        instance_id: str | None = None,
     ) -> AppendedEvent:
         """Append one event at the end of the chain and return where it landed.
+
+        Job-level rows name their instance: ``instance_group`` (``bosh`` for a
+        director), ``instance_index`` (as text, e.g. ``"1"``) and ``instance_id`` (its
+        UUID, None when unknown); run-level rows leave them None.
 
         Durable when this returns. Raises AuditError on invalid input or if the file
         cannot be written; nothing is appended in that case.
@@ -452,6 +557,9 @@ class AuditLog:
             "duration": self._duration(duration),
             "detail": self._detail(detail),
             "tool_version": _text(p, "tool_version", tool_version, required=True),
+            "instance_group": _text(p, "instance_group", instance_group, required=False),
+            "instance_index": _text(p, "instance_index", instance_index, required=False),
+            "instance_id": _text(p, "instance_id", instance_id, required=False),
         }
         if fields["mode"] not in MODES:
             raise AuditError(f"cannot append to {p}: mode must be sim or live, got {mode!r}")
@@ -527,9 +635,12 @@ class AuditLog:
             return int(db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
     def event(self, seq: int) -> dict[str, Any] | None:
-        """One event as a dict (``detail`` decoded), or None if there is no such seq."""
-        with self._using() as db:
-            rows = list(db.query("SELECT * FROM events WHERE seq = ?", [seq]))
+        """One event as a dict (``detail`` decoded), or None if there is no such seq.
+
+        Every column is a key; the instance columns are None in a version 1 log."""
+        with self._reading() as (db, select):
+            sql = f"SELECT {select(COLUMN_NAMES)} FROM events WHERE seq = ?"
+            rows = list(db.query(sql, [seq]))
         return _decoded(rows[0]) if rows else None
 
     def runs(self) -> list[RunSummary]:
@@ -588,8 +699,8 @@ class AuditLog:
     def timeline(self, run: str) -> list[dict[str, Any]]:
         """The events of one run in seq order; ``run`` may be a unique prefix of its id."""
         run_id = self.resolve_run(run)
-        with self._using() as db:
-            sql = "SELECT * FROM events WHERE run_id = ? ORDER BY seq"
+        with self._reading() as (db, select):
+            sql = f"SELECT {select(COLUMN_NAMES)} FROM events WHERE run_id = ? ORDER BY seq"
             rows = list(db.query(sql, [run_id]))
         return [_decoded(row) for row in rows]
 
@@ -608,14 +719,19 @@ class AuditLog:
         return [n for n, sql in TRIGGERS.items() if n in present and present[n] != sql]
 
     def iter_chain(self) -> Generator[tuple[Any, ...], None, None]:
-        """Every row as ``(seq, prev_hash, hash, *values in HASH_ORDER)``, in seq order.
+        """Every row as ``(seq, prev_hash, hash, *values in HASH_ORDER)``, in seq order;
+        the instance values are None in a version 1 log.
 
         Streamed from a live cursor on the shared connection, so the lock is held until
         the generator is exhausted or closed.
         """
-        columns = ", ".join(("seq", "prev_hash", "hash", *HASH_ORDER))
-        with self._using() as db:
-            yield from db.execute(f"SELECT {columns} FROM events ORDER BY seq")
+        with self._reading() as (db, select):
+            columns = select(("seq", "prev_hash", "hash", *HASH_ORDER))
+            cursor = db.execute(f"SELECT {columns} FROM events ORDER BY seq")
+            try:
+                yield from cursor
+            finally:
+                cursor.close()
 
 
 def _decoded(row: dict[str, Any]) -> dict[str, Any]:

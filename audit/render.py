@@ -109,28 +109,79 @@ def format_runs(runs: Sequence[RunSummary]) -> str:
     return _table(header, rows)
 
 
+def _instance_of(row: Mapping[str, Any]) -> tuple[Any, Any, Any] | None:
+    """The instance a row names (group, index, id), or None for a row naming none."""
+    instance = (row.get("instance_group"), row.get("instance_index"), row.get("instance_id"))
+    return None if instance == (None, None, None) else instance
+
+
+def _instance_label(instance: tuple[Any, Any, Any]) -> str:
+    group, index, _ = instance
+    return _dash(group) if index is None else f"{_dash(group)}/{_dash(index)}"
+
+
+def _instance_heading(instance: tuple[Any, Any, Any]) -> str:
+    uuid = instance[2]
+    return f"instance {_instance_label(instance)}" + (
+        "" if uuid is None else f" (id {printable(str(uuid))})"
+    )
+
+
+def _timeline_cells(row: Mapping[str, Any], job: str) -> tuple[str, ...]:
+    duration = row.get("duration")
+    return (
+        # A journal row (written when the log could not be) has no place in the chain.
+        "journal" if row.get("seq") is None else str(row["seq"]),
+        short_time(row.get("ts")),
+        f"{_dash(row.get('from_state'))} -> {_dash(row.get('to_state'))}",
+        _dash(row.get("trigger")),
+        job,
+        _dash(row.get("script")),
+        _dash(row.get("outcome")),
+        _dash(row.get("exit_code")),
+        "-" if duration is None else f"{duration:.2f}s",
+        short_detail(row.get("detail")) or "-",
+    )
+
+
+_TIMELINE_HEADER = ["SEQ", "TIME", "TRANSITION", "TRIGGER", "JOB", "SCRIPT", "OUTCOME", "EXIT"]
+_TIMELINE_HEADER += ["DURATION", "DETAIL"]
+
+
 def format_timeline(rows: Sequence[Mapping[str, Any]]) -> str:
-    """One aligned line per event: seq, time, from -> to, trigger, job, script, outcome..."""
+    """One aligned line per event: seq, time, from -> to, trigger, job, script, outcome...
+
+    Rows are shown in the order given (seq order, journal rows after the run's own). A
+    run whose rows name at most one instance (a director's) is one table, a job row's
+    instance beside its job (``director (bosh/0)``). A run whose rows name several (a
+    deployment's) shows its rows that name no instance first (the run-level rows: the
+    run's own timeline), then one section per instance, in order of first appearance,
+    headed ``instance redis/1 (id <uuid>)`` and holding that instance's rows; the columns
+    are aligned across all sections.
+    """
     if not rows:
         return "no events"
-    header = ["SEQ", "TIME", "TRANSITION", "TRIGGER", "JOB", "SCRIPT", "OUTCOME", "EXIT"]
-    header += ["DURATION", "DETAIL"]
-    lines = []
+    instances = list(dict.fromkeys(i for i in map(_instance_of, rows) if i is not None))
+    if len(instances) <= 1:
+        lines = []
+        for row in rows:
+            job = _dash(row.get("job"))
+            instance = _instance_of(row)
+            if instance is not None:
+                job += f" ({_instance_label(instance)})"
+            lines.append(_timeline_cells(row, job))
+        return _table(_TIMELINE_HEADER, lines)
+    groups: dict[tuple[Any, Any, Any] | None, list[tuple[str, ...]]] = {None: []}
+    groups.update((instance, []) for instance in instances)
     for row in rows:
-        duration = row.get("duration")
-        lines.append(
-            (
-                # A journal row (written when the log could not be) has no place in the chain.
-                "journal" if row.get("seq") is None else str(row["seq"]),
-                short_time(row.get("ts")),
-                f"{_dash(row.get('from_state'))} -> {_dash(row.get('to_state'))}",
-                _dash(row.get("trigger")),
-                _dash(row.get("job")),
-                _dash(row.get("script")),
-                _dash(row.get("outcome")),
-                _dash(row.get("exit_code")),
-                "-" if duration is None else f"{duration:.2f}s",
-                short_detail(row.get("detail")) or "-",
-            )
-        )
-    return _table(header, lines)
+        groups[_instance_of(row)].append(_timeline_cells(row, _dash(row.get("job"))))
+    # One table for the widths, cut into sections after the header.
+    ordered = [cells for cells_of_group in groups.values() for cells in cells_of_group]
+    table = _table(_TIMELINE_HEADER, ordered).split("\n")
+    out, at = [table[0]], 1
+    for instance, cells_of_group in groups.items():
+        if instance is not None:
+            out += ["", _instance_heading(instance)]
+        out += table[at : at + len(cells_of_group)]
+        at += len(cells_of_group)
+    return "\n".join(out)

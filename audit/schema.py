@@ -1,13 +1,18 @@
 """The audit log schema, its append-only triggers, and the canonical row hashing.
 
 ``EVENT_COLUMNS`` is the single source of truth: the ``events`` table is created from it,
-the hash covers exactly its columns (minus ``hash``), and the README table is checked
-against it.
+the hash covers its columns (minus ``hash``; the instance columns only when non-NULL),
+and the README table is checked against it.
+
+Schema versions: 1 had no instance columns; 2 appends ``instance_group``,
+``instance_index`` and ``instance_id`` after ``hash``. A version 1 log is migrated in
+place when a writer opens it (see ``AuditLog``); its rows hash exactly as before.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -16,7 +21,11 @@ from typing import Any
 
 import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# meta key recording an in-place migration to version N (meta is append-only, so the
+# schema_version row of a migrated log keeps its old value): value = UTC time of it.
+MIGRATED_TO_PREFIX = "migrated_to_"
 
 # The prev_hash of seq 1: there is no previous row, and a fixed value makes the
 # genesis row verifiable like any other.
@@ -48,14 +57,26 @@ EVENT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("tool_version", "TEXT", "Version of the tool that wrote the event"),
     ("prev_hash", "TEXT", "hash of the previous event; 64 zeros for seq 1"),
     ("hash", "TEXT", "sha256 hex of the canonical JSON of all other columns"),
+    # Schema version 2: appended after hash, as ALTER TABLE ADD COLUMN puts them.
+    ("instance_group", "TEXT", "Instance group of a job-level event (bosh for a director)"),
+    ("instance_index", "TEXT", "Index of the instance in its group, as text, e.g. 1"),
+    ("instance_id", "TEXT", "UUID of the instance, or NULL when unknown"),
 )
 
 COLUMN_NAMES: tuple[str, ...] = tuple(name for name, _, _ in EVENT_COLUMNS)
-HASHED_COLUMNS: tuple[str, ...] = tuple(name for name in COLUMN_NAMES if name != "hash")
+# The columns schema version 2 added; NULL on run-level rows and on every version 1 row.
+INSTANCE_COLUMNS: tuple[str, ...] = ("instance_group", "instance_index", "instance_id")
+_INSTANCE = frozenset(INSTANCE_COLUMNS)
+# The columns of a version 1 log, which a read-only reader reads with the instance NULL.
+V1_COLUMN_NAMES: tuple[str, ...] = tuple(n for n in COLUMN_NAMES if n not in INSTANCE_COLUMNS)
+# The columns every row's hash covers. The instance columns are covered too, but only
+# where non-NULL, so that version 1 rows (and rows with no instance) hash as they did.
+HASHED_COLUMNS: tuple[str, ...] = tuple(name for name in V1_COLUMN_NAMES if name != "hash")
 
 # Nullable columns are the ones that genuinely may be absent for some transitions.
 NULLABLE_COLUMNS: frozenset[str] = frozenset(
     {"reason", "from_state", "job", "script", "exit_code", "duration", "detail"}
+    | set(INSTANCE_COLUMNS)
 )
 NOT_NULL_COLUMNS: tuple[str, ...] = tuple(n for n in COLUMN_NAMES if n not in NULLABLE_COLUMNS)
 
@@ -110,11 +131,39 @@ def canonical_json(value: Any) -> str:
     )
 
 
+def hashed_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    """What a row's hash covers: every HASHED_COLUMNS value, and each instance column
+    whose value is not NULL (a missing key counts as NULL, as in a version 1 row)."""
+    fields = {name: row[name] for name in HASHED_COLUMNS}
+    for name in INSTANCE_COLUMNS:
+        if row.get(name) is not None:
+            fields[name] = row[name]
+    return fields
+
+
 # Keys in the order sort_keys=True would emit them, with the JSON text of each key baked
 # into a template: verify hashes every row, and this is several times faster than
 # json.dumps on a dict while producing the identical string (a test holds it to that).
-HASH_ORDER: tuple[str, ...] = tuple(sorted(HASHED_COLUMNS))
-_ROW_TEMPLATE = "{" + ",".join(f"{json.dumps(k)}:%s" for k in HASH_ORDER) + "}"
+# HASH_ORDER includes the instance columns; since their names share the prefix
+# "instance_", they are adjacent in it, and one template per combination of non-NULL
+# instance values (eight) leaves the NULL ones out.
+HASH_ORDER: tuple[str, ...] = tuple(sorted(HASHED_COLUMNS + INSTANCE_COLUMNS))
+_INSTANCE_AT = HASH_ORDER.index(INSTANCE_COLUMNS[0])
+_INSTANCE_END = _INSTANCE_AT + len(INSTANCE_COLUMNS)
+if set(HASH_ORDER[_INSTANCE_AT:_INSTANCE_END]) != _INSTANCE:  # pragma: no cover
+    raise RuntimeError("the instance columns must be adjacent in HASH_ORDER")
+
+
+def _template(present: Sequence[bool]) -> str:
+    keep = dict(zip(HASH_ORDER[_INSTANCE_AT:_INSTANCE_END], present, strict=True))
+    keys = [k for k in HASH_ORDER if keep.get(k, True)]
+    return "{" + ",".join(f"{json.dumps(k)}:%s" for k in keys) + "}"
+
+
+_TEMPLATES: dict[tuple[bool, ...], str] = {
+    present: _template(present)
+    for present in itertools.product((False, True), repeat=len(INSTANCE_COLUMNS))
+}
 
 
 def _json_scalar(value: Any) -> str:
@@ -135,20 +184,27 @@ def _json_scalar(value: Any) -> str:
 
 
 def hash_values(values: Sequence[Any]) -> str:
-    """row_hash for the hashed column values given in HASH_ORDER."""
-    text = _ROW_TEMPLATE % tuple(map(_json_scalar, values))
+    """row_hash for the column values given in HASH_ORDER (NULL instance values omitted
+    from the hash, as ``hashed_fields`` says)."""
+    instance = values[_INSTANCE_AT:_INSTANCE_END]
+    template = _TEMPLATES[tuple(value is not None for value in instance)]
+    present = [value for value in instance if value is not None]
+    scalars = (*values[:_INSTANCE_AT], *present, *values[_INSTANCE_END:])
+    text = template % tuple(map(_json_scalar, scalars))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def row_hash(row: Mapping[str, Any]) -> str:
-    """sha256 hex of the canonical JSON of every column except ``hash``.
+    """sha256 hex of the canonical JSON of every column except ``hash``, the instance
+    columns only where not NULL.
 
-    Equal to ``sha256(canonical_json({c: row[c] for c in HASHED_COLUMNS}).encode())``.
+    Equal to ``sha256(canonical_json(hashed_fields(row)).encode())``. The instance keys
+    may be absent from ``row`` (a version 1 row): absent counts as NULL.
     ``row`` must hold the values as stored (``detail`` as its JSON text), which is what
     both ``append`` (before inserting) and ``verify`` (after reading) have in hand.
     Raises TypeError/ValueError for values SQLite can hold but JSON cannot (BLOBs).
     """
-    return hash_values([row[name] for name in HASH_ORDER])
+    return hash_values([row.get(name) if name in _INSTANCE else row[name] for name in HASH_ORDER])
 
 
 def create_schema(db: sqlite_utils.Database) -> None:
@@ -164,3 +220,17 @@ def create_schema(db: sqlite_utils.Database) -> None:
     db.table("meta").insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
     for sql in TRIGGERS.values():
         db.conn.execute(sql)
+
+
+def migrate_to_2(db: sqlite_utils.Database, when: str) -> None:
+    """Turn a version 1 log into version 2. Caller holds the (IMMEDIATE) transaction.
+
+    ALTER TABLE ADD COLUMN appends the instance columns without rewriting a row or
+    firing a trigger, so every row and its hash stay as they were, and the triggers'
+    SQL is untouched. meta is append-only, so the migration is a row of its own,
+    ``migrated_to_2`` = ``when`` (UTC), rather than an update of ``schema_version``.
+    """
+    for name, sql_type, _ in EVENT_COLUMNS:
+        if name in _INSTANCE:
+            db.conn.execute(f'ALTER TABLE events ADD COLUMN "{name}" {sql_type}')
+    db.conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", [f"{MIGRATED_TO_PREFIX}2", when])

@@ -92,6 +92,7 @@ def test_event_columns_are_the_documented_schema_in_order(tmp_path: Path) -> Non
         "seq", "ts", "run_id", "operation", "target", "mode", "operator", "origin_host",
         "reason", "from_state", "to_state", "trigger", "job", "script", "outcome",
         "exit_code", "duration", "detail", "tool_version", "prev_hash", "hash",
+        "instance_group", "instance_index", "instance_id",
     ]  # fmt: skip
     assert all(len(c) == 3 and c[2] for c in EVENT_COLUMNS)
     AuditLog(tmp_path / "a.db").close()
@@ -99,7 +100,7 @@ def test_event_columns_are_the_documented_schema_in_order(tmp_path: Path) -> Non
     info = conn.execute("PRAGMA table_info(events)").fetchall()
     assert [(r[1], r[2]) for r in info] == [(c[0], c[1]) for c in EVENT_COLUMNS]
     assert [r[1] for r in info if r[5]] == ["seq"]
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
     assert frozenset({"succeeded", "failed", "interrupted", "recovered"}) == TERMINAL_STATES
 
 
@@ -389,7 +390,7 @@ def test_plain_sqlite3_cannot_change_the_log(tmp_path: Path, sql: str) -> None:
     meta = conn.execute("SELECT * FROM meta").fetchall()
     conn.close()
     assert rows(path) == before
-    assert meta == [("schema_version", "1")]
+    assert meta == [("schema_version", "2")]
     assert verify_log(path).ok
 
 
@@ -593,10 +594,10 @@ def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     path = filled(tmp_path / "a.db", 1)
     conn = raw(path)
     conn.execute("DROP TRIGGER events_meta_no_update")
-    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     conn.close()
     for readonly in (False, True):
-        with pytest.raises(AuditError, match=r"schema version 2.*upgrade bbrx"):
+        with pytest.raises(AuditError, match=r"schema version 3.*upgrade bbrx"):
             AuditLog(path, readonly=readonly)
 
 
