@@ -49,6 +49,7 @@ class SimInstance:
 
     group = "bosh"
     index = "0"
+    instance_id: str | None = None
     mode = "sim"
 
     def __init__(self, director: SimDirector) -> None:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata"
 AUDIT_HEAD_FILE = "bbrx-audit.yml"
+MANIFEST_FILE = "manifest.yml"  # a deployment backup's, with --with-manifest
 INCOMPLETE_MARKER = "INCOMPLETE"
 INCOMPLETE_SUFFIX = ".incomplete"
 CHUNK = 1 << 20
@@ -52,6 +53,10 @@ def artifact_dir_name(name: str, started: datetime) -> str:
 
 def tar_name(group: str, index: str, job: str) -> str:
     return f"{group}-{index}-{job}.tar"
+
+
+def custom_tar_name(name: str) -> str:
+    return f"{name}.tar"
 
 
 @dataclass(frozen=True)
@@ -77,9 +82,25 @@ class Manifest:
     instances: tuple[InstanceArtifacts, ...]
     start_time: str
     finish_time: str
+    #: A deployment backup's `backup_one_restore_all` copies, each `<name>.tar`.
+    custom: tuple[JobArtifact, ...] = ()
 
     def jobs(self) -> list[tuple[InstanceArtifacts, JobArtifact]]:
         return [(inst, art) for inst in self.instances for art in inst.artifacts]
+
+    @property
+    def is_director_backup(self) -> bool:
+        """What bbr's director mode writes: one instance, `bosh/0`, and no custom artifacts."""
+        names = {(i.name, i.index) for i in self.instances}
+        return not self.custom and names <= {("bosh", "0")}
+
+    def instance_names(self) -> list[str]:
+        return [f"{i.name}/{i.index}" for i in self.instances]
+
+    def tar_names(self) -> list[str]:
+        return [tar_name(i.name, i.index, a.name) for i, a in self.jobs()] + [
+            custom_tar_name(c.name) for c in self.custom
+        ]
 
 
 # --- writing -----------------------------------------------------------------------------
@@ -113,6 +134,8 @@ class ArtifactWriter:
         self.run_id = run_id
         self.started = started
         self.checksums: dict[tuple[str, str, str], Checksums] = {}
+        self.custom_checksums: dict[str, Checksums] = {}
+        self._lock = threading.Lock()  # drains of many instances write in parallel
         # Only what this writer made is ever removed: another run's backup that happens to
         # have the same name is left alone.
         self.created = False
@@ -171,7 +194,44 @@ class ArtifactWriter:
         progress: Callable[[int], None] | None = None,
     ) -> Checksums:
         """Write one job's tar from `stream`, hashing its files on the way."""
-        path = self.partial / tar_name(group, index, job)
+        checksums = self._write_tar(tar_name(group, index, job), job, stream, check, progress)
+        with self._lock:
+            self.checksums[(group, index, job)] = checksums
+        return checksums
+
+    def write_custom(
+        self,
+        name: str,
+        stream: BinaryIO,
+        check: Callable[[], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Checksums:
+        """Write a custom artifact (a `backup_one_restore_all` job's bootstrap copy)."""
+        checksums = self._write_tar(custom_tar_name(name), name, stream, check, progress)
+        with self._lock:
+            self.custom_checksums[name] = checksums
+        return checksums
+
+    def write_manifest(self, text: str) -> None:
+        """The deployment's manifest, exactly as the director gave it (--with-manifest)."""
+        try:
+            _write_synced(self.partial / MANIFEST_FILE, text)
+        except OSError as exc:
+            raise ArtifactError(
+                f"cannot write {self.partial / MANIFEST_FILE}: {exc.strerror or exc}",
+                hint="Free some space (or pick another --artifact-path) and try again. "
+                "Nothing was locked.",
+            ) from exc
+
+    def _write_tar(
+        self,
+        filename: str,
+        job: str,
+        stream: BinaryIO,
+        check: Callable[[], None] | None,
+        progress: Callable[[int], None] | None,
+    ) -> Checksums:
+        path = self.partial / filename
         # Not strict while streaming: the whole tar is read, and everything a restore would
         # refuse is named at once, now, while the job can still be changed, not on the day
         # of a disaster when this backup would turn out to be one bbrx will not restore.
@@ -202,13 +262,14 @@ class ArtifactWriter:
                 "a checksum. Make the job's backup script write only those, then back up again "
                 "(every job has been unlocked).",
             )
-        self.checksums[(group, index, job)] = checksums
         log.debug("Copied %s (%d files, %d bytes)", path.name, len(checksums), hasher.bytes)
         return checksums
 
     def publish(self, finished: datetime, audit_head: dict[str, object]) -> Path:
         """Write metadata and the audit head, then rename to the final name."""
-        document = metadata_document(self.checksums, self.started, finished)
+        document = metadata_document(
+            self.checksums, self.started, finished, custom=self.custom_checksums
+        )
         try:
             _write_synced(self.partial / METADATA_FILE, _dump_metadata(document))
             _write_synced(
@@ -311,7 +372,10 @@ def _mib(n: int) -> int:
 
 
 def metadata_document(
-    checksums: dict[tuple[str, str, str], Checksums], started: datetime, finished: datetime
+    checksums: dict[tuple[str, str, str], Checksums],
+    started: datetime,
+    finished: datetime,
+    custom: dict[str, Checksums] | None = None,
 ) -> dict[str, object]:
     instances: dict[tuple[str, str], list[dict[str, object]]] = {}
     for (group, index, job), sums in sorted(checksums.items()):
@@ -323,7 +387,10 @@ def metadata_document(
             {"name": group, "index": index, "artifacts": artifacts}
             for (group, index), artifacts in instances.items()
         ],
-        "custom_artifacts": [],
+        "custom_artifacts": [
+            {"name": name, "checksums": dict(sorted(sums.items()))}
+            for name, sums in sorted((custom or {}).items())
+        ],
         "backup_activity": {
             "start_time": started.astimezone(UTC).strftime(TIME_FORMAT),
             "finish_time": finished.astimezone(UTC).strftime(TIME_FORMAT),
@@ -440,11 +507,6 @@ def _parse_manifest(path: Path, data: object) -> Manifest:
 
     if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
         raise bad("no instances list")
-    if data.get("custom_artifacts"):
-        raise ArtifactError(
-            f"{path} has custom_artifacts: it is a deployment-mode backup",
-            hint="Restore it with a deployment-mode tool; bbrx director restores director backups.",
-        )
     instances = []
     seen: set[tuple[str, str, str]] = set()
     for position, instance in enumerate(data["instances"]):
@@ -475,6 +537,24 @@ def _parse_manifest(path: Path, data: object) -> Manifest:
                 raise bad(f"checksums of artifact {job} are not a map of strings")
             artifacts.append(JobArtifact(job, dict(sums)))
         instances.append(InstanceArtifacts(name, index, tuple(artifacts)))
+    custom: list[JobArtifact] = []
+    entries = data.get("custom_artifacts") or []
+    if not isinstance(entries, list):
+        raise bad("custom_artifacts is not a list")
+    for position, entry in enumerate(entries):
+        where = f"custom_artifacts[{position}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise bad(f"{where} has no name")
+        if not _SAFE_NAME.fullmatch(entry["name"]):
+            raise bad(f"{where} has the name {entry['name']!r}, which is not a plain name")
+        if any(c.name == entry["name"] for c in custom):
+            raise bad(f"custom artifact {entry['name']} is listed twice")
+        sums = entry.get("checksums") or {}
+        if not isinstance(sums, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in sums.items()
+        ):
+            raise bad(f"checksums of custom artifact {entry['name']} are not a map of strings")
+        custom.append(JobArtifact(entry["name"], dict(sums)))
     activity = data.get("backup_activity")
     activity = activity if isinstance(activity, dict) else {}
     return Manifest(
@@ -482,6 +562,7 @@ def _parse_manifest(path: Path, data: object) -> Manifest:
         instances=tuple(instances),
         start_time=str(activity.get("start_time", "")),
         finish_time=str(activity.get("finish_time", "")),
+        custom=tuple(custom),
     )
 
 
@@ -497,7 +578,7 @@ def check_files(manifest: Manifest) -> None:
     """The backup's file set matches its metadata: every listed tar is there and readable,
     and every tar there is listed (a tar nobody checks would be a tar nobody restores)."""
     directory = manifest.path.parent
-    listed = {tar_name(i.name, i.index, a.name) for i, a in manifest.jobs()}
+    listed = set(manifest.tar_names())
     for name in sorted(listed):
         path = directory / name
         if not path.exists():
@@ -537,9 +618,16 @@ class TarReader:
     `verify()` compares every file's checksum with the metadata once the stream has ended.
     """
 
-    def __init__(self, directory: Path, instance: InstanceArtifacts, job: JobArtifact) -> None:
+    def __init__(
+        self, directory: Path, instance: InstanceArtifacts | None, job: JobArtifact
+    ) -> None:
+        """`instance` None: `job` is a custom artifact (`<name>.tar`)."""
         self.job = job
-        self.name = tar_name(instance.name, instance.index, job.name)
+        self.name = (
+            custom_tar_name(job.name)
+            if instance is None
+            else tar_name(instance.name, instance.index, job.name)
+        )
         self.path = directory / self.name
         self._hasher = TarHasher(listed=job.checksums)
         self._whole: _ThreadedDigest | None = None  # started by chunks(): no idle thread
@@ -637,7 +725,9 @@ def validate(directory: Path) -> Manifest:
     """
     manifest = read_manifest(directory)
     check_files(manifest)
-    for instance, job in manifest.jobs():
+    pairs: list[tuple[InstanceArtifacts | None, JobArtifact]] = [*manifest.jobs()]
+    pairs += [(None, custom) for custom in manifest.custom]
+    for instance, job in pairs:
         reader = TarReader(directory, instance, job)
         for _ in reader.chunks():
             pass

@@ -18,14 +18,15 @@ _DISCONTINUED = ("backup_name", "restore_name")
 
 @dataclass(frozen=True)
 class JobMetadata:
-    """What one job's `metadata` script declared."""
+    """What one job's `metadata` script declared: the jobs it is locked before, each as
+    (job name, release)."""
 
-    backup_locked_before: tuple[str, ...] = ()
-    restore_locked_before: tuple[str, ...] = ()
+    backup_locked_before: tuple[tuple[str, str], ...] = ()
+    restore_locked_before: tuple[tuple[str, str], ...] = ()
     skip_bbr_scripts: bool = False
     discontinued_keys: tuple[str, ...] = field(default=())
 
-    def locked_before(self, operation: str) -> tuple[str, ...]:
+    def locked_before(self, operation: str) -> tuple[tuple[str, str], ...]:
         return self.restore_locked_before if operation == "restore" else self.backup_locked_before
 
 
@@ -47,7 +48,7 @@ def parse_metadata(job: str, text: str) -> JobMetadata:
             job=job,
             hint=hint,
         )
-    orders: dict[str, tuple[str, ...]] = {}
+    orders: dict[str, tuple[tuple[str, str], ...]] = {}
     for key in _ORDER_KEYS:
         entries = data.get(key) or []
         if not isinstance(entries, list):
@@ -70,7 +71,7 @@ def parse_metadata(job: str, text: str) -> JobMetadata:
                     job=job,
                     hint=hint,
                 )
-            names.append(entry["job_name"])
+            names.append((entry["job_name"], entry["release"]))
         orders[key] = tuple(names)
     skip = data.get("skip_bbr_scripts", False)
     if not isinstance(skip, bool):
@@ -88,23 +89,39 @@ def parse_metadata(job: str, text: str) -> JobMetadata:
 
 
 def lock_levels(
-    jobs: Iterable[str], metadata: Mapping[str, JobMetadata], operation: str
+    jobs: Iterable[str],
+    metadata: Mapping[str, JobMetadata],
+    operation: str,
+    *,
+    identities: Mapping[str, tuple[str, str | None]] | None = None,
+    match_release: bool = False,
 ) -> list[list[str]]:
     """Kahn levels of the "locked before" graph: level 0 locks first.
 
-    Constraints naming absent jobs are ignored (bbr does the same). Raises
-    `CyclicLockOrderError` naming a cycle when there is one.
+    `jobs` are the graph's nodes: job names (director mode), or labels when one run spans
+    many instances, with `identities` giving each label's (job name, release); `metadata`
+    is keyed the same.
+    A constraint names a job; with `match_release` (deployment mode, as bbr) it must name
+    its release too, so a job whose release is unknown matches no constraint. A constraint
+    matches that job on every instance. Constraints naming absent jobs are ignored (bbr
+    does the same). Raises `CyclicLockOrderError` naming a cycle when there is one.
     """
-    names = sorted(set(jobs))
-    present = set(names)
+    known = identities or {}
+    nodes = {name: known.get(name, (name, None)) for name in jobs}
+    names = sorted(nodes)
+    by_job: dict[str, list[str]] = {}
+    for label in names:
+        by_job.setdefault(nodes[label][0], []).append(label)
     successors: dict[str, set[str]] = {name: set() for name in names}
     for name in names:
         meta = metadata.get(name, JobMetadata())
-        for later in meta.locked_before(operation):
-            if later in present and later != name:
+        for later_job, release in meta.locked_before(operation):
+            for later in by_job.get(later_job, []):
+                if match_release and nodes[later][1] != release:
+                    continue
+                if later == name:
+                    raise CyclicLockOrderError([name, name])
                 successors[name].add(later)
-            elif later == name:
-                raise CyclicLockOrderError([name, name])
     indegree = {name: 0 for name in names}
     for name in names:
         for later in successors[name]:

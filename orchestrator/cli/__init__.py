@@ -1,8 +1,10 @@
 """The command line: typer commands that parse, call one library function, and render.
 
-`app.py` is the only place in bbrx where errors become exit codes.
+`app.py` holds the root, `director`, `audit`, `sim` and the rest, and is the only place
+in bbrx where errors become exit codes; `deployment.py` adds `bbrx deployment`.
 """
 
+from orchestrator.cli import deployment
 from orchestrator.cli.app import app, main
 
-__all__ = ["app", "main"]
+__all__ = ["app", "deployment", "main"]

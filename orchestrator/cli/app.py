@@ -32,12 +32,13 @@ from audit import AuditError
 from audit.render import printable
 from orchestrator import __version__, settings, simulation
 from orchestrator.engine import machine
+from orchestrator.engine.fleet import deployment_target
 from orchestrator.engine.progress import progress_for
 from orchestrator.engine.run import Outcome, Timeouts
 from orchestrator.errors import BbrxError, RunFailed
 from orchestrator.operations.procedures import Request, run_director
 from orchestrator.state import review
-from orchestrator.transport.targets import parse_host
+from orchestrator.transport.targets import director_address, parse_director, parse_host
 
 log = logging.getLogger("bbrx")
 
@@ -107,6 +108,11 @@ class Globals:
     quiet: bool = False
     # Only the timeouts given on the command line; the config file and defaults fill the rest.
     timeouts: dict[str, float | None] = field(default_factory=dict)
+    # bbrx deployment: the director, the deployment (or all of them), the bound on parallelism.
+    target: str = ""
+    deployment: str | None = None
+    all_deployments: bool = False
+    max_parallel: int = 10
 
 
 def _timeout_option(phase: str, default: float | None) -> Any:
@@ -232,14 +238,7 @@ def director(
         raise click_exceptions.UsageError("Missing option '--host'.", ctx=ctx)
     if ctx.invoked_subcommand is None:
         ctx.fail("Missing command.")
-    if debug:
-        logging.getLogger().setLevel(logging.DEBUG)
-    elif quiet:
-        # Warnings still show; errors are printed once, as the final "Error:" lines.
-        root_logger = logging.getLogger()
-        root_logger.setLevel(logging.WARNING)
-        for handler in root_logger.handlers:
-            handler.addFilter(lambda record: record.levelno != logging.ERROR)
+    set_verbosity(debug=debug, quiet=quiet)
     _merge(
         ctx,
         host=host,
@@ -259,6 +258,17 @@ def director(
         operator=operator,
         reason=reason,
     )
+
+
+def set_verbosity(*, debug: bool, quiet: bool) -> None:
+    if debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+    elif quiet:
+        # Warnings still show; errors are printed once, as the final "Error:" lines.
+        root_logger = logging.getLogger()
+        root_logger.setLevel(logging.WARNING)
+        for handler in root_logger.handlers:
+            handler.addFilter(lambda record: record.levelno != logging.ERROR)
 
 
 def _request(ctx: typer.Context, operation: str, artifact_path: Path | None = None) -> Request:
@@ -527,7 +537,14 @@ _IGNORED = "Accepted for a copied director command line; ignored (status reads t
 @app.command("status")
 def status(
     ctx: typer.Context,
-    host: Annotated[str, _host_option()],
+    host: Annotated[str | None, _host_option("A director: HOST[:PORT], or sim://NAME.")] = None,
+    target: Annotated[
+        str | None,
+        typer.Option("--target", "-t", help="A deployment's director (with --deployment)."),
+    ] = None,
+    deployment: Annotated[
+        str | None, typer.Option("--deployment", "-d", help="A deployment of --target.")
+    ] = None,
     # Accepted and ignored, so that the director line an operator copies from a runbook
     # works here too: status reads only the audit log and never connects.
     username: Annotated[str | None, _username_option(_IGNORED)] = None,
@@ -542,7 +559,17 @@ def status(
     Reads only the audit log: it never connects to the director, so the director
     connection flags (--username, --private-key-path...) are accepted and ignored.
     """
-    shown = review.status(_audit_path(ctx, audit_db), parse_host(host).address)
+    if deployment:
+        if not target:
+            raise BbrxError("--deployment needs --target: the director the deployment is on")
+        name = deployment_target(director_address(parse_director(target)), deployment)
+    elif host:
+        name = parse_host(host).address
+    else:
+        raise BbrxError(
+            "give --host HOST (a director) or --target TARGET --deployment NAME (a deployment)"
+        )
+    shown = review.status(_audit_path(ctx, audit_db), name)
     # The text quotes the log (operator, job names): no terminal control reaches the screen.
     typer.echo(printable(shown, keep_newlines=True))
 

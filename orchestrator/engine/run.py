@@ -28,6 +28,7 @@ from transitions import EventData, MachineError
 
 from audit import AppendedEvent, AuditError, AuditLog, Journal
 from orchestrator import __version__
+from orchestrator.engine.fleet import DirectorFleet, Fleet
 from orchestrator.engine.machine import (
     PROTECTED_STATES,
     SCRIPTS,
@@ -84,14 +85,23 @@ def new_run_id(now: datetime | None = None) -> str:
 
 
 class JobTracker:
-    """A job's own machine within a run (the model; transitions adds `state` and triggers)."""
+    """A job's own machine within a run (the model; transitions adds `state` and triggers).
+
+    A job is one job on one instance: `redis-server` on `redis/0` and on `redis/1` are two
+    trackers. `label` is its key in `Run.jobs` and its name in messages, lock plans and
+    audit verdicts (the job's name alone in director mode, where there is one instance).
+    """
 
     state: str
     trigger: Callable[..., bool]
 
-    def __init__(self, job: Job, run: Run) -> None:
+    def __init__(self, job: Job, run: Run, instance: Instance | None = None) -> None:
         self.job = job
         self.run = run
+        self.instance = instance if instance is not None else run.fleet.instances[0]
+        self.label = run.fleet.label(self.instance, job.name)
+        # Lock constraints match a job by name and release in deployment mode (bbr's rule).
+        self.release = run.fleet.release_of(self.instance, job.name)
         # Kept apart from `state`: a backup drains after a failed unlock, and the job's
         # drain states must not hide that its lock may still be held.
         self.lock_held = False
@@ -99,7 +109,13 @@ class JobTracker:
 
     @property
     def name(self) -> str:
+        """The job's own name, as its scripts and the VM's directories know it."""
         return self.job.name
+
+    @property
+    def where(self) -> str:
+        """The instance, as error messages name it."""
+        return self.run.fleet.where(self.instance)
 
     @property
     def may_be_locked(self) -> bool:
@@ -152,15 +168,21 @@ class Run:
     def __init__(
         self,
         operation: str,
-        instance: Instance,
+        instance: Instance | Fleet,
         audit: AuditLog,
         identity: Identity,
         target: str,
         progress: ProgressSink | None = None,
         timeouts: Timeouts | None = None,
         confirm_abandon: Callable[[list[str], threading.Event], bool] | None = None,
+        max_parallel: int = 10,
+        signal_relay: SignalRelay | None = None,
     ) -> None:
+        # Runs driven in worker threads (--all-deployments) get their signals through it.
+        self.signal_relay = signal_relay
         self.operation = operation
+        # At most this many scripts or copies at once (bbr's bound is 10, and not settable).
+        self.max_parallel = max(1, max_parallel)
         # Asks the operator, on a terminal, whether to stop unlocking (None: nobody to ask);
         # its Event is set when the run ends, which withdraws the question.
         self.confirm_abandon = confirm_abandon
@@ -169,7 +191,9 @@ class Run:
         self._run_over = threading.Event()
         self.timeouts = timeouts or Timeouts()
         self.progress: ProgressSink = progress or NoProgress()
-        self.instance = instance
+        self.fleet: Fleet = (
+            instance if isinstance(instance, Fleet) else DirectorFleet(instance, target)
+        )
         self.audit = audit
         self.identity = identity
         self.target = target
@@ -201,6 +225,15 @@ class Run:
         self.data: dict[str, Any] = {}
         self.artifact: Path | None = None
         self.machine = build_run_machine(self, operation, finalize=self.record_run_event)
+
+    @property
+    def instance(self) -> Instance:
+        """The run's first instance: the director, in director mode."""
+        return self.fleet.instances[0]
+
+    @property
+    def instances(self) -> list[Instance]:
+        return self.fleet.instances
 
     # --- conditions named in machine.py ---------------------------------------------------
 
@@ -348,9 +381,11 @@ class Run:
 
     # --- jobs ------------------------------------------------------------------------------
 
-    def track(self, jobs: Iterable[Job]) -> None:
-        for job in jobs:
-            self.jobs[job.name] = JobTracker(job, self)
+    def track(self, jobs: Iterable[Job], instance: Instance | None = None) -> list[JobTracker]:
+        trackers = [JobTracker(job, self, instance) for job in jobs]
+        for tracker in trackers:
+            self.jobs[tracker.label] = tracker
+        return trackers
 
     def run_job_script(
         self,
@@ -368,7 +403,7 @@ class Run:
         """
         may_start = self._may_start_unlock if phase == "unlock" else self._may_start_work
         if not may_start():
-            log.info("Not starting %s of job %s: the run is being stopped", script, tracker.name)
+            log.info("Not starting %s of %s: the run is being stopped", script, tracker.label)
             return None
         tracker.trigger(phase, script=script)
         refused = self.refuse_unrecorded(tracker, phase, script)
@@ -389,7 +424,7 @@ class Run:
                 # may rightly start a service in the background: that is left alone.
                 end_leftovers=phase != "unlock",
             )
-            result = self.instance.run_script(call)
+            result = tracker.instance.run_script(call)
         except Exception as exc:
             # The script could not even start (or the transport broke in a way it did not
             # foresee: a fork that failed, say): a failure of this phase for this job all the
@@ -400,7 +435,7 @@ class Run:
             error = error_class(
                 job=tracker.name,
                 script=script,
-                host=self.instance.address,
+                host=tracker.where,
                 exit_code=None,
                 stderr_tail=message,
             )
@@ -413,7 +448,7 @@ class Run:
         error = error_class(
             job=tracker.name,
             script=script,
-            host=self.instance.address,
+            host=tracker.where,
             exit_code=result.exit_code,
             stderr_tail=result.stderr_tail(),
             killed_by=result.killed_by,
@@ -438,7 +473,7 @@ class Run:
         error = ScriptNotStartedError(
             job=tracker.name,
             script=script,
-            host=self.instance.address,
+            host=tracker.where,
             why=f"the audit log {self.audit.path} cannot be written, and bbrx starts no "
             "lock, backup or restore script off the record",
         )
@@ -464,12 +499,20 @@ class Run:
         for line in result.stderr.splitlines():
             log.debug("%s/%s (stderr): %s", result.job, result.script, line)
 
-    def parallel(self, items: list[Any], work: Callable[[Any], Any], limit: int = 8) -> list[Any]:
-        """Run `work` over `items` in threads; results in input order."""
-        if len(items) <= 1:
+    def parallel(
+        self, items: list[Any], work: Callable[[Any], Any], limit: int | None = None
+    ) -> list[Any]:
+        """Run `work` over `items` in threads, at most `limit` (default: the run's bound)
+        at once; results in input order."""
+        bound = min(limit or self.max_parallel, self.max_parallel)
+        if len(items) <= 1 or bound == 1:
             return [work(item) for item in items]
-        with ThreadPoolExecutor(max_workers=min(limit, len(items))) as pool:
+        with ThreadPoolExecutor(max_workers=min(bound, len(items))) as pool:
             return list(pool.map(work, items))
+
+    def terminate_scripts(self) -> None:
+        """Kill what every instance of the run is running now (each may take seconds)."""
+        self.parallel(list(self.instances), lambda instance: instance.terminate_scripts())
 
     def locked_jobs(self) -> list[str]:
         return sorted(name for name, tracker in self.jobs.items() if tracker.may_be_locked)
@@ -477,9 +520,10 @@ class Run:
     def _recovery_hint(self) -> str | None:
         if not self.locked_jobs():
             return None
+        cleanup = self.fleet.command(cleanup_for(self.operation))
         return (
-            f"Fix what stopped the unlock, then run `bbrx director --host {self.target} "
-            f"{cleanup_for(self.operation)}`: it runs every job's unlock script again."
+            f"Fix what stopped the unlock, then run `{cleanup}`: it runs every job's unlock "
+            "script again."
         )
 
     def _unlock_summary(self) -> str:
@@ -530,7 +574,7 @@ class Run:
             )
             with self._kill_lock:
                 if self._killable:
-                    self.instance.terminate_scripts()
+                    self.terminate_scripts()
             return
         log.warning(
             "%s received again: bbrx is unlocking and cleaning up and will exit when done; "
@@ -576,7 +620,7 @@ class Run:
             log.warning("Stopping the unlock at the operator's request; %s", self._unlock_summary())
             # Set before the kill: an unlock script starting now asks `may_start`, stays put.
             self.abandoned = True
-            self.instance.terminate_scripts()
+            self.terminate_scripts()
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
@@ -588,10 +632,15 @@ class Run:
         )
         watcher.start()
         self._wake = (read_end, write_end)
+        relay = self.signal_relay
         try:
+            if relay is not None:
+                relay.add(self._on_signal)
             with _SignalGuard(self._on_signal):
                 yield
         finally:
+            if relay is not None:
+                relay.discard(self._on_signal)
             # The guard has put the old handlers back: what is in the pipe is all there is.
             os.set_blocking(write_end, True)
             os.write(write_end, b"\0")
@@ -609,9 +658,11 @@ class Run:
         tracker = event.model
         assert isinstance(tracker, JobTracker)
         tracker.note_state()
-        self._record(event, job=tracker.name, state=tracker.state)
+        self._record(event, job=tracker.name, state=tracker.state, instance=tracker.instance)
 
-    def _record(self, event: EventData, job: str | None, state: str) -> None:
+    def _record(
+        self, event: EventData, job: str | None, state: str, instance: Instance | None = None
+    ) -> None:
         kwargs = event.kwargs
         result: ScriptResult | None = kwargs.get("result")
         error: BbrxError | None = kwargs.get("error")
@@ -637,7 +688,7 @@ class Run:
             "run_id": self.run_id,
             "operation": self.operation,
             "target": self.target,
-            "mode": self.instance.mode,
+            "mode": self.fleet.mode,
             "operator": self.identity.operator,
             "origin_host": self.identity.origin_host,
             "reason": self.identity.reason,
@@ -652,6 +703,9 @@ class Run:
             "duration": round(result.duration, 6) if result else None,
             "detail": detail or None,
             "tool_version": self.tool_version,
+            "instance_group": instance.group if instance is not None else None,
+            "instance_index": instance.index if instance is not None else None,
+            "instance_id": instance.instance_id if instance is not None else None,
         }
         # One row at a time for the whole run, so that a row still waiting on the log
         # cannot land in the chain after another thread's row went to the journal.
@@ -690,7 +744,7 @@ class Run:
                 "lock, backup or restore script, and it still unlocked every job; the "
                 f"events it could not log are in the journal {self.journal.path}",
                 hint=(f"{fix} " if fix else "")
-                + f"Then check the target with `bbrx status --host {self.target}` and the "
+                + f"Then check the target with `{self.fleet.status_command()}` and the "
                 "log with `bbrx audit verify` (both read the journal); keep the journal "
                 "beside the log: it is the record of how this run ended.",
             )
@@ -704,6 +758,40 @@ def _setting(event: threading.Event) -> Iterator[None]:
         yield
     finally:
         event.set()
+
+
+class SignalRelay:
+    """Passes SIGINT and SIGTERM to every run being driven, from the main thread's handler.
+
+    Only the main thread receives signals, so runs driven in worker threads (a batch over
+    many deployments) cannot install handlers of their own. The handler this installs does
+    what a run's does and no more: for each registered run, its own handler (a flag and a
+    pipe write). A run registering after a signal is told of it at once. Handlers are kept
+    in a dict whose snapshot (`tuple(...)`, one C call) the handler takes without a lock.
+    """
+
+    def __init__(self) -> None:
+        # Keyed by the handler itself: bound methods compare equal, their ids need not.
+        self._handlers: dict[object, Callable[[int, FrameType | None], None]] = {}
+        self.signalled: int | None = None
+
+    def add(self, handler: Callable[[int, FrameType | None], None]) -> None:
+        self._handlers[handler] = handler
+        if self.signalled is not None:
+            handler(self.signalled, None)
+
+    def discard(self, handler: Callable[[int, FrameType | None], None]) -> None:
+        self._handlers.pop(handler, None)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.signalled is None:
+            self.signalled = signum
+        for handler in tuple(self._handlers.values()):
+            handler(signum, frame)
+
+    def guard(self) -> _SignalGuard:
+        """The handler, installed while the batch runs (main thread only)."""
+        return _SignalGuard(self._on_signal)
 
 
 class _SignalGuard:

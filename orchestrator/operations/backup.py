@@ -13,12 +13,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from orchestrator import __version__
-from orchestrator.bbr.artifact import ArtifactWriter, check_free_space, tar_name
+from orchestrator.bbr.artifact import ArtifactWriter, check_free_space, custom_tar_name, tar_name
+from orchestrator.engine.fleet import custom_artifact_name
 from orchestrator.engine.run import Action, JobTracker, Run
 from orchestrator.errors import BackupScriptError, BbrxError, LockError, ScriptError
 from orchestrator.operations import steps
 
 log = logging.getLogger(__name__)
+
+# Copies at once: each is a disk-bound stream into the jump box, and more of them only
+# share the same disk and link.
+DRAINS_AT_ONCE = 4
 
 
 def check_actions(artifact_path: Path) -> dict[str, Action]:
@@ -31,7 +36,8 @@ def check_actions(artifact_path: Path) -> dict[str, Action]:
 
 def space_estimate(run: Run, artifact_path: Path) -> dict[str, object]:
     """Pre-flight (bbr has none): will a backup fit at the artifact path? Warn if not."""
-    needed = run.instance.store_size()
+    instances = steps.instances_with(run, "backup")
+    needed = sum(run.parallel(instances, lambda instance: instance.store_size()))
     try:
         free = shutil.disk_usage(artifact_path).free if artifact_path.is_dir() else 0
     except OSError as exc:  # a pre-flight estimate: say why it has none, check the rest
@@ -39,7 +45,7 @@ def space_estimate(run: Run, artifact_path: Path) -> dict[str, object]:
         free = 0
     if needed > free:
         log.warning(
-            "A backup may not fit: the director's stores hold %d MiB, %s has %d MiB free",
+            "A backup may not fit: the VMs' stores hold %d MiB, %s has %d MiB free",
             needed >> 20,
             artifact_path,
             free >> 20,
@@ -50,35 +56,68 @@ def space_estimate(run: Run, artifact_path: Path) -> dict[str, object]:
     return {"store_bytes": needed, "free_bytes": free, "artifact_path": str(artifact_path)}
 
 
-def backup_actions(artifact_path: Path, name: str) -> dict[str, Action]:
+def backup_actions(
+    artifact_path: Path, name: str, *, with_manifest: bool = False, unsafe_lock_free: bool = False
+) -> dict[str, Action]:
     def check(run: Run) -> steps.Step:
         step = steps.check_backupable(run, claiming=True)
         writer = ArtifactWriter(artifact_path, name, run.started, run.run_id)
         run.data["writer"] = writer  # so that finish() removes what create() made
         writer.create()
-        steps.claim_work_dir(run)
+        if with_manifest and run.fleet.manifest is not None:
+            # Saved before anything is locked, as bbr does: a failure here locks nothing.
+            writer.write_manifest(run.fleet.manifest.text)
+        steps.claim_work_dir(run, steps.instances_with(run, "backup"))
         return step
 
     return {
         "discovering": steps.discover,
         "checking": check,
-        "locking": lambda run: steps.lock(run, LockError),
+        "locking": skip_locks if unsafe_lock_free else lambda run: steps.lock(run, LockError),
         "backing_up": run_backup_scripts,
-        "unlocking": steps.unlock,
+        "unlocking": skip_unlocks if unsafe_lock_free else steps.unlock,
         "draining": drain,
         "cleaning": steps.remove_work_dir,
     }
 
 
+def skip_locks(run: Run) -> steps.Step:
+    """--unsafe-lock-free: back up live data, without lock scripts (bbr's flag). Loudly."""
+    skipped = [t.label for t in steps.jobs_with(run, "lock")]
+    log.warning(
+        "--unsafe-lock-free: NOT locking %s: the backup copies data while it may change, and "
+        "may not restore consistently",
+        ", ".join(skipped) or "anything (no job has a lock script)",
+    )
+    return "locked", {"unsafe_lock_free": True, "locks_skipped": skipped}
+
+
+def skip_unlocks(run: Run) -> steps.Step:
+    skipped = [t.label for t in steps.jobs_with(run, "unlock")]
+    log.warning("--unsafe-lock-free: no unlock scripts run (nothing was locked)")
+    return "unlocked", {"unsafe_lock_free": True, "unlocks_skipped": skipped}
+
+
+def artifact_name(run: Run, tracker: JobTracker) -> str:
+    """The job's directory under the work dir and its artifact's name: the job's, or on the
+    bootstrap instance of a `backup_one_restore_all` job, bbr's custom artifact name."""
+    if run.fleet.backs_up_once(tracker.instance, tracker.name) and run.fleet.is_bootstrap(
+        tracker.instance
+    ):
+        return custom_artifact_name(tracker.name, tracker.release)
+    return tracker.name
+
+
 def run_backup_scripts(run: Run) -> steps.Step:
     trackers = steps.jobs_with(run, "backup")
-    log.info("Running backup scripts: %s", ", ".join(t.name for t in trackers))
+    log.info("Running backup scripts: %s", ", ".join(t.label for t in trackers))
 
     def backup_one(tracker: JobTracker) -> ScriptError | None:
         if run.interrupted_by:
             return None
-        run.instance.make_artifact_directory(tracker.name)
-        directory = run.instance.artifact_directory(tracker.name)
+        name = artifact_name(run, tracker)
+        tracker.instance.make_artifact_directory(name)
+        directory = tracker.instance.artifact_directory(name)
         env = {"BBR_ARTIFACT_DIRECTORY": directory, "ARTIFACT_DIRECTORY": directory}
         return run.run_job_script(tracker, "backup", "backup", BackupScriptError, env)
 
@@ -94,35 +133,38 @@ def drain(run: Run) -> steps.Step:
     writer: ArtifactWriter = run.data["writer"]
     trackers = steps.jobs_with(run, "backup")
 
-    sizes = {t.name: run.instance.artifact_size(t.name) for t in trackers}
+    names = {t.label: artifact_name(run, t) for t in trackers}
+    sized = run.parallel(trackers, lambda t: t.instance.artifact_size(names[t.label]))
+    sizes = {t.label: size for t, size in zip(trackers, sized, strict=True)}
     check_free_space(writer.partial, sum(sizes.values()))
     progress = run.progress
 
     def drain_one(tracker: JobTracker) -> BbrxError | None:
         tracker.trigger("drain")
-        label = tar_name(run.instance.group, run.instance.index, tracker.name)
+        instance, name = tracker.instance, names[tracker.label]
+        custom = name != tracker.name
+        label = custom_tar_name(name) if custom else tar_name(instance.group, instance.index, name)
         try:
             # One pass over the data: the checksums come from the stream as it lands. The
             # copy is whole when the VM's tar exited 0, the stream parsed to its
             # end-of-archive marker, and the file is on disk; SSH's MAC guards the bytes.
-            advance = progress.start(label, sizes[tracker.name])
-            with run.instance.stream_out(tracker.name) as stream:
-                checksums = writer.write_job(
-                    run.instance.group,
-                    run.instance.index,
-                    tracker.name,
-                    stream,
-                    run.check_interrupt,
-                    advance,
-                )
+            advance = progress.start(label, sizes[tracker.label])
+            with instance.stream_out(name) as stream:
+                if custom:
+                    checksums = writer.write_custom(name, stream, run.check_interrupt, advance)
+                else:
+                    checksums = writer.write_job(
+                        instance.group, instance.index, name, stream, run.check_interrupt, advance
+                    )
             progress.done(label)
         except BbrxError as error:
             tracker.trigger("drain_error", outcome="error", error=error)
             return error
-        tracker.trigger("drain_ok", detail={"files": len(checksums), "bytes": sizes[tracker.name]})
+        detail = {"files": len(checksums), "bytes": sizes[tracker.label], "artifact": label}
+        tracker.trigger("drain_ok", detail=detail)
         return None
 
-    errors = [error for error in run.parallel(trackers, drain_one, limit=4) if error]
+    errors = [error for error in run.parallel(trackers, drain_one, limit=DRAINS_AT_ONCE) if error]
     for error in errors:
         run.fail(error)
     if errors or run.interrupted_by:

@@ -17,7 +17,7 @@ from orchestrator.engine.run import Action, Run
 from orchestrator.errors import CheckError
 from orchestrator.operations import steps
 from orchestrator.state import recovery
-from orchestrator.transport.instance import REMOTE_WORK_DIR
+from orchestrator.transport.instance import REMOTE_WORK_DIR, Instance
 
 
 def cleanup_actions(*, force: bool = False) -> dict[str, Action]:
@@ -30,7 +30,7 @@ def cleanup_actions(*, force: bool = False) -> dict[str, Action]:
         if unfinished is not None:
             run.data["recovering"] = unfinished
             detail["recovering"] = unfinished.run_id
-            ended = recovery.end_left_running(run.audit, run.instance, unfinished)
+            ended = recovery.end_left_running(run.audit, run.instances, unfinished)
             if ended:
                 detail["ended_scripts"] = ended
         return trigger, {**detail, "levels": run.data["levels"]}
@@ -50,18 +50,23 @@ def _refuse_a_claim_this_log_does_not_know(run: Run) -> None:
     going on from another jump box or audit log, it would wreck that run. bbr cannot tell;
     bbrx can, from the owner file the claiming run wrote. A run this audit log knows is
     this log's to judge (the lease and the recovery above have done so)."""
-    owner = run.instance.work_dir_owner()
+    for instance in steps.instances_with_jobs(run):
+        _refuse_an_unknown_claim(run, instance)
+
+
+def _refuse_an_unknown_claim(run: Run, instance: Instance) -> None:
+    owner = instance.work_dir_owner()
     match = _OWNER_RUN.match(owner or "")
     if match is None:
         return  # no work dir, or one bbr or an older bbrx left: clean it, as bbr does
     if any(summary.run_id == match.group(1) for summary in run.audit.runs()):
         return
     raise CheckError(
-        f"{REMOTE_WORK_DIR} on {run.instance.address} was created by bbrx "
+        f"{REMOTE_WORK_DIR} on {run.fleet.where(instance)} was created by bbrx "
         f"{printable(owner or '')[:300]}, which this audit log ({run.audit.path}) does not know: "
         "that run may still be going on from another jump box or audit log, and this cleanup "
         "would unlock its jobs under it",
-        hint=f"Check with whoever runs it (or `bbrx status --host {run.target} --audit-db "
+        hint=f"Check with whoever runs it (or `{run.fleet.status_command()} --audit-db "
         "THEIR_LOG`). If that run is over, run this cleanup again with --force. Nothing was "
         "unlocked or removed.",
     )

@@ -1,6 +1,8 @@
-"""The one entry point the CLI calls for `bbrx director ... SUBCOMMAND`.
+"""The entry points the CLI calls: `bbrx director ... SUBCOMMAND` (`run_director`) and
+`bbrx deployment ... SUBCOMMAND` (`run_deployment`; `run_all_deployments` for
+--all-deployments, in `batch.py`).
 
-It opens the audit log and the target, drives the operation's machine to its end, and
+Each opens the audit log and the target, drives the operation's machine to its end, and
 closes both. A run with errors raises `RunFailed`, which carries every error (and so
 the exit-code bits) and the run id.
 """
@@ -15,13 +17,15 @@ from pathlib import Path
 
 from audit import AuditError, AuditLog
 from orchestrator import settings
+from orchestrator.bosh.director import Director
+from orchestrator.engine.fleet import DeploymentFleet, Fleet
 from orchestrator.engine.progress import ProgressSink
-from orchestrator.engine.run import Identity, Outcome, Run, Timeouts
+from orchestrator.engine.run import Identity, Outcome, Run, SignalRelay, Timeouts
 from orchestrator.errors import AuditUnwritableError, RunFailed, UsageError
 from orchestrator.operations import backup, cleanup, restore
 from orchestrator.state import lease, recovery
 from orchestrator.transport.instance import Instance
-from orchestrator.transport.targets import Target, open_instance
+from orchestrator.transport.targets import Target, open_director, open_instance
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,18 @@ class Request:
     confirm_abandon: Callable[[list[str], threading.Event], bool] | None = None
     # A cleanup even over a work dir that a run this audit log does not know created.
     force: bool = False
+    # Deployment mode: the deployment to act on (the director is `target`).
+    deployment: str | None = None
+    # backup: save the deployment's manifest in the artifact (bbr's --with-manifest).
+    with_manifest: bool = False
+    # backup: run no lock or unlock script (bbr's --unsafe-lock-free); recorded in the audit.
+    unsafe_lock_free: bool = False
+    # At most this many scripts or copies at once within the run.
+    max_parallel: int = 10
+    # --all-deployments: the id tying the runs of one batch together in the audit log, and
+    # the relay that passes the main thread's signals to runs driven in worker threads.
+    batch_id: str | None = None
+    signal_relay: SignalRelay | None = None
 
 
 def run_director(request: Request) -> Outcome:
@@ -64,20 +80,39 @@ def run_director(request: Request) -> Outcome:
         instance.close()
 
 
-def run_on(request: Request, instance: Instance) -> Outcome:
-    """Run one director operation on `instance`, recording it in the audit log."""
+def run_deployment(request: Request, director: Director | None = None) -> Outcome:
+    """Run one operation on a deployment of the director `request.target` names."""
+    if request.deployment is None:
+        raise UsageError("provide one of '--deployment' or '--all-deployments' flags.")
+    if request.operation == "restore" and request.artifact_path is None:
+        raise UsageError("--artifact-path flag is required.")
+    if director is None:
+        director = open_director(request.target, home=request.home)
+    fleet = DeploymentFleet(director, request.deployment, request.target.host)
+    try:
+        return run_on(request, fleet)
+    finally:
+        fleet.close()
+
+
+def run_on(request: Request, instance: Instance | Fleet) -> Outcome:
+    """Run one operation on `instance` (a director) or a deployment's fleet, recording it in
+    the audit log."""
     operation = request.operation
     busy_timeout = settings.audit_busy_timeout()
+    target = instance.target if isinstance(instance, Fleet) else request.target.address
     with AuditLog(request.audit_db, busy_timeout=busy_timeout) as audit:
         run = Run(
             operation,
             instance,
             audit,
             request.identity,
-            request.target.address,
+            target,
             progress=request.progress,
             timeouts=request.timeouts,
             confirm_abandon=request.confirm_abandon,
+            max_parallel=request.max_parallel,
+            signal_relay=request.signal_relay,
         )
         log.info("Run %s: %s of %s (audit log %s)", run.run_id, operation, run.target, audit.path)
         # One run per target: a second bbrx on this target refuses here, before anything.
@@ -124,12 +159,27 @@ def _mark_recovered(run: Run, unfinished: recovery.RunSummary, outcome: Outcome)
 def _drive(request: Request, run: Run) -> Outcome:
     """Pick the operation's actions and drive its machine to the end."""
     artifact_path = request.artifact_path.resolve() if request.artifact_path else None
-    start = {"artifact_path": str(artifact_path) if artifact_path else None}
+    start: dict[str, object] = {"artifact_path": str(artifact_path) if artifact_path else None}
+    if request.deployment is not None:
+        start["deployment"] = request.deployment
+    if request.batch_id is not None:
+        start["batch_id"] = request.batch_id
+    if request.unsafe_lock_free:
+        start["unsafe_lock_free"] = True
+    if request.max_parallel != Request.max_parallel:
+        start["max_parallel"] = request.max_parallel
     here = (artifact_path or Path.cwd()).resolve()
     operation = request.operation
     if operation == "backup":
         try:
-            return run.drive(backup.backup_actions(here, request.target.name), **start)
+            name = request.deployment or request.target.name
+            actions = backup.backup_actions(
+                here,
+                name,
+                with_manifest=request.with_manifest,
+                unsafe_lock_free=request.unsafe_lock_free,
+            )
+            return run.drive(actions, **start)
         finally:
             # However the drive ended, a raise included: no partial backup that looks like one.
             backup.finish(run)

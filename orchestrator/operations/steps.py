@@ -15,6 +15,7 @@ from typing import Any
 from audit.render import printable
 from orchestrator import BBR_COMPATIBLE_VERSION
 from orchestrator.bbr.ordering import JobMetadata, lock_levels, parse_metadata
+from orchestrator.engine.fleet import DEPLOYMENT
 from orchestrator.engine.machine import SCRIPTS, cleanup_for
 from orchestrator.engine.run import JobTracker, Run
 from orchestrator.errors import (
@@ -27,7 +28,13 @@ from orchestrator.errors import (
     UnlockError,
 )
 from orchestrator.state import recovery
-from orchestrator.transport.instance import REMOTE_WORK_DIR, Job, ScriptCall
+from orchestrator.transport.instance import (
+    REMOTE_WORK_DIR,
+    Instance,
+    Job,
+    ScriptCall,
+    instance_name,
+)
 from orchestrator.transport.scriptio import STDOUT_LIMIT
 
 log = logging.getLogger(__name__)
@@ -36,18 +43,53 @@ Step = str | tuple[str, dict[str, Any]]
 
 
 def discover(run: Run, *, lenient: bool = False) -> tuple[str, dict[str, Any]]:
-    """List the jobs and their scripts, read each job's metadata, drop skipped jobs.
+    """Reach the run's instances, list their jobs and scripts, read each job's metadata,
+    drop skipped jobs. In deployment mode reaching them is the director's part (VMs, the
+    manifest, access group by group); instances are then read in parallel, bounded.
 
     `lenient` (the cleanups): a job whose metadata fails is still unlocked, in no order,
     because leaving it locked is worse than unlocking it out of order.
     """
-    log.info("Looking for scripts on %s", run.instance.address)
-    jobs = run.instance.discover()
+    reached = run.fleet.open()
+    found = run.parallel(list(run.instances), lambda inst: _discover_one(run, inst, lenient))
+    metadata: dict[str, JobMetadata] = {}
+    scripts: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    broken: dict[str, str] = {}
+    info: dict[str, dict[str, str]] = {}
+    for instance, (active, job_metadata, job_skipped, job_broken) in zip(
+        run.instances, found, strict=True
+    ):
+        for tracker in run.track(active, instance):
+            metadata[tracker.label] = job_metadata.get(tracker.name, JobMetadata())
+            scripts[tracker.label] = sorted(tracker.job.scripts)
+            log.info(
+                "Found job %s with scripts: %s", tracker.label, ", ".join(scripts[tracker.label])
+            )
+        skipped += [run.fleet.label(instance, name) for name in job_skipped]
+        broken.update({run.fleet.label(instance, n): m for n, m in job_broken.items()})
+        if instance.info:
+            info[instance_name(instance)] = dict(instance.info)
+    run.data["metadata"] = metadata
+    detail: dict[str, Any] = {"jobs": scripts, "skipped": sorted(skipped), **reached}
+    if broken:
+        detail["metadata_errors"] = broken
+    if info:
+        # Director mode keeps its one instance's facts where they always were.
+        detail["instance"] = next(iter(info.values())) if len(info) == 1 else info
+    return "discovered", detail
+
+
+def _discover_one(
+    run: Run, instance: Instance, lenient: bool
+) -> tuple[list[Job], dict[str, JobMetadata], list[str], dict[str, str]]:
+    log.info("Looking for scripts on %s", run.fleet.where(instance))
+    jobs = instance.discover()
     broken: dict[str, str] = {}
 
     def read(job: Job) -> tuple[str, JobMetadata]:
         try:
-            return _metadata(run, job)
+            return _metadata(run, instance, job)
         except MetadataError as error:
             if not lenient:
                 raise
@@ -55,37 +97,33 @@ def discover(run: Run, *, lenient: bool = False) -> tuple[str, dict[str, Any]]:
             broken[job.name] = error.message
             return job.name, JobMetadata()
 
-    metadata = dict(run.parallel([j for j in jobs if j.has("metadata")], read))
+    # Many instances are read in parallel already: then one instance's jobs in turn.
+    with_metadata = [j for j in jobs if j.has("metadata")]
+    if len(run.instances) == 1:
+        metadata = dict(run.parallel(with_metadata, read))
+    else:
+        metadata = dict(map(read, with_metadata))
     skipped = sorted(name for name, meta in metadata.items() if meta.skip_bbr_scripts)
     for name in skipped:
-        log.info("Job %s sets skip_bbr_scripts: it takes no part in this run", name)
+        log.info("Job %s on %s sets skip_bbr_scripts: it takes no part in this run", name,
+                 run.fleet.where(instance))  # fmt: skip
     active = [job for job in jobs if job.name not in skipped]
     for job in active:
         meta = metadata.get(job.name, JobMetadata())
         for key in meta.discontinued_keys:
             if run.operation == "restore":
                 raise MetadataError(
-                    f"metadata of job {job.name} uses {key}, which bbr no longer supports: "
-                    "refusing to restore",
+                    f"metadata of job {job.name} on {run.fleet.where(instance)} uses {key}, "
+                    "which bbr no longer supports: refusing to restore",
                     job=job.name,
                     hint="Remove backup_name/restore_name from the job's metadata script.",
                 )
             log.warning("Job %s: metadata key %s is discontinued and ignored", job.name, key)
-    run.data["metadata"] = metadata
-    run.track(active)
-    scripts = {job.name: sorted(job.scripts) for job in active}
-    for name, names in scripts.items():
-        log.info("Found job %s with scripts: %s", name, ", ".join(names))
-    detail: dict[str, Any] = {"jobs": scripts, "skipped": skipped}
-    if broken:
-        detail["metadata_errors"] = broken
-    if run.instance.info:
-        detail["instance"] = dict(run.instance.info)
-    return "discovered", detail
+    return active, metadata, skipped, broken
 
 
-def _metadata(run: Run, job: Job) -> tuple[str, JobMetadata]:
-    result = run.instance.run_script(
+def _metadata(run: Run, instance: Instance, job: Job) -> tuple[str, JobMetadata]:
+    result = instance.run_script(
         ScriptCall(
             job.name,
             "metadata",
@@ -93,12 +131,13 @@ def _metadata(run: Run, job: Job) -> tuple[str, JobMetadata]:
             timeout=run.timeouts.metadata,
         )
     )
+    where = run.fleet.where(instance)
     if not result.ok:
         how = (
             f"was killed ({result.killed_by})" if result.killed_by else f"exited {result.exit_code}"
         )
         raise MetadataError(
-            f"metadata script for job {job.name} on {run.instance.address} failed: it {how}"
+            f"metadata script for job {job.name} on {where} failed: it {how}"
             + (f"\n  stderr: {result.stderr_tail()}" if result.stderr_tail() else ""),
             job=job.name,
             killed_by=result.killed_by,
@@ -106,7 +145,7 @@ def _metadata(run: Run, job: Job) -> tuple[str, JobMetadata]:
     if result.stdout_truncated:
         # Only the head was kept: parsing it could take half a document for the whole.
         raise MetadataError(
-            f"metadata script for job {job.name} on {run.instance.address} printed more than "
+            f"metadata script for job {job.name} on {where} printed more than "
             f"{STDOUT_LIMIT >> 20} MiB: refusing it",
             job=job.name,
         )
@@ -119,11 +158,30 @@ def jobs_with(run: Run, phase: str) -> list[JobTracker]:
     return [t for t in run.jobs.values() if script and t.job.has(script)]
 
 
+def instances_with(run: Run, phase: str) -> list[Instance]:
+    """The run's instances, in order, that have a job with the script of `phase`."""
+    having = {id(t.instance) for t in jobs_with(run, phase)}
+    return [instance for instance in run.instances if id(instance) in having]
+
+
+def instances_with_jobs(run: Run) -> list[Instance]:
+    having = {id(t.instance) for t in run.jobs.values()}
+    return [instance for instance in run.instances if id(instance) in having]
+
+
 def plan_levels(run: Run, *, strict: bool = True) -> list[list[str]]:
-    """Kahn levels over the run's jobs; cleanups fall back to one level on a cycle."""
+    """Kahn levels over the run's jobs (of every instance); cleanups fall back to one level
+    on a cycle."""
     order_of = "restore" if run.operation.startswith("restore") else "backup"
+    identities = {label: (t.name, t.release) for label, t in run.jobs.items()}
     try:
-        levels = lock_levels(run.jobs, run.data["metadata"], order_of)
+        levels = lock_levels(
+            run.jobs,
+            run.data["metadata"],
+            order_of,
+            identities=identities,
+            match_release=run.fleet.kind == DEPLOYMENT,
+        )
     except CyclicLockOrderError as error:
         if strict:
             raise
@@ -133,38 +191,54 @@ def plan_levels(run: Run, *, strict: bool = True) -> list[list[str]]:
     return levels
 
 
-def check_work_dir_absent(run: Run) -> None:
-    if run.instance.work_dir_exists():
-        raise _work_dir_busy(run)
+def check_work_dir_absent(run: Run, instances: list[Instance]) -> None:
+    present = run.parallel(instances, lambda instance: instance.work_dir_exists())
+    for instance, exists in zip(instances, present, strict=True):
+        if exists:
+            raise _work_dir_busy(run, instance)
 
 
-def claim_work_dir(run: Run) -> None:
-    """Take the VM itself for this run: create the remote work dir, which bbr and bbrx
-    both refuse to run over. The lease only covers runs sharing this audit log; this
-    covers any other jump box, audit log or spelling of the host (`host:22`, `host:2222`).
-    Done last among the checks, so a run refused by a check never creates it."""
+def claim_work_dir(run: Run, instances: list[Instance]) -> None:
+    """Take the VMs themselves for this run: create the remote work dir on each, which bbr
+    and bbrx both refuse to run over. The lease only covers runs sharing this audit log;
+    this covers any other jump box, audit log or spelling of the host (`host:22`,
+    `host:2222`). Done last among the checks, so a run refused by a check never creates
+    it; a claim refused on one VM gives back the others before the run fails."""
     owner = (
         f"run {run.run_id} ({run.operation}) by {run.identity.operator} "
         f"from {run.identity.origin_host}, pid {os.getpid()}, "
         f"since {run.started:%Y-%m-%dT%H:%M:%SZ}"
     )
-    try:
-        claimed = run.instance.claim_work_dir(owner)
-    except BbrxError:
-        # The mkdir may have happened before the connection broke. If the owner file is
-        # this run's, take the dir away again: no later run is to be refused for it.
-        with contextlib.suppress(BbrxError):
-            if run.instance.work_dir_owner() == owner:
-                run.instance.remove_work_dir()
-        raise
-    if not claimed:
-        raise _work_dir_busy(run)
+    claimed: set[str] = run.data.setdefault("claimed_work_dirs", set())
+
+    def claim(instance: Instance) -> BbrxError | None:
+        try:
+            if instance.claim_work_dir(owner):
+                claimed.add(instance_name(instance))
+                return None
+            return _work_dir_busy(run, instance)
+        except BbrxError as error:
+            # The mkdir may have happened before the connection broke. If the owner file is
+            # this run's, take the dir away again: no later run is to be refused for it.
+            with contextlib.suppress(BbrxError):
+                if instance.work_dir_owner() == owner:
+                    instance.remove_work_dir()
+            return error
+
+    errors = [e for e in run.parallel(instances, claim) if e is not None]
+    if errors:
+        for instance in instances:
+            if instance_name(instance) in claimed:
+                with contextlib.suppress(BbrxError):
+                    instance.remove_work_dir()
+                claimed.discard(instance_name(instance))
+        raise errors[0]
     run.data["claimed_work_dir"] = True
 
 
-def _work_dir_busy(run: Run) -> CheckError:
-    where = f"instance {run.instance.group}/{run.instance.index} of {run.instance.address}"
-    owner = run.instance.work_dir_owner()
+def _work_dir_busy(run: Run, instance: Instance) -> CheckError:
+    where = f"instance {instance_name(instance)} of {instance.address}"
+    owner = instance.work_dir_owner()
     if owner:
         # It comes from the VM: shown as text, never as terminal control sequences.
         who = printable(owner)[:300]
@@ -174,7 +248,7 @@ def _work_dir_busy(run: Run) -> CheckError:
     return CheckError(
         f"Directory {REMOTE_WORK_DIR} already exists on {where}: {why}",
         hint=f"If no other backup or restore of {run.target} is running, run "
-        f"`bbrx director --host {run.target} {cleanup_for(run.operation)}`, then try again. "
+        f"`{run.fleet.command(cleanup_for(run.operation))}`, then try again. "
         "Nothing was locked.",
     )
 
@@ -185,17 +259,23 @@ def check_backupable(run: Run, *, claiming: bool = False) -> tuple[str, dict[str
     `claiming`: the caller claims the work dir next, which checks it atomically."""
     recovery.refuse_if_unfinished(run.audit, run.target, run.operation, run.run_id)
     if not jobs_with(run, "backup"):
+        if run.fleet.kind == DEPLOYMENT:
+            raise CheckError(
+                f"Deployment '{run.fleet.deployment}' has no backup scripts: nothing to back up",
+                hint="Check that its releases' jobs ship bin/bbr/backup scripts, and that no "
+                "metadata sets skip_bbr_scripts.",
+            )
         raise CheckError(
             f"no job on {run.instance.address} has a backup script: nothing to back up",
             hint="Check that the director's jobs ship bin/bbr/backup scripts.",
         )
     if not claiming:
-        check_work_dir_absent(run)
+        check_work_dir_absent(run, instances_with(run, "backup"))
     levels = plan_levels(run)
     plan = lock_plan(run, levels)
     # bbr runs such a job's lock and never unlocks it; say so before it happens.
     one_way = sorted(
-        t.name for t in run.jobs.values() if t.job.has("pre-backup-lock")
+        t.label for t in run.jobs.values() if t.job.has("pre-backup-lock")
         and not t.job.has("post-backup-unlock")
     )  # fmt: skip
     for name in one_way:
@@ -234,7 +314,7 @@ def lock(run: Run, error_class: type[ScriptError], *, parallel: bool = True) -> 
         trackers = [run.jobs[name] for name in level if run.jobs[name].job.has(script)]
         if not trackers:
             continue
-        log.info("Locking level %d: %s", number, ", ".join(t.name for t in trackers))
+        log.info("Locking level %d: %s", number, ", ".join(t.label for t in trackers))
 
         def lock_one(tracker: JobTracker) -> ScriptError | None:
             # No lock once the run is interrupted: a job of this level whose turn comes
@@ -275,7 +355,7 @@ def unlock(run: Run, *, parallel: bool = True) -> Step:
             continue
         if run.abandoned:
             break
-        log.info("Unlocking %s", ", ".join(t.name for t in trackers))
+        log.info("Unlocking %s", ", ".join(t.label for t in trackers))
 
         def unlock_one(tracker: JobTracker) -> ScriptError | None:
             if run.abandoned:
@@ -291,20 +371,28 @@ def unlock(run: Run, *, parallel: bool = True) -> Step:
 
 
 def remove_work_dir(run: Run) -> Step:
-    """Remove the remote work dir: a cleanup's job, and a run's only if it created it
-    (one refused for a work dir already there must not remove another run's)."""
-    if not run.operation.endswith("-cleanup") and not run.data.get("claimed_work_dir"):
-        return "cleaned"
-    try:
-        run.instance.remove_work_dir()
-    except Exception as exc:
-        run.fail(
-            CleanupError(
-                f"could not remove {REMOTE_WORK_DIR} on {run.instance.address}: {exc}",
-                hint=f"Run `bbrx director --host {run.target} {cleanup_for(run.operation)}` "
-                "to try again.",
+    """Remove the remote work dir: a cleanup's job on every instance with jobs, and a run's
+    only where it created it (one refused for a work dir already there must not remove
+    another run's). Then the run's access to its instances ends (deployment mode)."""
+    if run.operation.endswith("-cleanup"):
+        instances = instances_with_jobs(run)
+    else:
+        claimed = run.data.get("claimed_work_dirs") or set()
+        instances = [i for i in run.instances if instance_name(i) in claimed]
+
+    def remove(instance: Instance) -> BbrxError | None:
+        try:
+            instance.remove_work_dir()
+        except Exception as exc:
+            message = exc.message if isinstance(exc, BbrxError) else str(exc)
+            return CleanupError(
+                f"could not remove {REMOTE_WORK_DIR} on {run.fleet.where(instance)}: {message}",
+                hint=f"Run `{run.fleet.command(cleanup_for(run.operation))}` to try again.",
             )
-        )
-        return "cleanup_failed"
-    log.info("Removed %s on %s", REMOTE_WORK_DIR, run.instance.address)
-    return "cleaned"
+        log.info("Removed %s on %s", REMOTE_WORK_DIR, run.fleet.where(instance))
+        return None
+
+    errors = [error for error in run.parallel(instances, remove) if error is not None]
+    for error in errors:
+        run.fail(error)
+    return "cleanup_failed" if errors else "cleaned"

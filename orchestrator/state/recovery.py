@@ -20,11 +20,12 @@ from audit import (
     RunSummary,
 )
 from audit.render import printable
+from orchestrator.engine.fleet import command_for, job_label
 from orchestrator.engine.machine import cleanup_for, lock_held_after
 from orchestrator.errors import BbrxError, CheckError
 from orchestrator.state import lease
 from orchestrator.state.lease import holder_alive
-from orchestrator.transport.instance import Instance
+from orchestrator.transport.instance import Instance, instance_name
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,7 @@ class TargetState:
             jobs = ", ".join(printable(job) for job in self.maybe_locked) or "none"
             head += (
                 f"\n  {why}; jobs that may still be locked: {jobs}"
-                f"\n  recover with: bbrx director --host {target} "
-                f"{cleanup_for(run.operation)}"
+                f"\n  recover with: {command_for(target, cleanup_for(run.operation))}"
             )
         return head
 
@@ -85,6 +85,12 @@ IDLE = "idle"
 IN_PROGRESS = "in progress"
 INTERRUPTED = "interrupted"
 NEEDS_CLEANUP = "needs cleanup"
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """A job row's job as the run named it: `redis-server on redis/1`, or the job's name
+    alone for a director's one instance (and in rows older bbrx wrote, which have none)."""
+    return job_label(row["job"], row.get("instance_group"), row.get("instance_index"))
 
 
 def maybe_locked(rows: list[dict[str, Any]]) -> list[str]:
@@ -99,7 +105,8 @@ def maybe_locked(rows: list[dict[str, Any]]) -> list[str]:
     held: dict[str, bool] = {}
     for row in rows:
         if row["job"]:
-            held[row["job"]] = lock_held_after(held.get(row["job"], False), row["to_state"])
+            label = row_label(row)
+            held[label] = lock_held_after(held.get(label, False), row["to_state"])
     return sorted(job for job, is_held in held.items() if is_held)
 
 
@@ -111,20 +118,27 @@ class LeftRunning:
     script: str
     pid: int
     marker: str | None = None  # its BBRX_SCRIPT_ID (rows of older bbrx have none)
+    instance: str | None = None  # `group/index`; None in rows of older bbrx (the director)
 
 
 def left_running(rows: list[dict[str, Any]]) -> list[LeftRunning]:
     """The scripts of one run with a pid row and no outcome row after it."""
-    started: dict[tuple[str, str], LeftRunning] = {}
+    started: dict[tuple[str, str, str], LeftRunning] = {}
     for row in rows:
         if not row["job"] or not row["script"]:
             continue
-        key = (row["job"], row["script"])
+        group, index = row.get("instance_group"), row.get("instance_index")
+        instance = f"{group}/{index}" if group is not None and index is not None else None
+        key = (instance or "", row["job"], row["script"])
         if row["trigger"] == "script_started":
             detail = row["detail"] or {}
             marker = detail.get("marker")
             started[key] = LeftRunning(
-                row["job"], row["script"], int(detail["pid"]), marker if _a_marker(marker) else None
+                row["job"],
+                row["script"],
+                int(detail["pid"]),
+                marker if _a_marker(marker) else None,
+                instance,
             )
         elif row["trigger"].endswith(("_ok", "_error")):
             started.pop(key, None)
@@ -138,14 +152,25 @@ def _a_marker(value: object) -> bool:
     )
 
 
-def end_left_running(audit: AuditLog, instance: Instance, run: RunSummary) -> list[str]:
-    """End, on the VM, the scripts an unfinished run left running; what was ended.
+def end_left_running(audit: AuditLog, instances: list[Instance], run: RunSummary) -> list[str]:
+    """End, on the VMs, the scripts an unfinished run left running; what was ended.
 
     A lock script a killed bbrx left hanging would otherwise take its lock after the
     cleanup's unlock. Only groups still running that very script are ended.
     """
     ended = []
+    by_name = {instance_name(instance): instance for instance in instances}
     for script in left_running(AuditRecord(audit).timeline(run.run_id)):
+        instance = by_name.get(script.instance) if script.instance else instances[0]
+        if instance is None:
+            log.warning(
+                "run %s left %s of job %s running on %s, which this cleanup does not reach",
+                run.run_id,
+                script.script,
+                script.job,
+                script.instance,
+            )
+            continue
         try:
             if instance.end_script(script.job, script.script, script.pid, script.marker):
                 log.warning(
@@ -155,7 +180,8 @@ def end_left_running(audit: AuditLog, instance: Instance, run: RunSummary) -> li
                     script.pid,
                     run.run_id,
                 )
-                ended.append(f"{script.job}/{script.script} (pid {script.pid})")
+                where = f" on {script.instance}" if script.instance not in (None, "bosh/0") else ""
+                ended.append(f"{script.job}/{script.script}{where} (pid {script.pid})")
         except BbrxError as error:
             log.error(
                 "could not end the %s script of job %s (pid %d): %s",
@@ -236,7 +262,7 @@ def refuse_if_unfinished(
         f"the last run on {target}, {state.run.run_id} ({state.run.operation} by "
         f"{state.run.operator}, since {state.run.start}), {why}; jobs that may still be "
         f"locked: {jobs}",
-        hint=f"Run `bbrx director --host {target} {cleanup_for(state.run.operation)}` first: "
+        hint=f"Run `{command_for(target, cleanup_for(state.run.operation))}` first: "
         "it unlocks every job, removes the work dir and records that run as recovered.",
     )
 

@@ -117,7 +117,7 @@ class ScriptCall:
 
 @runtime_checkable
 class Instance(Protocol):
-    """A director VM as bbrx sees it.
+    """A VM as bbrx sees it: a director, or one instance of a deployment.
 
     Implementations must be safe to call from several threads at once (locks of one
     level and drains of different jobs run in parallel).
@@ -126,6 +126,9 @@ class Instance(Protocol):
     #: Instance group and index used in artifact names (`bosh`, `0` in director mode).
     group: str
     index: str
+    #: The instance's UUID where the director knows one (a deployment's VMs); None for a
+    #: director reached on its own.
+    instance_id: str | None
     #: Human name of the target for messages ("sim://demo", "10.0.0.6:22").
     address: str
     #: "sim" or "live": recorded in the audit log.
@@ -160,6 +163,10 @@ class Instance(Protocol):
         asks its `may_start` after this has begun.
         """
         ...
+
+    # The `job` of the artifact methods below names the job's directory under the work dir:
+    # the job's name, or, for the bootstrap copy of a `backup_one_restore_all` job, its
+    # custom artifact name (`<job>-<release>-backup-one-restore-all`).
 
     def artifact_directory(self, job: str) -> str:
         """The job's `BBR_ARTIFACT_DIRECTORY` as its scripts see it, with a trailing slash."""
@@ -229,3 +236,8 @@ class Instance(Protocol):
     def close(self) -> None:
         """Release connections and helpers. Idempotent."""
         ...
+
+
+def instance_name(instance: Instance) -> str:
+    """`group/index`, as bbr names an instance in artifacts and messages (`redis/1`)."""
+    return f"{instance.group}/{instance.index}"

@@ -74,6 +74,7 @@ class SshInstance:
 
     group = "bosh"
     index = "0"
+    instance_id: str | None = None
     mode = "live"
 
     def __init__(

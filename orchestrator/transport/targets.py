@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.errors import UsageError
+from orchestrator.bosh.director import Director
+from orchestrator.errors import NotSupportedError, UsageError
 from orchestrator.transport.instance import Instance
 
 SIM_SCHEME = "sim://"
@@ -91,4 +92,52 @@ def open_instance(
         private_key_path,
         accept_new_host_key=accept_new_host_key,
         known_hosts=known_hosts,
+    )
+
+
+DIRECTOR_PORT = 25555
+
+
+def parse_director(spec: str) -> Target:
+    """A deployment run's --target: sim://NAME, or a BOSH Director's URL (bbr ignores the
+    scheme and speaks https; the port defaults to 25555)."""
+    if not spec:
+        raise UsageError(
+            "--target flag is required.",
+            hint="Use --target sim://NAME for the simulator (or set BOSH_ENVIRONMENT).",
+        )
+    if spec.startswith(SIM_SCHEME):
+        return parse_host(spec)
+    _, sep, rest = spec.partition("://")
+    bare = rest if sep else spec
+    bare = bare.split("/", 1)[0]
+    if not bare or bare.startswith(":"):
+        raise UsageError(f"invalid bosh URL - {spec}: it names no host")
+    host = parse_host(bare if ":" in bare else f"{bare}:{DIRECTOR_PORT}")
+    return Target(host=spec, name=host.name, simulated=False, port=host.port)
+
+
+def director_address(target: Target) -> str:
+    """How a deployment's audit target names its director: `sim://demo`, or the URL bbr
+    would call (`https://10.0.0.6:25555`)."""
+    if target.simulated:
+        return target.host
+    name = f"[{target.name}]" if ":" in target.name else target.name
+    return f"https://{name}:{target.port}"
+
+
+def open_director(target: Target, *, home: Path) -> Director:
+    """The director a deployment run goes through: the simulator's for sim://NAME."""
+    if target.simulated:
+        from simulator.deployments import SimBosh
+
+        from simulator.director import SimDirector, sim_root
+
+        SimDirector(sim_root(home, target.name)).ensure()
+        return SimBosh(home, target.name)
+    raise NotSupportedError(
+        f"--target {target.host}: deployments on a live BOSH Director are not supported yet "
+        "(this bbrx drives deployments on the simulator only)",
+        hint="Use --target sim://NAME to practise on the simulator, or bbr itself for a live "
+        "deployment. A live director's own backup works: bbrx director --host HOST ...",
     )
