@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simulator.director_db import Deployment, Vm
+from simulator.seed_manifests import seed_manifest
 
 _SEED = 20260530
 
@@ -68,10 +69,11 @@ def default_deployments() -> list[Deployment]:
                         ips=(f"10.0.{subnet}.{host}",),
                         vm_cid=f"vm-{_uuid(rng)}",
                         vm_type=vm_type,
+                        index=i,
                     )
                 )
                 host += 1
-        deployments.append(Deployment(name, vms))
+        deployments.append(Deployment(name, vms, seed_manifest(name, groups)))
     return deployments
 
 
