@@ -166,14 +166,19 @@ def seed_data(root: Path, identity: Identity, jobs: list[tuple[str, str]]) -> No
 
 
 def reinstall_jobs(root: Path, jobs: list[tuple[str, str]]) -> None:
-    """A redeploy of a VM that stays: its jobs as the new manifest says, its data kept
-    (jobs it newly runs get their seed data where they have none)."""
+    """A redeploy of a VM that stays: its jobs as the new manifest says, its data kept.
+
+    Only a job the VM did not run before gets seed data: a redeploy after a wipe must not
+    bring the lost data back.
+    """
     identity = read_identity(root)
-    shutil.rmtree(root / "var/vcap/jobs", ignore_errors=True)
     vm = SimVm(root, "redeploy")
+    before = set(vm.jobs())
+    shutil.rmtree(root / "var/vcap/jobs", ignore_errors=True)
     vm.install_jobs(jobs)
-    if identity is not None:
-        seed_data(root, identity, jobs)
+    added = [(release, job) for release, job in jobs if job not in before]
+    if identity is not None and added:
+        seed_data(root, identity, added)
 
 
 def remove_tree(root: Path) -> None:
