@@ -1,8 +1,8 @@
 """Changing a simulated director's deployments: deploy, delete, wipe, and finding a VM.
 
 Each change checks everything first and then acts, so a refusal leaves the director and
-its VMs as they were. The director's database is written last: it is what `bosh vms`
-and bbr read, and it only lists VMs whose trees have been built.
+its VMs as they were. The director's database, what `bosh vms` and bbr read, is written
+last, so it never lists a new VM before that VM's tree is built.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def delete_deployment(director: SimDirector, name: str) -> int:
         if not any(d.name == name for d in deployments) and not trees:
             find_deployment(director, name)  # raises, listing what there is
         _refuse_busy(director, name)
-        # Only VM trees live there (trees_on_disk skips nothing else that matters).
+        # The deployment's directory holds its VM trees and nothing else.
         shutil.rmtree(director.root / DEPLOYMENTS_DIR / name, ignore_errors=True)
         director.write_deployments([d for d in deployments if d.name != name])
     log.info("deleted deployment %s on %s (%d VMs)", name, director.address, len(trees))
@@ -126,7 +126,7 @@ def wipe_deployment(director: SimDirector, name: str) -> int:
     director's database is left alone. The number of VMs wiped."""
     with director.editing():
         deployment = find_deployment(director, name)
-        jobs = _jobs_by_group(director, deployment)
+        jobs = _jobs_by_group(deployment)
         for vm in deployment.vms:
             tree = director.deployment_vm(name, vm)
             if tree.exists():
@@ -160,7 +160,7 @@ def find_vm(director: SimDirector, deployment: str, instance: str) -> Deployment
     )
 
 
-def _jobs_by_group(director: SimDirector, deployment: Deployment) -> dict[str, JobList]:
+def _jobs_by_group(deployment: Deployment) -> dict[str, JobList]:
     text = manifest_of(deployment)
     if text is None:
         return {}
