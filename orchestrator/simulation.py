@@ -1,11 +1,19 @@
-"""The `bbrx sim ...` commands: thin wrappers over `simulator.SimDirector` for trainees."""
+"""The `bbrx sim ...` commands: thin wrappers over `simulator.SimDirector` for trainees.
+
+Each takes `home` ($BBRX_HOME) first and returns the message the CLI prints; refusals
+raise TargetError or UsageError with a hint.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.errors import TargetError
+from orchestrator.errors import TargetError, UsageError
+from simulator.deploy import DeployResult, deploy_text, find_vm, wipe_deployment
+from simulator.deploy import delete_deployment as _delete_deployment
 from simulator.director import SimDirector, sim_root
+from simulator.fleet import DEPLOYMENTS_DIR
+from simulator.manifest import read_manifest
 
 
 def _director(home: Path, name: str, *, must_exist: bool = True) -> SimDirector:
@@ -26,16 +34,34 @@ def create(home: Path, name: str, *, empty: bool = False) -> str:
             hint=f"Use it as --host sim://{name}, or remove it first: bbrx sim destroy {name}",
         )
     director.create(empty=empty)
-    what = "an empty director (jobs and scripts, no data)" if empty else "a director with demo data"
-    return f"Created sim://{name}: {what} at {director.root}"
+    if empty:
+        return (
+            f"Created sim://{name}: an empty director (jobs and scripts, no data) at "
+            f"{director.root}"
+        )
+    deployments = director.deployments()
+    count = sum(len(d.vms) for d in deployments)
+    return (
+        f"Created sim://{name}: a director with demo data at {director.root}, and its "
+        f"deployments {', '.join(d.name for d in deployments)} ({count} VMs under "
+        f"{director.root / DEPLOYMENTS_DIR})"
+    )
 
 
 def vms(home: Path, name: str) -> str:
     return _director(home, name).render_vms()
 
 
-def wipe(home: Path, name: str) -> str:
+def wipe(home: Path, name: str, deployment: str | None = None) -> str:
+    """The director's disaster, or with `deployment` that deployment's."""
     director = _director(home, name)
+    if deployment is not None:
+        count = wipe_deployment(director, deployment)
+        return (
+            f"Deployment {deployment} on sim://{name} was recreated empty: its {count} VMs "
+            "have their jobs and scripts, their data is gone; the director still lists it.\n"
+            f"Restore it from a backup of deployment {deployment} (target sim://{name})."
+        )
     director.wipe()
     return (
         f"sim://{name} was recreated empty: its jobs and scripts are there, its data is gone.\n"
@@ -67,10 +93,58 @@ def listing(home: Path) -> str:
     return "\n".join(lines)
 
 
-def fault(home: Path, name: str, job: str, script: str, spec: str | None) -> str:
+def fault(
+    home: Path,
+    name: str,
+    job: str,
+    script: str,
+    spec: str | None,
+    *,
+    deployment: str | None = None,
+    instance: str | None = None,
+) -> str:
+    """Break (or with no spec, mend) one script of one job: on the director, or with
+    `deployment` and `instance` (GROUP/INDEX) on that one VM of a deployment."""
     director = _director(home, name)
+    if (deployment is None) != (instance is None):
+        raise UsageError(
+            "--deployment and --instance go together",
+            hint="Give both to break a deployment VM's script (e.g. --deployment redis "
+            "--instance redis/0), or neither for the director's.",
+        )
+    vm = director if deployment is None else find_vm(director, deployment, instance or "")
     if spec is None:
-        director.clear_faults(job, script)
-        return f"Cleared the fault of {job}/{script} on sim://{name}"
-    director.set_fault(job, script, spec)
-    return f"{job}/{script} on sim://{name} will now: {spec}"
+        vm.clear_faults(job, script)
+        return f"Cleared the fault of {job}/{script} on {vm.address}"
+    vm.set_fault(job, script, spec)
+    return f"{job}/{script} on {vm.address} will now: {spec}"
+
+
+def deploy(home: Path, name: str, deployment: str, manifest_path: Path) -> str:
+    """Add deployment `deployment`, or replace it, from the BOSH manifest at `manifest_path`."""
+    director = _director(home, name)
+    text = read_manifest(manifest_path)
+    result = deploy_text(director, deployment, text, source=str(manifest_path))
+    where = director.root / DEPLOYMENTS_DIR / deployment
+    return f"Deployed {deployment} to sim://{name}: {_summary(result)}, at {where}"
+
+
+def delete_deployment(home: Path, name: str, deployment: str) -> str:
+    director = _director(home, name)
+    count = _delete_deployment(director, deployment)
+    return (
+        f"Deleted deployment {deployment} from sim://{name}: {count} VM{'s' * (count != 1)} removed"
+    )
+
+
+def _summary(result: DeployResult) -> str:
+    total = result.created + result.kept
+    intact = result.kept - result.recreated
+    parts = [f"{result.created} new"] if result.created else []
+    if intact:
+        parts.append(f"{intact} kept with their ids and data")
+    if result.recreated:
+        parts.append(f"{result.recreated} rebuilt with their ids (their VMs were gone)")
+    if result.removed:
+        parts.append(f"{result.removed} removed")
+    return f"{total} VM{'s' * (total != 1)}" + (f" ({'; '.join(parts)})" if parts else "")

@@ -1,46 +1,64 @@
-"""SimDirector: a simulated BOSH director VM kept as a directory tree.
+"""SimDirector: a simulated BOSH director VM kept as a directory tree, and its deployments.
 
-The tree mirrors the VM's filesystem (`var/vcap/jobs`, `var/vcap/store`, ...). Its bbr
-scripts are real bash scripts copied from package data; this class only builds, breaks
-and inspects the tree, it never plays a script's part.
+The director's tree is a SimVm at `$BBRX_HOME/sim/<name>/` whose jobs are the `bosh`
+release's; its database (`var/vcap/store/director/bosh.sql`) lists the deployments, their
+VMs and their manifests, and each listed VM is a tree of its own under `deployments/`
+(see fleet.py). This class builds, breaks and inspects them; it never plays a script's
+part. Deploying, deleting and wiping deployments are in deploy.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import hashlib
+import fcntl
 import logging
 import os
 import re
 import shutil
 import tempfile
-from importlib.resources.abc import Traversable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from orchestrator.errors import TargetError
-from orchestrator.transport.instance import SCRIPT_NAMES
-from simulator.calllog import CALL_LOG, ScriptCallRecord, parse_call_log
-from simulator.director_db import Deployment, parse_dump, render_dump, render_vms_table
-from simulator.faults import TRANSFER, validate_fault, validate_transfer_fault
+from simulator.director_db import Deployment, Vm, parse_dump, render_dump, render_vms_table
+from simulator.fleet import DEPLOYMENTS_DIR, DeploymentVm, Identity, build_vm, vm_root
+from simulator.releases import PACKAGE_DIR, release_jobs
 from simulator.seed_data import default_credentials, default_deployments, write_blobs
+from simulator.seed_manifests import SEED_JOBS
+from simulator.vm import FAULTS_DIR, JOBS_DIR, LOCKS_DIR, RUN_DIR, STORE_DIR, SYS_DIR, SimVm
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "BLOBSTORE_DIR",
+    "CREDHUB_DB",
+    "DATA_STORES",
+    "DIRECTOR_DB",
+    "FAULTS_DIR",
+    "JOBS_DIR",
+    "LOCKS_DIR",
+    "MARKER",
+    "NAME_PATTERN",
+    "PACKAGE_DIR",
+    "RUN_DIR",
+    "STORE_DIR",
+    "SYS_DIR",
+    "SimDirector",
+    "sim_root",
+]
 
 MARKER = ".bbrx-sim"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
-JOBS_DIR = Path("var/vcap/jobs")
-PACKAGE_DIR = Path("var/vcap/packages/bbr-sim")
-STORE_DIR = Path("var/vcap/store")
-SYS_DIR = Path("var/vcap/sys")
-RUN_DIR = SYS_DIR / "run/bbr-sim"
-LOCKS_DIR = RUN_DIR / "locks"
-FAULTS_DIR = RUN_DIR / "faults"
 DIRECTOR_DB = STORE_DIR / "director/bosh.sql"
 BLOBSTORE_DIR = STORE_DIR / "blobstore/store"
 CREDHUB_DB = STORE_DIR / "credhub/credentials.yml"
 # The stores whose bytes a backup must preserve (data_digest covers exactly these).
 DATA_STORES = ("director", "blobstore", "credhub")
+# Held while the deployments change, so two bbrx processes never interleave their edits.
+_EDIT_LOCK = ".lock"
 
 
 def sim_root(home: Path, name: str) -> Path:
@@ -54,32 +72,15 @@ def sim_root(home: Path, name: str) -> Path:
     return home / "sim" / name
 
 
-def _package_jobs() -> Traversable:
-    # A path next to this module rather than importlib.resources.files("simulator"): the
-    # latter fails when an editable install exposes the package as a namespace package.
-    return Path(__file__).resolve().parent / "jobs"
-
-
-def _copy_tree(source: Traversable, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for entry in source.iterdir():
-        if entry.name == "__pycache__":
-            continue
-        if entry.is_dir():
-            _copy_tree(entry, dest / entry.name)
-        else:
-            (dest / entry.name).write_bytes(entry.read_bytes())
-
-
-class SimDirector:
-    """One simulated director VM rooted at `root`."""
+class SimDirector(SimVm):
+    """One simulated director VM rooted at `root`, and its deployments' VMs below it."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        super().__init__(Path(root), f"sim://{Path(root).name}")
         self.name = self.root.name
 
-    def __repr__(self) -> str:
-        return f"SimDirector({str(self.root)!r})"
+    def missing_hint(self) -> str:
+        return f"Create it with `bbrx sim create {self.name}`."
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -104,10 +105,10 @@ class SimDirector:
         )
         try:
             staging._install_jobs()
-            (staging.root / STORE_DIR).mkdir(parents=True, exist_ok=True)
-            (staging.root / SYS_DIR).mkdir(parents=True, exist_ok=True)
+            staging.make_empty_dirs()
             if not empty:
                 staging._seed_data()
+                staging._build_seed_deployments()
             (staging.root / MARKER).write_text(
                 "bbrx simulated director; safe to delete with bbrx\n"
             )
@@ -137,13 +138,14 @@ class SimDirector:
         return True
 
     def wipe(self) -> None:
-        """The disaster: the VM recreated empty. Jobs, config and packages survive."""
+        """The disaster: the VM recreated empty. Jobs, config and packages survive.
+
+        Its deployments' VMs keep running (as a real director's do when it dies), but the
+        database that listed them is gone until the director is restored.
+        """
         self._require_exists()
         log.info("wiping simulated director %s", self.name)
-        for relative in (STORE_DIR, SYS_DIR):
-            shutil.rmtree(self.root / relative, ignore_errors=True)
-        (self.root / STORE_DIR).mkdir(parents=True)
-        (self.root / SYS_DIR).mkdir(parents=True)
+        self.wipe_data()
 
     def destroy(self) -> None:
         if not (self.root / MARKER).is_file():
@@ -159,20 +161,7 @@ class SimDirector:
             raise TargetError(f"simulated director sim://{self.name} does not exist ({self.root})")
 
     def _install_jobs(self) -> None:
-        source = _package_jobs()
-        package_dir = self.root / PACKAGE_DIR
-        package_dir.mkdir(parents=True, exist_ok=True)
-        (package_dir / "lib.sh").write_bytes(source.joinpath("lib.sh").read_bytes())
-        for job in source.iterdir():
-            if not job.is_dir() or job.name == "__pycache__":
-                continue
-            dest = self.root / JOBS_DIR / job.name
-            _copy_tree(job, dest)
-            # Set modes explicitly: wheels and resource readers do not keep exec bits.
-            scripts = dest / "bin/bbr"
-            if scripts.is_dir():
-                for script in scripts.iterdir():
-                    script.chmod(0o755)
+        self.install_jobs([("bosh", job) for job in release_jobs("bosh")])
 
     def _seed_data(self) -> None:
         db = self.root / DIRECTOR_DB
@@ -183,111 +172,98 @@ class SimDirector:
         credhub.parent.mkdir(parents=True, exist_ok=True)
         credhub.write_text(default_credentials())
 
-    # -- inspection ----------------------------------------------------------------
+    def _build_seed_deployments(self) -> None:
+        for deployment in self.deployments():
+            jobs = SEED_JOBS[deployment.name]
+            for vm in deployment.vms:
+                group_jobs = [(release, job) for job, release, _ in jobs[vm.group]]
+                identity = identity_of(deployment.name, vm)
+                build_vm(self.vm_root(identity), identity, group_jobs, seed=True)
 
-    def jobs(self) -> list[str]:
-        jobs_dir = self.root / JOBS_DIR
-        if not jobs_dir.is_dir():
-            return []
-        return sorted(p.name for p in jobs_dir.iterdir() if p.is_dir())
+    # -- the database --------------------------------------------------------------
 
     def deployments(self) -> list[Deployment]:
+        """What the director's database lists, in its order (nothing if it is gone)."""
         db = self.root / DIRECTOR_DB
         if not db.is_file():
             return []
         return parse_dump(db.read_text())
 
+    def api_locked(self) -> str | None:
+        """Why the director's API is unavailable (its job is locked), or None."""
+        holder = self.lock_holder("director")
+        if holder is None:
+            return None
+        script, _, pid = holder.partition(" ")
+        return f"director API is locked by {script or 'unknown script'} (pid {pid or '?'})"
+
+    def write_deployments(self, deployments: list[Deployment]) -> None:
+        """Replace the database with these deployments, atomically."""
+        db = self.root / DIRECTOR_DB
+        db.parent.mkdir(parents=True, exist_ok=True)
+        temporary = db.with_name(f".{db.name}.writing")
+        temporary.write_text(render_dump(deployments))
+        temporary.replace(db)
+
+    @contextmanager
+    def editing(self) -> Iterator[None]:
+        """Held while the deployments change: one bbrx process at a time edits them."""
+        base = self.root / DEPLOYMENTS_DIR
+        base.mkdir(parents=True, exist_ok=True)
+        with (base / _EDIT_LOCK).open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # -- deployment VMs ------------------------------------------------------------
+
+    def vm_root(self, identity: Identity) -> Path:
+        return vm_root(self.root, identity.deployment, identity.group, identity.index)
+
+    def deployment_vm(self, deployment: str, vm: Vm) -> DeploymentVm:
+        """The VM tree the database row `vm` of `deployment` stands for (it may be gone)."""
+        identity = identity_of(deployment, vm)
+        return DeploymentVm(self.vm_root(identity), self.name, identity)
+
+    # -- inspection ----------------------------------------------------------------
+
     def render_vms(self) -> str:
-        lock = self.root / LOCKS_DIR / "director"
-        if lock.is_file():
-            script, _, pid = lock.read_text().strip().partition(" ")
-            return (
-                f"director API is locked by {script or 'unknown script'} (pid {pid or '?'}): "
-                "deployments unavailable\n"
-            )
+        locked = self.api_locked()
+        if locked is not None:
+            return f"{locked}: deployments unavailable\n"
         deployments = self.deployments()
         if not deployments:
             return "No deployments (the director database is empty)\n"
-        return render_vms_table(deployments)
+        # The rows are the database's; the process state is what each VM would report.
+        shown = [
+            Deployment(d.name, [self._as_reported(d.name, vm) for vm in d.vms], d.manifest)
+            for d in deployments
+        ]
+        return render_vms_table(shown)
 
-    def locked_jobs(self) -> list[str]:
-        locks = self.root / LOCKS_DIR
-        if not locks.is_dir():
-            return []
-        return sorted(p.name for p in locks.iterdir() if p.is_file())
-
-    def calls(self) -> list[ScriptCallRecord]:
-        path = self.root / CALL_LOG
-        if not path.is_file():
-            return []
-        return parse_call_log(path.read_text(errors="replace"))
-
-    def clear_calls(self) -> None:
-        (self.root / CALL_LOG).unlink(missing_ok=True)
+    def _as_reported(self, deployment: str, vm: Vm) -> Vm:
+        tree = self.deployment_vm(deployment, vm)
+        if not tree.exists():
+            state = "unresponsive agent"
+        elif locked := tree.locked_jobs():
+            state = f"locked: {', '.join(locked)}"
+        else:
+            return vm
+        return dataclasses.replace(vm, process_state=state)
 
     def data_digest(self) -> dict[str, str]:
         """SHA-256 of every data file, keyed by its path relative to var/vcap/store."""
-        store = self.root / STORE_DIR
-        digest: dict[str, str] = {}
-        for name in DATA_STORES:
-            for dirpath, dirnames, filenames in os.walk(store / name):
-                dirnames.sort()
-                for filename in sorted(filenames):
-                    path = Path(dirpath) / filename
-                    if path.is_file() and not path.is_symlink():
-                        digest[path.relative_to(store).as_posix()] = _sha256(path)
-        return digest
-
-    # -- faults --------------------------------------------------------------------
-
-    def set_fault(self, job: str, script: str, spec: str) -> None:
-        """Make `job`'s `script` misbehave on its next runs (until cleared)."""
-        self._require_exists()
-        if job not in self.jobs():
-            raise TargetError(
-                f"no job {job!r} on sim://{self.name}", hint=f"Jobs: {', '.join(self.jobs())}"
-            )
-        scripts = self.root / JOBS_DIR / job / "bin/bbr"
-        if script == TRANSFER:
-            normalised = validate_transfer_fault(spec)
-        elif script not in SCRIPT_NAMES or not (scripts / script).is_file():
-            present = sorted(p.name for p in scripts.iterdir()) if scripts.is_dir() else []
-            raise TargetError(
-                f"job {job!r} on sim://{self.name} has no {script!r} script",
-                hint=f"Scripts of {job}: {', '.join(present) or 'none'} "
-                f"(or '{TRANSFER}' for the copy of its artifact)",
-            )
-        else:
-            normalised = validate_fault(spec)
-        path = self.root / FAULTS_DIR / job / script
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(normalised + "\n")
-        log.info("fault set on sim://%s %s/%s: %s", self.name, job, script, normalised)
-
-    def clear_faults(self, job: str | None = None, script: str | None = None) -> None:
-        """Clear every fault, a job's faults, or one script's fault."""
-        target = self.root / FAULTS_DIR
-        if job is not None:
-            target = target / job
-            if script is not None:
-                target.joinpath(script).unlink(missing_ok=True)
-                return
-        shutil.rmtree(target, ignore_errors=True)
-
-    def faults(self) -> dict[tuple[str, str], str]:
-        """Every fault in place, keyed (job, script)."""
-        faults_dir = self.root / FAULTS_DIR
-        result: dict[tuple[str, str], str] = {}
-        if faults_dir.is_dir():
-            for path in sorted(faults_dir.glob("*/*")):
-                if path.is_file():
-                    result[(path.parent.name, path.name)] = path.read_text().strip()
-        return result
+        return self.store_digest(DATA_STORES)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def identity_of(deployment: str, vm: Vm) -> Identity:
+    return Identity(
+        deployment=deployment,
+        group=vm.group,
+        index=vm.index,
+        id=vm.instance_id,
+        ips=vm.ips,
+        az=vm.az or None,
+    )

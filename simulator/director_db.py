@@ -2,10 +2,15 @@
 
 The file is what the director job's backup script dumps and its restore script loads, so
 it is plain text the bash scripts can copy byte for byte; Python only reads and writes it.
+It holds three tables: `deployments`, `vms` and `manifests` (each deployment's manifest,
+base64 so that any text fits on one line). Dumps written before the `manifests` table and
+the `vms.index` column existed still load: a VM's index is then its place in its group.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
 from collections.abc import Iterable
@@ -13,7 +18,17 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-VM_COLUMNS = ("deployment", "instance", "process_state", "az", "ips", "vm_cid", "vm_type")
+VM_COLUMNS = (
+    "deployment",
+    "instance",
+    "index",
+    "process_state",
+    "az",
+    "ips",
+    "vm_cid",
+    "vm_type",
+)
+MANIFEST_COLUMNS = ("deployment", "encoding", "text")
 
 _INSERT = re.compile(r"^INSERT INTO (\w+) \(([^)]*)\) VALUES \((.*)\);$")
 _VALUE = re.compile(r"'((?:[^']|'')*)'")
@@ -29,12 +44,22 @@ class Vm:
     ips: tuple[str, ...]
     vm_cid: str
     vm_type: str
+    index: int = 0  # within its instance group
+
+    @property
+    def group(self) -> str:
+        return self.instance.partition("/")[0]
+
+    @property
+    def instance_id(self) -> str:
+        return self.instance.partition("/")[2]
 
 
 @dataclass(frozen=True)
 class Deployment:
     name: str
     vms: list[Vm] = field(default_factory=list)
+    manifest: str | None = None  # the manifest YAML text the director stores, if any
 
 
 def _quote(value: str) -> str:
@@ -55,6 +80,7 @@ def render_dump(deployments: Iterable[Deployment]) -> str:
             values = (
                 deployment.name,
                 vm.instance,
+                str(vm.index),
                 vm.process_state,
                 vm.az,
                 ",".join(vm.ips),
@@ -65,6 +91,14 @@ def render_dump(deployments: Iterable[Deployment]) -> str:
                 f"INSERT INTO vms ({', '.join(VM_COLUMNS)}) "
                 f"VALUES ({', '.join(_quote(v) for v in values)});"
             )
+    for deployment in deployments:
+        if deployment.manifest is not None:
+            encoded = base64.b64encode(deployment.manifest.encode("utf-8")).decode("ascii")
+            row = (deployment.name, "base64", encoded)
+            lines.append(
+                f"INSERT INTO manifests ({', '.join(MANIFEST_COLUMNS)}) "
+                f"VALUES ({', '.join(_quote(v) for v in row)});"
+            )
     lines.append("COMMIT;")
     return "\n".join(lines) + "\n"
 
@@ -73,6 +107,10 @@ def parse_dump(text: str) -> list[Deployment]:
     """Deployments in file order. Lines that are not INSERTs we know are skipped."""
     order: list[str] = []
     vms: dict[str, list[Vm]] = {}
+    manifests: dict[str, str] = {}
+    # Per (deployment, group): how many VMs seen so far, the index of a VM an old dump
+    # (no index column) lists next.
+    seen: dict[tuple[str, str], int] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         match = _INSERT.match(line.strip())
         if not match:
@@ -93,6 +131,13 @@ def parse_dump(text: str) -> list[Deployment]:
             if name not in vms:
                 order.append(name)
                 vms[name] = []
+            group = row["instance"].partition("/")[0]
+            position = seen.get((name, group), 0)
+            seen[(name, group)] = position + 1
+            index = row.get("index", str(position))
+            if not index.isdigit():
+                log.warning("director database line %d has index %r; skipped", number, index)
+                continue
             vms[name].append(
                 Vm(
                     instance=row["instance"],
@@ -101,9 +146,25 @@ def parse_dump(text: str) -> list[Deployment]:
                     ips=tuple(ip for ip in row["ips"].split(",") if ip),
                     vm_cid=row["vm_cid"],
                     vm_type=row["vm_type"],
+                    index=int(index),
                 )
             )
-    return [Deployment(name, vms[name]) for name in order]
+        elif table == "manifests":
+            manifest = _decode_manifest(row, number)
+            if manifest is not None:
+                manifests[row.get("deployment", "")] = manifest
+    return [Deployment(name, vms[name], manifests.get(name)) for name in order]
+
+
+def _decode_manifest(row: dict[str, str], number: int) -> str | None:
+    if row.get("encoding") != "base64":
+        log.warning("director database line %d: unknown manifest encoding; skipped", number)
+        return None
+    try:
+        return base64.b64decode(row["text"], validate=True).decode("utf-8")
+    except (KeyError, binascii.Error, UnicodeDecodeError):
+        log.warning("director database line %d: undecodable manifest; skipped", number)
+        return None
 
 
 def render_vms_table(deployments: Iterable[Deployment]) -> str:

@@ -1,4 +1,8 @@
-"""SimInstance: the `orchestrator.transport.instance.Instance` contract over a SimDirector.
+"""SimInstance: the `orchestrator.transport.instance.Instance` contract over a simulated VM.
+
+The VM is the director (`SimDirector`: group `bosh`, index `0`, address `sim://demo`) or
+one VM of a deployment (`fleet.DeploymentVm`: its group, index and instance id, address
+`sim://demo/redis/redis/1`); everything below is relative to the VM's root either way.
 
 Scripts run as real subprocesses in their own sessions, so a Ctrl-C at the terminal
 reaches bbrx alone and bbrx decides what to stop.
@@ -34,29 +38,29 @@ from orchestrator.transport.instance import (
 )
 from orchestrator.transport.scriptio import MARKER_VAR, ScriptOutput, warn_leftovers
 from simulator.calllog import append_call
-from simulator.director import FAULTS_DIR, JOBS_DIR, STORE_DIR, SimDirector
 from simulator.faults import CORRUPT, TRANSFER, transfer_delay, transfer_failure_message
+from simulator.vm import FAULTS_DIR, JOBS_DIR, STORE_DIR, WORK_DIR, SimVm
 
 log = logging.getLogger(__name__)
 
-WORK_DIR = STORE_DIR / "bbr-backup"
 KILL_GRACE_SECONDS = 3.0
 _CHUNK = 1 << 20
 
 
 class SimInstance:
-    """The simulated director as bbrx sees it (group `bosh`, index `0`)."""
+    """A simulated VM as bbrx sees it: the director, or one VM of a deployment."""
 
-    group = "bosh"
-    index = "0"
-    instance_id: str | None = None
     mode = "sim"
 
-    def __init__(self, director: SimDirector) -> None:
-        self.director = director
-        self.root = director.root
+    def __init__(self, vm: SimVm) -> None:
+        self.vm = vm
+        self.root = vm.root
+        # The identity bbr gives the instance: artifact names use group and index.
+        self.group: str = vm.group
+        self.index: str = vm.index
+        self.instance_id: str | None = vm.instance_id
         self.info: dict[str, str] = {}
-        self.address = f"sim://{director.name}"
+        self.address = vm.address
         # Guards starting, registering and reaping scripts against terminate_scripts (which
         # runs in the run's signal watcher thread, never in a signal handler).
         self._lock = threading.Lock()
@@ -75,7 +79,7 @@ class SimInstance:
             raise DiscoveryError(
                 f"cannot list the job scripts of {self.address}: {self.root} does not exist",
                 host=self.address,
-                hint=f"Create it with `bbrx sim create {self.director.name}`.",
+                hint=self.vm.missing_hint(),
             )
         jobs_dir = self.root / JOBS_DIR
         try:
@@ -422,12 +426,10 @@ class SimInstance:
             assert stdin is not None
             broken = False
             try:
-                corrupt = _Corrupter() if fault == CORRUPT else None
-                drops = fault is not None and corrupt is None and transfer_delay(fault) is None
-                for number, chunk in enumerate(chunks):
-                    if corrupt is not None:
-                        chunk = corrupt(chunk)
-                    elif drops and number == 1:
+                corrupt = fault == CORRUPT
+                drops = fault is not None and not corrupt and transfer_delay(fault) is None
+                for number, chunk in enumerate(_corrupted(chunks) if corrupt else chunks):
+                    if drops and number == 1:
                         raise self._dropped(job, fault or "")
                     received.update(chunk)
                     try:
@@ -577,31 +579,70 @@ class _DroppingReader:
         return data
 
 
-class _Corrupter:
-    """Flips one bit at a fixed offset of a byte stream: in file data, for the seed's
-    blobstore (whose tar is mostly blob content), so the tar stays readable."""
+def _corrupted(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """A tar stream with one bit flipped in file data, so the tar stays readable.
 
-    OFFSET = 600_000
+    At offset 600,000 (in blob content for the seed director's blobstore) when the stream
+    is that long. A shorter one (a deployment job's few KiB) is held back until its end,
+    then gets the bit flipped in the middle of its first non-empty file.
+    """
+    chunks = iter(chunks)
+    held: list[bytes] = []
+    seen = 0
+    for chunk in chunks:
+        held.append(chunk)
+        seen += len(chunk)
+        if seen > CORRUPT_OFFSET:
+            data = bytearray(b"".join(held))
+            data[CORRUPT_OFFSET] ^= 0x01
+            yield bytes(data)
+            yield from chunks
+            return
+    data = bytearray(b"".join(held))
+    offset = _first_file_byte(data)
+    if offset is None:
+        log.warning("corrupt fault: the tar holds no file data; passed through unchanged")
+    else:
+        data[offset] ^= 0x01
+    yield bytes(data)
 
-    def __init__(self) -> None:
-        self._seen = 0
 
-    def __call__(self, chunk: bytes) -> bytes:
-        start, self._seen = self._seen, self._seen + len(chunk)
-        if start <= self.OFFSET < self._seen:
-            data = bytearray(chunk)
-            data[self.OFFSET - start] ^= 0x01
-            return bytes(data)
-        return chunk
+CORRUPT_OFFSET = 600_000
+
+
+def _first_file_byte(tar: bytearray) -> int | None:
+    """The offset of the middle byte of the first non-empty regular file in a tar."""
+    position = 0
+    while position + 512 <= len(tar):
+        header = tar[position : position + 512]
+        if not any(header):
+            return None  # the end-of-archive blocks
+        try:
+            size = int(bytes(header[124:136]).strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            return None
+        if header[156:157] in (b"0", b"\0") and size > 0:
+            return position + 512 + size // 2
+        position += 512 + (size + 511) // 512 * 512
+    return None
 
 
 class _CorruptingReader:
     def __init__(self, source: IO[bytes]) -> None:
-        self._source = source
-        self._corrupt = _Corrupter()
+        self._chunks = _corrupted(iter(lambda: source.read(_CHUNK), b""))
+        self._buffer = b""
 
     def read(self, size: int = -1) -> bytes:
-        return self._corrupt(self._source.read(size))
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        if size < 0:
+            data, self._buffer = self._buffer, b""
+        else:
+            data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
 
 
 def _exited(proc: subprocess.Popen[bytes]) -> bool:

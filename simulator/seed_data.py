@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simulator.director_db import Deployment, Vm
+from simulator.seed_manifests import seed_manifest
 
 _SEED = 20260530
 
@@ -30,7 +31,7 @@ _LAYOUT: tuple[tuple[str, tuple[tuple[str, int, str], ...]], ...] = (
     ("redis", (("redis", 3, "medium"),)),
     ("concourse", (("web", 1, "small"), ("worker", 2, "large"))),
 )
-_AZS = ("z1", "z2", "z3")
+AZS = ("z1", "z2", "z3")
 
 
 @dataclass(frozen=True)
@@ -64,15 +65,25 @@ def default_deployments() -> list[Deployment]:
                     Vm(
                         instance=f"{group}/{_uuid(rng)}",
                         process_state="running",
-                        az=_AZS[i % len(_AZS)],
+                        az=AZS[i % len(AZS)],
                         ips=(f"10.0.{subnet}.{host}",),
                         vm_cid=f"vm-{_uuid(rng)}",
                         vm_type=vm_type,
+                        index=i,
                     )
                 )
                 host += 1
-        deployments.append(Deployment(name, vms))
+        deployments.append(Deployment(name, vms, seed_manifest(name, groups)))
     return deployments
+
+
+def seed_manifest_for(deployment: str) -> str | None:
+    """The manifest of a seed deployment: what a database dumped by an older simulator,
+    which kept no manifests, had deployed (only the seed deployments existed then)."""
+    for name, groups in _LAYOUT:
+        if name == deployment:
+            return seed_manifest(name, groups)
+    return None
 
 
 def default_blobs() -> list[Blob]:

@@ -9,6 +9,7 @@ sets up access and gets one `Instance` per VM; when the run ends it tears access
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -54,7 +55,7 @@ class Director(Protocol):
         """The deployment's manifest, as the director stores it (YAML text)."""
         ...
 
-    def open_instances(self, deployment: str, group: str) -> list[Instance]:
+    def open_instances(self, deployment: str, group: str) -> Sequence[Instance]:
         """Set up access to the group's instances; one `Instance` per VM, in index order."""
         ...
 

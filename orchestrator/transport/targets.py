@@ -130,7 +130,6 @@ def open_director(target: Target, *, home: Path) -> Director:
     """The director a deployment run goes through: the simulator's for sim://NAME."""
     if target.simulated:
         from simulator.deployments import SimBosh
-
         from simulator.director import SimDirector, sim_root
 
         SimDirector(sim_root(home, target.name)).ensure()

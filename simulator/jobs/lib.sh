@@ -1,9 +1,9 @@
 # bbr-sim shared helpers, installed on the VM as /var/vcap/packages/bbr-sim/lib.sh.
 #
-# Sourced by every bbr script of the simulated director. The caller sets ROOT to the VM
-# root it derived from its own path (empty or "/" on a real VM), so nothing here depends
-# on the environment bbrx passes: the same tree works under a simulator root and when
-# bind-mounted on a real /var/vcap.
+# Sourced by every bbr script of every simulated VM, the director's and a deployment's
+# alike. The caller sets ROOT to the VM root it derived from its own path (empty or "/"
+# on a real VM), so nothing here depends on the environment bbrx passes: the same tree
+# works under a simulator root and when bind-mounted on a real /var/vcap.
 
 SIM_ROOT="${ROOT%/}"
 SIM_SCRIPT="$(basename -- "$0")"
@@ -140,4 +140,30 @@ sim_install_file() {
   mkdir -p -- "$(dirname -- "$dest")"
   cp -- "$src" "$dest.restoring"
   mv -f -- "$dest.restoring" "$dest"
+}
+
+# A database job's backup: a dump of one database (here a file) into the artifact. Such
+# jobs (bbr-*db) take a consistent dump without a lock of their own, as the real ones do.
+sim_backup_file() {
+  local src="$1" name="$2" art
+  art="$(sim_artifact_dir)"
+  if [[ ! -f $src ]]; then
+    sim_err "database not found: $src"
+    exit 1
+  fi
+  sim_say "dumping $(basename -- "$src")"
+  cp -- "$src" "${art}${name}"
+  sim_say "wrote ${art}${name} ($(wc -c <"${art}${name}") bytes)"
+}
+
+# A database job's restore: loads the dump `name` of the artifact into `dest`, atomically.
+sim_restore_file() {
+  local name="$1" dest="$2" art
+  art="$(sim_artifact_dir)"
+  if [[ ! -f ${art}${name} ]]; then
+    sim_err "no $name in $art"
+    exit 1
+  fi
+  sim_install_file "${art}${name}" "$dest"
+  sim_say "loaded $name into $(basename -- "$dest")"
 }
