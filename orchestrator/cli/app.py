@@ -496,10 +496,37 @@ def sim_vms(name: NameArgument) -> None:
     typer.echo(simulation.vms(settings.bbrx_home(), name))
 
 
+DeploymentOption = Annotated[
+    str | None, typer.Option("--deployment", "-d", help="A deployment of the director.")
+]
+
+
 @sim_app.command("wipe")
-def sim_wipe(name: NameArgument) -> None:
-    """The disaster: recreate the director VM empty (jobs there, data gone)."""
-    typer.echo(simulation.wipe(settings.bbrx_home(), name))
+def sim_wipe(name: NameArgument, deployment: DeploymentOption = None) -> None:
+    """The disaster: recreate the director VM empty (jobs there, data gone), or with
+    --deployment, every VM of that deployment."""
+    typer.echo(simulation.wipe(settings.bbrx_home(), name, deployment=deployment))
+
+
+@sim_app.command("deploy")
+def sim_deploy(
+    name: NameArgument,
+    deployment: Annotated[str, typer.Argument(help="The deployment's name.")],
+    manifest: Annotated[
+        Path, typer.Option("--manifest", help="A BOSH manifest (name, instance_groups, jobs).")
+    ],
+) -> None:
+    """Add or replace a deployment of the simulated director, from a BOSH manifest."""
+    typer.echo(simulation.deploy(settings.bbrx_home(), name, deployment, manifest))
+
+
+@sim_app.command("delete-deployment")
+def sim_delete_deployment(
+    name: NameArgument,
+    deployment: Annotated[str, typer.Argument(help="The deployment's name.")],
+) -> None:
+    """Remove a deployment and its VMs (refused while a run holds one of them)."""
+    typer.echo(simulation.delete_deployment(settings.bbrx_home(), name, deployment))
 
 
 @sim_app.command("destroy")
@@ -523,9 +550,18 @@ def sim_fault(
         str | None,
         typer.Argument(help="'fail [CODE [MESSAGE]]', 'hang' or 'sleep SECONDS'; omit to clear."),
     ] = None,
+    deployment: DeploymentOption = None,
+    instance: Annotated[
+        str | None,
+        typer.Option("--instance", help="GROUP/INDEX of the deployment's VM, e.g. redis/1."),
+    ] = None,
 ) -> None:
-    """Make a simulated job script fail, hang or slow down (for practice)."""
-    typer.echo(simulation.fault(settings.bbrx_home(), name, job, script, spec))
+    """Make a simulated job script fail, hang or slow down (for practice): the director's,
+    or with --deployment and --instance, one VM's of a deployment."""
+    home = settings.bbrx_home()
+    typer.echo(
+        simulation.fault(home, name, job, script, spec, deployment=deployment, instance=instance)
+    )
 
 
 # --- misc ---------------------------------------------------------------------------------

@@ -1,0 +1,162 @@
+"""`bbrx deployment` as an operator runs it: a real process, bbr's grammar, flags and
+environment variables, exit codes, --all-deployments' summary, and recovery after a
+killed deployment run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from audit import AuditLog
+from simulator.calllog import CALL_LOG, parse_call_log
+from tests.conftest import Bbrx
+
+pytestmark = pytest.mark.slow
+
+
+def vm(bbrx: Bbrx, deployment: str, name: str) -> Path:
+    group, index = name.split("/")
+    return bbrx.home / "sim/demo/deployments" / deployment / group / index
+
+
+def deployment(bbrx: Bbrx, *args: str, **kwargs):  # type: ignore[no-untyped-def]
+    return bbrx("deployment", "--target", "sim://demo", *args, **kwargs)
+
+
+def test_a_redis_backup_and_restore_as_the_runbook_spells_them(bbrx: Bbrx, tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    checked = deployment(bbrx, "--deployment", "redis", "pre-backup-check")
+    assert checked.code == 0, checked
+    assert "Deployment 'redis' can be backed up." in checked.stdout
+
+    made = deployment(bbrx, "-d", "redis", "backup", "-a", str(out))
+    assert made.code == 0, made
+    [published] = out.iterdir()
+    assert f"Backup created: {published}" in made.stdout
+    # Per-instance progress in the log lines.
+    assert "redis-server on redis/2" in made.stderr
+
+    wiped = bbrx("sim", "wipe", "demo", "--deployment", "redis")
+    assert wiped.code == 0, wiped
+    restored = deployment(bbrx, "-d", "redis", "restore", "--artifact-path", str(published))
+    assert restored.code == 0, restored
+    assert f"Restored {published} to deployment 'redis'" in restored.stdout
+
+    shown = bbrx("audit", "show", bbrx.audit_runs()[-1].run_id)
+    assert shown.code == 0, shown
+    assert "instance redis/0 (id " in shown.stdout and "instance redis/2 (id " in shown.stdout
+    status = bbrx("status", "--target", "sim://demo", "--deployment", "redis")
+    assert status.code == 0 and "sim://demo/redis: idle" in status.stdout, status
+    verified = bbrx("audit", "verify")
+    assert verified.code == 0, verified
+
+
+def test_bbrs_environment_variables_name_the_director_and_the_deployment(bbrx: Bbrx):
+    bbrx.env.update({"BOSH_ENVIRONMENT": "sim://demo", "BOSH_DEPLOYMENT": "concourse"})
+    checked = bbrx("deployment", "c")
+    assert checked.code == 0, checked
+    assert "Deployment 'concourse' can be backed up." in checked.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["backup"], "--target flag is required."),
+        (["--target", "sim://demo", "backup"], "provide one of '--deployment' or '--all-deployments'"),
+        (["--target", "sim://demo", "-d", "redis", "--all-deployments", "backup"],
+         "provide one of '--deployment' or '--all-deployments'"),
+        (["--target", "sim://demo", "-d", "redis", "restore"], "--artifact-path flag is required."),
+        (["--target", "10.0.0.6", "-d", "cf", "backup"], "--username flag is required."),
+        (["--target", "10.0.0.6", "-u", "admin", "-p", "x", "-d", "cf", "backup"],
+         "deployments on a live BOSH Director are not supported yet"),
+        (["--target", "sim://demo", "--all-deployments", "backup", "--unsafe-lock-free"],
+         "Cannot use the --unsafe-lock-free flag in conjunction with the --all-deployments flag"),
+        (["--target", "sim://demo", "--all-deployments", "restore", "-a", "x"],
+         "restore does not take --all-deployments"),
+        (["--target", "sim://demo", "-d", "nope", "backup"], "nope"),
+    ],
+)  # fmt: skip
+def test_bbrs_usage_errors_exit_1_and_say_what_is_missing(bbrx: Bbrx, args, message):
+    result = bbrx("deployment", *args)
+    assert result.code == 1, result
+    assert message in result.stderr + result.stdout
+
+
+def test_all_deployments_backs_up_each_one_and_prints_bbrs_summary(bbrx: Bbrx, tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = deployment(bbrx, "--all-deployments", "backup", "-a", str(out))
+    assert result.code == 0, result
+    assert "Pending: cf, redis, concourse" in result.stdout
+    assert "Successfully backed up: cf, redis, concourse" in result.stdout
+    assert sorted(p.name.split("_")[0] for p in out.iterdir()) == ["cf", "concourse", "redis"]
+    runs = bbrx.audit_runs()
+    assert sorted(r.target for r in runs) == [
+        "sim://demo/cf", "sim://demo/concourse", "sim://demo/redis"
+    ]  # fmt: skip
+    with AuditLog(bbrx.audit_db, readonly=True) as audit:
+        batches = {audit.timeline(r.run_id)[0]["detail"]["batch_id"] for r in runs}
+    assert len(batches) == 1
+
+
+def test_all_deployments_exits_1_when_one_fails_and_the_others_are_backed_up(
+    bbrx: Bbrx, tmp_path: Path
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert bbrx("sim", "create", "demo").code == 0
+    broken = bbrx("sim", "fault", "demo", "bbr-atcdb", "backup", "fail 3 disk on fire",
+                  "--deployment", "concourse", "--instance", "web/0")  # fmt: skip
+    assert broken.code == 0, broken
+    result = deployment(bbrx, "--all-deployments", "backup", "-a", str(out))
+    assert result.code == 1, result
+    assert "Successfully backed up: cf, redis" in result.stdout
+    assert "FAILED: concourse" in result.stdout
+    assert "1 out of 3 deployments cannot be backed up:" in result.stderr
+    assert "Deployment 'concourse':" in result.stderr and "disk on fire" in result.stderr
+    assert sorted(p.name.split("_")[0] for p in out.iterdir()) == ["cf", "redis"]
+
+
+def test_a_killed_deployment_run_is_seen_and_recovered_per_deployment(bbrx: Bbrx, tmp_path: Path):
+    assert bbrx("sim", "create", "demo").code == 0
+    hang = bbrx("sim", "fault", "demo", "redis-server", "pre-backup-lock", "hang",
+                "--deployment", "redis", "--instance", "redis/2")  # fmt: skip
+    assert hang.code == 0, hang
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = bbrx.start("deployment", "--target", "sim://demo", "-d", "redis", "backup",
+                      "-a", str(out))  # fmt: skip
+    log = vm(bbrx, "redis", "redis/2") / CALL_LOG
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if log.is_file() and any(
+            c.script == "pre-backup-lock" and c.event == "start"
+            for c in parse_call_log(log.read_text())
+        ):
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)  # its pid row
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+    status = bbrx("status", "--target", "sim://demo", "-d", "redis")
+    assert "interrupted" in status.stdout, status
+    assert "redis-server on redis/2" in status.stdout
+    assert "bbrx deployment --target sim://demo --deployment redis backup-cleanup" in status.stdout
+    refused = deployment(bbrx, "-d", "redis", "backup", "-a", str(out))
+    assert refused.code == 1 and "did not finish" in refused.stderr, refused
+
+    assert bbrx("sim", "fault", "demo", "redis-server", "pre-backup-lock",
+                "--deployment", "redis", "--instance", "redis/2").code == 0  # fmt: skip
+    cleaned = deployment(bbrx, "-d", "redis", "backup-cleanup")
+    assert cleaned.code == 0, cleaned
+    for name in ("redis/0", "redis/1", "redis/2"):
+        locks = vm(bbrx, "redis", name) / "var/vcap/sys/run/bbr-sim/locks"
+        assert not locks.is_dir() or not any(locks.iterdir()), name
+    status = bbrx("status", "--target", "sim://demo", "-d", "redis")
+    assert "idle" in status.stdout, status
