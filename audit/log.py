@@ -536,6 +536,55 @@ class AuditLog:
         Durable when this returns. Raises AuditError on invalid input or if the file
         cannot be written; nothing is appended in that case.
         """
+        fields = self.validated(
+            run_id=run_id,
+            operation=operation,
+            target=target,
+            mode=mode,
+            operator=operator,
+            origin_host=origin_host,
+            reason=reason,
+            from_state=from_state,
+            to_state=to_state,
+            trigger=trigger,
+            job=job,
+            script=script,
+            outcome=outcome,
+            exit_code=exit_code,
+            duration=duration,
+            detail=detail,
+            tool_version=tool_version,
+            instance_group=instance_group,
+            instance_index=instance_index,
+            instance_id=instance_id,
+        )
+        return self.append_validated([fields])[0]
+
+    def validated(
+        self,
+        *,
+        run_id: str,
+        operation: str,
+        target: str,
+        mode: str,
+        operator: str,
+        origin_host: str,
+        reason: str | None,
+        from_state: str | None,
+        to_state: str,
+        trigger: str,
+        job: str | None = None,
+        script: str | None = None,
+        outcome: str = "ok",
+        exit_code: int | None = None,
+        duration: float | None = None,
+        detail: dict[str, Any] | None = None,
+        tool_version: str,
+        instance_group: str | None = None,
+        instance_index: str | None = None,
+        instance_id: str | None = None,
+    ) -> dict[str, Any]:
+        """An event's columns as `append` stores them; AuditError naming a bad value."""
         if self.readonly:
             raise AuditError(f"audit log {self.path} was opened read-only: cannot append")
         p = self.path
@@ -568,27 +617,50 @@ class AuditLog:
                 f"cannot append to {p}: outcome must be one of {', '.join(sorted(OUTCOMES))}, "
                 f"got {outcome!r}"
             )
-        with self._using("write to") as db:
-            return self._append_locked(db, fields)
+        return fields
 
-    def _append_locked(self, db: sqlite_utils.Database, fields: dict[str, Any]) -> AppendedEvent:
+    def append_validated(self, batch: list[dict[str, Any]]) -> list[AppendedEvent]:
+        """Append events (each from `validated`) at the end of the chain, in order, in one
+        transaction: all are durable when this returns, or none was appended.
+
+        One commit, so one fsync, for the lot: this is how a run whose parallel scripts
+        report at the same moment keeps up with them (group commit), each row still in the
+        chain before the script it announces starts.
+        """
+        if not batch:
+            return []
+        with self._using("write to") as db:
+            return self._append_locked(db, batch)
+
+    def _append_locked(
+        self, db: sqlite_utils.Database, batch: list[dict[str, Any]]
+    ) -> list[AppendedEvent]:
         conn = db.conn
         # IMMEDIATE takes the write lock before reading the head, so two processes
         # cannot both chain onto the same previous row.
         conn.execute("BEGIN IMMEDIATE")
+        appended = []
         try:
             last = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
-            row: dict[str, Any] = {"seq": seq, "ts": utc_now(), **fields, "prev_hash": prev_hash}
-            row["hash"] = row_hash(row)
-            db.table("events").insert(row)
+            seq, prev_hash = (last[0], last[1]) if last else (0, GENESIS_HASH)
+            for fields in batch:
+                seq += 1
+                row: dict[str, Any] = {
+                    "seq": seq,
+                    "ts": utc_now(),
+                    **fields,
+                    "prev_hash": prev_hash,
+                }
+                row["hash"] = prev_hash = row_hash(row)
+                db.table("events").insert(row)
+                appended.append(AppendedEvent(seq=seq, ts=row["ts"], hash=row["hash"]))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        logger.debug("audit %s: appended seq %d (%s)", self.path, seq, fields["to_state"])
-        return AppendedEvent(seq=seq, ts=row["ts"], hash=row["hash"])
+        logger.debug("audit %s: appended seq %d..%d", self.path, appended[0].seq, seq)
+        return appended
 
     def _exit_code(self, value: Any) -> int | None:
         if value is None:

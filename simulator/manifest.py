@@ -17,7 +17,9 @@ from orchestrator.bbr.safeyaml import YamlRefused, describe_cap, load
 from orchestrator.errors import UsageError
 
 MANIFEST_CAP = 1 << 20
-MAX_INSTANCES = 50  # per instance group
+# Per instance group: enough for a large deployment (the scale benchmark deploys 100),
+# small enough that a typo cannot fill the disk with VM trees.
+MAX_INSTANCES = 200
 MAX_VMS = 200  # per deployment
 #: Deployment, group, job and release names: one path component, no dot-dot, no slash.
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")

@@ -67,20 +67,28 @@ def test_bbrs_environment_variables_name_the_director_and_the_deployment(bbrx: B
     ("args", "message"),
     [
         (["backup"], "--target flag is required."),
-        (["--target", "sim://demo", "backup"], "provide one of '--deployment' or '--all-deployments'"),
-        (["--target", "sim://demo", "-d", "redis", "--all-deployments", "backup"],
-         "provide one of '--deployment' or '--all-deployments'"),
+        (["--target", "sim://demo", "backup"], "provide one of '--deployment'"),
+        (
+            ["--target", "sim://demo", "-d", "redis", "--all-deployments", "backup"],
+            "provide one of '--deployment' or '--all-deployments'",
+        ),
         (["--target", "sim://demo", "-d", "redis", "restore"], "--artifact-path flag is required."),
         (["--target", "10.0.0.6", "-d", "cf", "backup"], "--username flag is required."),
-        (["--target", "10.0.0.6", "-u", "admin", "-p", "x", "-d", "cf", "backup"],
-         "deployments on a live BOSH Director are not supported yet"),
-        (["--target", "sim://demo", "--all-deployments", "backup", "--unsafe-lock-free"],
-         "Cannot use the --unsafe-lock-free flag in conjunction with the --all-deployments flag"),
-        (["--target", "sim://demo", "--all-deployments", "restore", "-a", "x"],
-         "restore does not take --all-deployments"),
+        (
+            ["--target", "10.0.0.6", "-u", "admin", "-p", "x", "-d", "cf", "backup"],
+            "deployments on a live BOSH Director are not supported yet",
+        ),
+        (
+            ["--target", "sim://demo", "--all-deployments", "backup", "--unsafe-lock-free"],
+            "Cannot use the --unsafe-lock-free flag in conjunction with the --all-deployments flag",
+        ),
+        (
+            ["--target", "sim://demo", "--all-deployments", "restore", "-a", "x"],
+            "restore does not take --all-deployments",
+        ),
         (["--target", "sim://demo", "-d", "nope", "backup"], "nope"),
     ],
-)  # fmt: skip
+)
 def test_bbrs_usage_errors_exit_1_and_say_what_is_missing(bbrx: Bbrx, args, message):
     result = bbrx("deployment", *args)
     assert result.code == 1, result
@@ -97,8 +105,10 @@ def test_all_deployments_backs_up_each_one_and_prints_bbrs_summary(bbrx: Bbrx, t
     assert sorted(p.name.split("_")[0] for p in out.iterdir()) == ["cf", "concourse", "redis"]
     runs = bbrx.audit_runs()
     assert sorted(r.target for r in runs) == [
-        "sim://demo/cf", "sim://demo/concourse", "sim://demo/redis"
-    ]  # fmt: skip
+        "sim://demo/cf",
+        "sim://demo/concourse",
+        "sim://demo/redis",
+    ]
     with AuditLog(bbrx.audit_db, readonly=True) as audit:
         batches = {audit.timeline(r.run_id)[0]["detail"]["batch_id"] for r in runs}
     assert len(batches) == 1
@@ -110,8 +120,18 @@ def test_all_deployments_exits_1_when_one_fails_and_the_others_are_backed_up(
     out = tmp_path / "out"
     out.mkdir()
     assert bbrx("sim", "create", "demo").code == 0
-    broken = bbrx("sim", "fault", "demo", "bbr-atcdb", "backup", "fail 3 disk on fire",
-                  "--deployment", "concourse", "--instance", "web/0")  # fmt: skip
+    broken = bbrx(
+        "sim",
+        "fault",
+        "demo",
+        "bbr-atcdb",
+        "backup",
+        "fail 3 disk on fire",
+        "--deployment",
+        "concourse",
+        "--instance",
+        "web/0",
+    )
     assert broken.code == 0, broken
     result = deployment(bbrx, "--all-deployments", "backup", "-a", str(out))
     assert result.code == 1, result
@@ -124,13 +144,24 @@ def test_all_deployments_exits_1_when_one_fails_and_the_others_are_backed_up(
 
 def test_a_killed_deployment_run_is_seen_and_recovered_per_deployment(bbrx: Bbrx, tmp_path: Path):
     assert bbrx("sim", "create", "demo").code == 0
-    hang = bbrx("sim", "fault", "demo", "redis-server", "pre-backup-lock", "hang",
-                "--deployment", "redis", "--instance", "redis/2")  # fmt: skip
+    hang = bbrx(
+        "sim",
+        "fault",
+        "demo",
+        "redis-server",
+        "pre-backup-lock",
+        "hang",
+        "--deployment",
+        "redis",
+        "--instance",
+        "redis/2",
+    )
     assert hang.code == 0, hang
     out = tmp_path / "out"
     out.mkdir()
-    proc = bbrx.start("deployment", "--target", "sim://demo", "-d", "redis", "backup",
-                      "-a", str(out))  # fmt: skip
+    proc = bbrx.start(
+        "deployment", "--target", "sim://demo", "-d", "redis", "backup", "-a", str(out)
+    )
     log = vm(bbrx, "redis", "redis/2") / CALL_LOG
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -151,8 +182,20 @@ def test_a_killed_deployment_run_is_seen_and_recovered_per_deployment(bbrx: Bbrx
     refused = deployment(bbrx, "-d", "redis", "backup", "-a", str(out))
     assert refused.code == 1 and "did not finish" in refused.stderr, refused
 
-    assert bbrx("sim", "fault", "demo", "redis-server", "pre-backup-lock",
-                "--deployment", "redis", "--instance", "redis/2").code == 0  # fmt: skip
+    assert (
+        bbrx(
+            "sim",
+            "fault",
+            "demo",
+            "redis-server",
+            "pre-backup-lock",
+            "--deployment",
+            "redis",
+            "--instance",
+            "redis/2",
+        ).code
+        == 0
+    )
     cleaned = deployment(bbrx, "-d", "redis", "backup-cleanup")
     assert cleaned.code == 0, cleaned
     for name in ("redis/0", "redis/1", "redis/2"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -37,8 +36,13 @@ def home(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def request(home: Path, operation: str, deployment: str, artifact_path: Path | None = None,
-            **changes: object) -> Request:  # fmt: skip
+def request(
+    home: Path,
+    operation: str,
+    deployment: str,
+    artifact_path: Path | None = None,
+    **changes: object,
+) -> Request:
     base = Request(
         operation=operation,
         target=parse_director("sim://demo"),
@@ -102,8 +106,10 @@ def test_a_deployment_backup_is_bbrs_artifact_with_every_instance(home: Path):
     assert 'index: "1"' in text  # bbr writes the index as a string
     document = yaml.safe_load(text)
     assert [(i["name"], i["index"]) for i in document["instances"]] == [
-        ("redis", "0"), ("redis", "1"), ("redis", "2")
-    ]  # fmt: skip
+        ("redis", "0"),
+        ("redis", "1"),
+        ("redis", "2"),
+    ]
     for instance in document["instances"]:
         [entry] = instance["artifacts"]
         assert entry["name"] == "redis-server"
@@ -151,8 +157,9 @@ def test_every_job_row_names_its_instance_and_the_log_verifies(home: Path):
         name = f"{row['instance_group']}/{row['instance_index']}"
         assert name in REDIS
         assert row["instance_id"] == ids[name]
-    locked = {f"{r['instance_group']}/{r['instance_index']}" for r in job_rows
-              if r["trigger"] == "lock"}  # fmt: skip
+    locked = {
+        f"{r['instance_group']}/{r['instance_index']}" for r in job_rows if r["trigger"] == "lock"
+    }
     assert locked == set(REDIS)
     assert verify_log(home / "audit.db").ok
 
@@ -169,10 +176,13 @@ def test_a_wiped_deployment_is_restored_instance_by_instance(home: Path):
     for name in REDIS:
         ran = [(c.script, c.event) for c in calls(vm(home, "redis", name))]
         assert ran[-6:] == [
-            ("pre-restore-lock", "start"), ("pre-restore-lock", "exit"),
-            ("restore", "start"), ("restore", "exit"),
-            ("post-restore-unlock", "start"), ("post-restore-unlock", "exit"),
-        ]  # fmt: skip
+            ("pre-restore-lock", "start"),
+            ("pre-restore-lock", "exit"),
+            ("restore", "start"),
+            ("restore", "exit"),
+            ("post-restore-unlock", "start"),
+            ("post-restore-unlock", "exit"),
+        ]
         assert locks_held(vm(home, "redis", name)) == []
 
 
@@ -181,8 +191,10 @@ def test_cf_locks_the_api_before_its_databases_and_backs_up_cc_blobs_once(home: 
     api = [vm(home, "cf", "api/0"), vm(home, "cf", "api/1")]
     database = vm(home, "cf", "database/0")
 
-    cc_locked = [c.time for root in api for c in calls(root)
-                 if (c.job, c.script, c.event) == ("cloud_controller_ng", "pre-backup-lock", "exit")]  # fmt: skip
+    cc_lock = ("cloud_controller_ng", "pre-backup-lock", "exit")
+    cc_locked = [
+        c.time for root in api for c in calls(root) if (c.job, c.script, c.event) == cc_lock
+    ]
     db_backups = [c.time for c in calls(database) if c.script == "backup" and c.event == "start"]
     assert len(cc_locked) == 2 and db_backups
     assert max(cc_locked) < min(db_backups)
@@ -201,8 +213,9 @@ def test_cf_locks_the_api_before_its_databases_and_backs_up_cc_blobs_once(home: 
     run_deployment(request(home, "restore", "cf", published))
     # Every api VM restores cc-blobs from the one custom artifact.
     for root in api:
-        [restore] = [c for c in calls(root)
-                     if (c.job, c.script, c.event) == ("cc-blobs", "restore", "start")]  # fmt: skip
+        [restore] = [
+            c for c in calls(root) if (c.job, c.script, c.event) == ("cc-blobs", "restore", "start")
+        ]
         assert restore.extra["BBR_ARTIFACT_DIRECTORY"].endswith(
             "/bbr-backup/cc-blobs-capi-backup-one-restore-all/"
         )
@@ -257,13 +270,21 @@ def _every_lock_was_unlocked(home: Path, deployment: str, names: list[str]) -> N
 
 
 def test_the_third_vms_lock_script_hangs_and_every_instance_is_unlocked(home: Path):
-    simulation.fault(home, "demo", "redis-server", "pre-backup-lock", "hang",
-                     deployment="redis", instance="redis/2")  # fmt: skip
+    simulation.fault(
+        home,
+        "demo",
+        "redis-server",
+        "pre-backup-lock",
+        "hang",
+        deployment="redis",
+        instance="redis/2",
+    )
     out = home / "out"
     out.mkdir()
     with pytest.raises(RunFailed) as failed:
-        run_deployment(request(home, "backup", "redis", out,
-                               timeouts=Timeouts(lock=1.5, metadata=20)))  # fmt: skip
+        run_deployment(
+            request(home, "backup", "redis", out, timeouts=Timeouts(lock=1.5, metadata=20))
+        )
     assert failed.value.exit_code & 4  # bbr's lock bit
     assert "redis-server on redis/2" in str(failed.value.errors[0]) or any(
         "redis/2" in str(e) for e in failed.value.errors
@@ -274,8 +295,15 @@ def test_the_third_vms_lock_script_hangs_and_every_instance_is_unlocked(home: Pa
 
 
 def test_one_broken_drain_fails_the_backup_and_leaves_nothing_locked(home: Path):
-    simulation.fault(home, "demo", "redis-server", "transfer", "fail connection reset",
-                     deployment="redis", instance="redis/1")  # fmt: skip
+    simulation.fault(
+        home,
+        "demo",
+        "redis-server",
+        "transfer",
+        "fail connection reset",
+        deployment="redis",
+        instance="redis/1",
+    )
     out = home / "out"
     out.mkdir()
     with pytest.raises(RunFailed) as failed:
@@ -293,8 +321,9 @@ def test_a_director_backup_is_refused_by_a_deployment_and_the_reverse(home: Path
     out = home / "out"
     out.mkdir()
     director = run_director(
-        replace(request(home, "backup", "redis", out), target=parse_host("sim://demo"),
-                deployment=None)  # fmt: skip
+        replace(
+            request(home, "backup", "redis", out), target=parse_host("sim://demo"), deployment=None
+        )
     ).artifact
     assert director is not None
     with pytest.raises(RunFailed) as failed:
@@ -304,8 +333,11 @@ def test_a_director_backup_is_refused_by_a_deployment_and_the_reverse(home: Path
     deployment = backup(home, "redis")
     with pytest.raises(RunFailed) as failed:
         run_director(
-            replace(request(home, "restore", "redis", deployment), target=parse_host("sim://demo"),
-                    deployment=None)  # fmt: skip
+            replace(
+                request(home, "restore", "redis", deployment),
+                target=parse_host("sim://demo"),
+                deployment=None,
+            )
         )
     assert "is a deployment backup (it holds redis/0, redis/1, redis/2)" in str(
         failed.value.errors[0]
@@ -410,13 +442,21 @@ def test_a_hand_written_bbr_deployment_backup_with_a_custom_artifact_restores(
         "name": "kv",
         "releases": [{"name": "kv", "version": "1.0"}],
         "instance_groups": [
-            {"name": "store", "instances": 2,
-             "jobs": [{"name": "kv-data", "release": "kv"},
-                      {"name": "kv-config", "release": "kv",
-                       "properties": {"bbr": {"backup_one_restore_all": True}}}]},
+            {
+                "name": "store",
+                "instances": 2,
+                "jobs": [
+                    {"name": "kv-data", "release": "kv"},
+                    {
+                        "name": "kv-config",
+                        "release": "kv",
+                        "properties": {"bbr": {"backup_one_restore_all": True}},
+                    },
+                ],
+            },
             {"name": "proxy", "instances": 1, "jobs": [{"name": "kv-proxy", "release": "kv"}]},
         ],
-    }  # fmt: skip
+    }
     manifest_path = tmp_path / "kv.yml"
     manifest_path.write_text(yaml.safe_dump(manifest))
     simulation.deploy(home, "demo", "kv", manifest_path)
@@ -431,19 +471,24 @@ def test_a_hand_written_bbr_deployment_backup_with_a_custom_artifact_restores(
         files = {f"shard-{index}.db": f"shard {index} data".encode()}
         (backup_dir / f"store-{index}-kv-data.tar").write_bytes(_tar(files))
         sums = {f"./{k}": hashlib.sha256(v).hexdigest() for k, v in files.items()}
-        instances.append({"name": "store", "index": index,
-                          "artifacts": [{"name": "kv-data", "checksums": sums}]})  # fmt: skip
+        instances.append(
+            {"name": "store", "index": index, "artifacts": [{"name": "kv-data", "checksums": sums}]}
+        )
     config = {"settings.yml": b"replicas: 2\n"}
     (backup_dir / "kv-config-kv-backup-one-restore-all.tar").write_bytes(_tar(config))
     document = {
         "instances": instances,
-        "custom_artifacts": [{
-            "name": "kv-config-kv-backup-one-restore-all",
-            "checksums": {"./settings.yml": hashlib.sha256(config["settings.yml"]).hexdigest()},
-        }],
-        "backup_activity": {"start_time": "2026/08/21 08:00:00 UTC",
-                            "finish_time": "2026/08/21 08:00:09 UTC"},
-    }  # fmt: skip
+        "custom_artifacts": [
+            {
+                "name": "kv-config-kv-backup-one-restore-all",
+                "checksums": {"./settings.yml": hashlib.sha256(config["settings.yml"]).hexdigest()},
+            }
+        ],
+        "backup_activity": {
+            "start_time": "2026/08/21 08:00:00 UTC",
+            "finish_time": "2026/08/21 08:00:09 UTC",
+        },
+    }
     (backup_dir / "metadata").write_text(yaml.safe_dump(document))
 
     run_deployment(request(home, "restore", "kv", backup_dir))
@@ -454,7 +499,10 @@ def test_a_hand_written_bbr_deployment_backup_with_a_custom_artifact_restores(
         assert data == f"shard {index} data".encode()
         # Both instances got the one custom artifact, in its own directory.
         assert (root / "restored-kv-config" / "settings.yml").read_bytes() == b"replicas: 2\n"
-        assert (root / "restored-kv-config.from").read_text().strip().endswith(
-            "/bbr-backup/kv-config-kv-backup-one-restore-all/"
+        assert (
+            (root / "restored-kv-config.from")
+            .read_text()
+            .strip()
+            .endswith("/bbr-backup/kv-config-kv-backup-one-restore-all/")
         )
     assert not (vm(home, "kv", "proxy/0") / "restored-kv-data").exists()

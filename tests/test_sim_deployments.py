@@ -871,7 +871,7 @@ BAD_GROUPS = [
     ({"instances": -1}, "instance_groups[0].instances must be a whole number ≥ 0 (it is -1)"),
     ({"instances": True}, "instance_groups[0].instances must be a whole number ≥ 0 (it is True)"),
     ({"instances": 1.5}, "instance_groups[0].instances must be a whole number ≥ 0 (it is 1.5)"),
-    ({"instances": 51}, "instance_groups[0].instances is 51; the simulator makes at most 50"),
+    ({"instances": 201}, "instance_groups[0].instances is 201; the simulator makes at most 200"),
     ({"name": "../escape"}, "instance_groups[0].name '../escape' is not a safe name"),
     ({"name": "a/b"}, "instance_groups[0].name 'a/b' is not a safe name"),
     ({"name": ".."}, "instance_groups[0].name '..' is not a safe name"),

@@ -40,7 +40,7 @@ from orchestrator.cli.app import (
     set_verbosity,
 )
 from orchestrator.engine.progress import progress_for
-from orchestrator.engine.run import Outcome, Timeouts
+from orchestrator.engine.run import DEFAULT_MAX_PARALLEL, Outcome, Timeouts
 from orchestrator.errors import RunFailed, UsageError
 from orchestrator.operations.batch import run_all_deployments
 from orchestrator.operations.procedures import Request, run_deployment
@@ -106,9 +106,10 @@ def deployment(
         typer.Option(
             "--max-parallel",
             min=1,
-            help="At most this many scripts or copies at once within a deployment (bbr: 10).",
+            help="At most this many scripts at once within a deployment (default "
+            f"{DEFAULT_MAX_PARALLEL}; bbr: 10). Copies: at most 4.",
         ),
-    ] = 10,
+    ] = DEFAULT_MAX_PARALLEL,
     lock_timeout: Annotated[float | None, _timeout_option("lock", Timeouts.lock)] = None,
     backup_timeout: Annotated[float | None, _timeout_option("backup", Timeouts.backup)] = None,
     unlock_timeout: Annotated[float | None, _timeout_option("unlock", Timeouts.unlock)] = None,

@@ -65,6 +65,12 @@ Action = Callable[["Run"], "str | tuple[str, dict[str, Any]]"]
 # of them starts unless its intent row is in the audit log. Unlocking is always safe.
 RECORDED_PHASES = frozenset({"lock", "backup", "restore"})
 
+# Scripts at once across a deployment's instances (one lock level, the backup scripts, one
+# unlock level). bbr runs 10: a deployment of 100 VMs then stays locked for ten rounds of
+# lock scripts. Every script of a level runs at once up to this bound, which
+# --max-parallel lowers for a jump box that cannot take as many sessions.
+DEFAULT_MAX_PARALLEL = 100
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -105,7 +111,7 @@ class JobTracker:
         # Kept apart from `state`: a backup drains after a failed unlock, and the job's
         # drain states must not hide that its lock may still be held.
         self.lock_held = False
-        build_job_machine(self, finalize=run.record_job_event)
+        run.job_machine.add_model(self)
 
     @property
     def name(self) -> str:
@@ -175,7 +181,7 @@ class Run:
         progress: ProgressSink | None = None,
         timeouts: Timeouts | None = None,
         confirm_abandon: Callable[[list[str], threading.Event], bool] | None = None,
-        max_parallel: int = 10,
+        max_parallel: int = DEFAULT_MAX_PARALLEL,
         signal_relay: SignalRelay | None = None,
     ) -> None:
         # Runs driven in worker threads (--all-deployments) get their signals through it.
@@ -218,6 +224,8 @@ class Run:
         self.journal = Journal(audit.path)
         self._journal_failed = False
         self._audit_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_PendingRow] = []
         # This run's own latest audit row: the chain head a backup is sealed with.
         self.last_event: AppendedEvent | None = None
         self._last_event_lock = threading.Lock()
@@ -225,6 +233,10 @@ class Run:
         self.data: dict[str, Any] = {}
         self.artifact: Path | None = None
         self.machine = build_run_machine(self, operation, finalize=self.record_run_event)
+        # One machine for every job of the run, each tracker a model of it: its tables are
+        # built once, not once per job of a hundred-instance deployment. Triggers of
+        # different models share only the tables, which transitions reads, never writes.
+        self.job_machine = build_job_machine(None, finalize=self.record_job_event)
 
     @property
     def instance(self) -> Instance:
@@ -707,33 +719,67 @@ class Run:
             "instance_index": instance.index if instance is not None else None,
             "instance_id": instance.instance_id if instance is not None else None,
         }
-        # One row at a time for the whole run, so that a row still waiting on the log
-        # cannot land in the chain after another thread's row went to the journal.
+        # Group commit: rows that arrive while another is being committed (parallel
+        # scripts of a level, say) wait in order and are committed together, one fsync for
+        # the lot, by whichever thread holds the audit lock next. Each call still returns
+        # only once its own row is in the chain (or the journal). One committer at a time,
+        # in queue order, so a row cannot land in the chain after an earlier one went to
+        # the journal.
+        pending = _PendingRow(fields)
+        with self._queue_lock:
+            self._queue.append(pending)
         with self._audit_lock:
-            if not self.audit_failed:
+            if pending.done:
+                return
+            with self._queue_lock:
+                batch, self._queue = self._queue, []
+            self._commit(batch)
+
+    def _commit(self, batch: list[_PendingRow]) -> None:
+        """Append `batch` to the log in one transaction, or what cannot be to the journal."""
+        kept = 0
+        if not self.audit_failed:
+            failure: Exception | None = None
+            valid: list[dict[str, Any]] = []
+            for row in batch:
                 try:
-                    appended = self.audit.append(**fields)
-                except Exception as exc:
-                    # Losing the log must not stop the unlock path; it fails the run, and
-                    # no lock, backup or restore script starts from here on.
-                    self.audit_failed = True
-                    self._audit_broke(exc)
-                else:
+                    valid.append(self.audit.validated(**row.fields))
+                except Exception as exc:  # a bug in a row: it and what follows go aside
+                    failure = exc
+                    break
+            try:
+                appended = self.audit.append_validated(valid)
+            except Exception as exc:
+                failure = exc
+            else:
+                kept = len(appended)
+                if appended:
                     with self._last_event_lock:
-                        if self.last_event is None or appended.seq > self.last_event.seq:
-                            self.last_event = appended
-                    return
-            if not self.journal.write(fields) and not self._journal_failed:
-                self._journal_failed = True
-                self.fail(
-                    AuditUnwritableError(
-                        f"the audit journal {self.journal.path} cannot be written either: "
-                        "the events of this run that are in neither are in bbrx's log "
-                        "output (lines 'audit event NOT RECORDED')",
-                        hint="Keep that output with the audit log: it is the only record "
-                        "of how this run ended.",
-                    )
+                        if self.last_event is None or appended[-1].seq > self.last_event.seq:
+                            self.last_event = appended[-1]
+            if failure is not None:
+                # Losing the log must not stop the unlock path; it fails the run, and
+                # no lock, backup or restore script starts from here on.
+                self.audit_failed = True
+                self._audit_broke(failure)
+        for row in batch[:kept]:
+            row.done = True
+        for row in batch[kept:]:
+            self._journal(row.fields)
+            row.done = True
+
+    def _journal(self, fields: dict[str, Any]) -> None:
+        if not self.journal.write(fields) and not self._journal_failed:
+            self._journal_failed = True
+            self.fail(
+                AuditUnwritableError(
+                    f"the audit journal {self.journal.path} cannot be written either: "
+                    "the events of this run that are in neither are in bbrx's log "
+                    "output (lines 'audit event NOT RECORDED')",
+                    hint="Keep that output with the audit log: it is the only record "
+                    "of how this run ended.",
                 )
+            )
 
     def _audit_broke(self, exc: Exception) -> None:
         cause = exc.message if isinstance(exc, AuditError) else f"{exc!r}"
@@ -749,6 +795,14 @@ class Run:
                 "beside the log: it is the record of how this run ended.",
             )
         )
+
+
+@dataclass
+class _PendingRow:
+    """A row waiting for the run's next audit commit."""
+
+    fields: dict[str, Any]
+    done: bool = False
 
 
 @contextlib.contextmanager

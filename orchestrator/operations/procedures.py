@@ -20,7 +20,14 @@ from orchestrator import settings
 from orchestrator.bosh.director import Director
 from orchestrator.engine.fleet import DeploymentFleet, Fleet
 from orchestrator.engine.progress import ProgressSink
-from orchestrator.engine.run import Identity, Outcome, Run, SignalRelay, Timeouts
+from orchestrator.engine.run import (
+    DEFAULT_MAX_PARALLEL,
+    Identity,
+    Outcome,
+    Run,
+    SignalRelay,
+    Timeouts,
+)
 from orchestrator.errors import AuditUnwritableError, RunFailed, UsageError
 from orchestrator.operations import backup, cleanup, restore
 from orchestrator.state import lease, recovery
@@ -55,7 +62,7 @@ class Request:
     # backup: run no lock or unlock script (bbr's --unsafe-lock-free); recorded in the audit.
     unsafe_lock_free: bool = False
     # At most this many scripts or copies at once within the run.
-    max_parallel: int = 10
+    max_parallel: int = DEFAULT_MAX_PARALLEL
     # --all-deployments: the id tying the runs of one batch together in the audit log, and
     # the relay that passes the main thread's signals to runs driven in worker threads.
     batch_id: str | None = None

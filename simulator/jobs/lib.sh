@@ -6,8 +6,19 @@
 # works under a simulator root and when bind-mounted on a real /var/vcap.
 
 SIM_ROOT="${ROOT%/}"
-SIM_SCRIPT="$(basename -- "$0")"
-SIM_JOB="$(basename -- "$(dirname -- "$(dirname -- "$(dirname -- "$0")")")")"
+# Parameter expansion, not basename/dirname: every fork costs, and a deployment runs
+# hundreds of these scripts at once. $0 is .../jobs/JOB/bin/bbr/SCRIPT.
+case "$0" in
+  */*/*/*/*)
+    SIM_SCRIPT="${0##*/}"
+    SIM_JOB="${0%/*/*/*}"
+    SIM_JOB="${SIM_JOB##*/}"
+    ;;
+  *)
+    SIM_SCRIPT="$(basename -- "$0")"
+    SIM_JOB="$(basename -- "$(dirname -- "$(dirname -- "$(dirname -- "$0")")")")"
+    ;;
+esac
 SIM_VCAP="$SIM_ROOT/var/vcap"
 SIM_STORE="$SIM_VCAP/store"
 SIM_RUN_DIR="$SIM_VCAP/sys/run/bbr-sim"
@@ -18,9 +29,13 @@ SIM_CONFIG_DIR="$SIM_VCAP/jobs/$SIM_JOB/config"
 # One printf per line so concurrent scripts appending to the log never interleave.
 sim_log_event() {
   local event="$1" extra="$2" line
+  local now="${EPOCHREALTIME:-}"
+  # bash's own clock (5.0 and later; a locale may spell its decimal point ','), else date.
+  now="${now/,/.}"
+  [[ -n $now ]] || now="$(date +%s.%N)"
   printf -v line '%s\t%s\t%s\t%s\t%s\t%s\n' \
-    "$(date +%s.%N)" "$SIM_JOB" "$SIM_SCRIPT" "$event" "$$" "$extra"
-  mkdir -p -- "$(dirname -- "$SIM_CALL_LOG")"
+    "$now" "$SIM_JOB" "$SIM_SCRIPT" "$event" "$$" "$extra"
+  [[ -d ${SIM_CALL_LOG%/*} ]] || mkdir -p -- "${SIM_CALL_LOG%/*}"
   printf '%s' "$line" >>"$SIM_CALL_LOG"
 }
 
@@ -88,7 +103,7 @@ sim_metadata() {
 }
 
 sim_lock() {
-  mkdir -p -- "$(dirname -- "$SIM_LOCK_FILE")"
+  [[ -d ${SIM_LOCK_FILE%/*} ]] || mkdir -p -- "${SIM_LOCK_FILE%/*}"
   if [[ -f $SIM_LOCK_FILE ]]; then
     sim_say "already locked ($(cat -- "$SIM_LOCK_FILE")); taking the lock over"
   fi
