@@ -203,3 +203,27 @@ def test_a_killed_deployment_run_is_seen_and_recovered_per_deployment(bbrx: Bbrx
         assert not locks.is_dir() or not any(locks.iterdir()), name
     status = bbrx("status", "--target", "sim://demo", "-d", "redis")
     assert "idle" in status.stdout, status
+
+
+def test_a_log_an_older_bbrx_wrote_verifies_and_takes_deployment_runs(bbrx: Bbrx, tmp_path: Path):
+    import sqlite3
+    from contextlib import closing
+
+    v1 = Path(__file__).resolve().parent / "data" / "audit-v1.sql"
+    with closing(sqlite3.connect(bbrx.audit_db, isolation_level=None)) as conn:
+        conn.executescript(v1.read_text(encoding="utf-8"))
+    before = bbrx("audit", "verify")
+    assert before.code == 0, before
+    assert "intact: 186 events" in before.stdout
+
+    out = tmp_path / "out"
+    out.mkdir()
+    made = deployment(bbrx, "-d", "redis", "backup", "-a", str(out))
+    assert made.code == 0, made
+    after = bbrx("audit", "verify")
+    assert after.code == 0, after
+    with AuditLog(bbrx.audit_db, readonly=True) as audit:
+        runs = audit.runs()
+        old, new = audit.timeline(runs[0].run_id), audit.timeline(runs[-1].run_id)
+    assert all(row["instance_group"] is None for row in old)
+    assert {row["instance_group"] for row in new if row["job"]} == {"redis"}
