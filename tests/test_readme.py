@@ -117,6 +117,9 @@ def test_what_goes_wrong_counts_the_fault_matrix():
 
     text = section("## What happens when things go wrong")
     assert f"({len(CASES) * len(TRANSPORTS)} cases)" in text
+    from tests.test_deployments import INSTANCE_FAULTS
+
+    assert f"{len(INSTANCE_FAULTS)} cases" in text
 
 
 def _attack_rows() -> list[tuple[str, str]]:
