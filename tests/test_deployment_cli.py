@@ -227,3 +227,27 @@ def test_a_log_an_older_bbrx_wrote_verifies_and_takes_deployment_runs(bbrx: Bbrx
         old, new = audit.timeline(runs[0].run_id), audit.timeline(runs[-1].run_id)
     assert all(row["instance_group"] is None for row in old)
     assert {row["instance_group"] for row in new if row["job"]} == {"redis"}
+
+
+def test_all_deployments_pre_backup_check_gives_bbrs_verdict_for_each(bbrx: Bbrx):
+    assert bbrx("sim", "create", "demo").code == 0
+    broken = bbrx(
+        "sim",
+        "fault",
+        "demo",
+        "cloud_controller_ng",
+        "metadata",
+        "fail 2 no config",
+        "--deployment",
+        "cf",
+        "--instance",
+        "api/1",
+    )
+    assert broken.code == 0, broken
+    result = deployment(bbrx, "--all-deployments", "pre-backup-check")
+    assert result.code == 1, result
+    assert "Deployment 'redis' can be backed up." in result.stdout
+    assert "Deployment 'cf' cannot be backed up." in result.stdout
+    assert "  metadata script for job cloud_controller_ng on api/1" in result.stdout
+    assert "Successfully can be backed up: redis, concourse" in result.stdout
+    assert "1 out of 3 deployments cannot be backed up:" in result.stderr

@@ -111,7 +111,9 @@ def run_all_deployments(request: Request, say: Callable[[str], None]) -> BatchOu
             with lock:
                 batch.failures[name] = [BbrxError("not started: the batch was interrupted")]
             return
-        say(f"{_now()} Starting {verb} of {name}")
+        checking = request.operation == "pre-backup-check"
+        if not checking:
+            say(f"{_now()} Starting {verb} of {name}")
         single = replace(
             request,
             deployment=name,
@@ -123,21 +125,30 @@ def run_all_deployments(request: Request, say: Callable[[str], None]) -> BatchOu
         )
         try:
             outcome = run_deployment(single)
-        except RunFailed as failure:
-            with lock:
-                batch.failures[name] = list(failure.errors)
-                batch.run_ids[name] = failure.run_id
-            say(f"{_now()} ERROR: failed to {verb} {name}")
-            return
         except BbrxError as error:
+            errors = list(error.errors) if isinstance(error, RunFailed) else [error]
             with lock:
-                batch.failures[name] = [error]
-            say(f"{_now()} ERROR: failed to {verb} {name}")
+                batch.failures[name] = errors
+                if isinstance(error, RunFailed):
+                    batch.run_ids[name] = error.run_id
+            if checking:
+                # bbr's pre-backup-check: the verdict, and the error indented beneath it.
+                lines = [f"{_now()} Deployment '{name}' cannot be backed up."]
+                lines += [f"  {line}" for e in errors for line in str(e).splitlines()]
+                say("\n".join(lines))
+            elif request.operation == "backup-cleanup":
+                say(f"{_now()} Failed to cleanup deployment '{name}'")
+                say(f"{_now()} ERROR: failed to {verb} {name}")
+            else:
+                say(f"{_now()} ERROR: failed to {verb} {name}")
             return
         with lock:
             batch.outcomes[name] = outcome
             batch.run_ids[name] = outcome.run_id
-        say(f"{_now()} Finished {verb} of {name}")
+        if checking:
+            say(f"{_now()} Deployment '{name}' can be backed up.")
+        else:
+            say(f"{_now()} Finished {verb} of {name}")
 
     with relay.guard(), ThreadPoolExecutor(max_workers=DEPLOYMENTS_AT_ONCE) as pool:
         list(pool.map(one, names))
