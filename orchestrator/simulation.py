@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.errors import TargetError, UsageError
-from simulator.deploy import DeployResult, deploy_text, find_vm, wipe_deployment
+from simulator.deploy import DeployResult, deploy_text, find_vm
 from simulator.deploy import delete_deployment as _delete_deployment
+from simulator.deploy import wipe_deployment as _wipe_deployment
 from simulator.director import SimDirector, sim_root
 from simulator.fleet import DEPLOYMENTS_DIR
 from simulator.manifest import read_manifest
@@ -54,18 +55,23 @@ def vms(home: Path, name: str) -> str:
 
 def wipe(home: Path, name: str, deployment: str | None = None) -> str:
     """The director's disaster, or with `deployment` that deployment's."""
-    director = _director(home, name)
     if deployment is not None:
-        count = wipe_deployment(director, deployment)
-        return (
-            f"Deployment {deployment} on sim://{name} was recreated empty: its {count} VMs "
-            "have their jobs and scripts, their data is gone; the director still lists it.\n"
-            f"Restore it from a backup of deployment {deployment} (target sim://{name})."
-        )
+        return wipe_deployment(home, name, deployment)
+    director = _director(home, name)
     director.wipe()
     return (
         f"sim://{name} was recreated empty: its jobs and scripts are there, its data is gone.\n"
         f"Restore it with: bbrx director --host sim://{name} restore --artifact-path BACKUP_DIR"
+    )
+
+
+def wipe_deployment(home: Path, name: str, deployment: str) -> str:
+    """The deployment's disaster: its VMs recreated empty; the director still lists it."""
+    count = _wipe_deployment(_director(home, name), deployment)
+    return (
+        f"Deployment {deployment} on sim://{name} was recreated empty: its {count} VMs "
+        "have their jobs and scripts, their data is gone; the director still lists it.\n"
+        f"Restore it from a backup of deployment {deployment} (target sim://{name})."
     )
 
 

@@ -44,6 +44,7 @@ from simulator.vm import FAULTS_DIR, JOBS_DIR, STORE_DIR, WORK_DIR, SimVm
 log = logging.getLogger(__name__)
 
 KILL_GRACE_SECONDS = 3.0
+BORA_SUFFIX = "-backup-one-restore-all"
 _CHUNK = 1 << 20
 
 
@@ -490,8 +491,17 @@ class SimInstance:
             ) from error
 
     def _transfer_fault(self, job: str) -> str | None:
-        path = self.root / FAULTS_DIR / job / TRANSFER
+        path = self.root / FAULTS_DIR / self._fault_job(job) / TRANSFER
         return path.read_text().strip() if path.is_file() else None
+
+    def _fault_job(self, name: str) -> str:
+        """The job whose faults apply to the copy of artifact `name`: the job itself, or
+        for a backup_one_restore_all artifact (`<job>-<release>-backup-one-restore-all`)
+        the job of this VM it is named after."""
+        if not name.endswith(BORA_SUFFIX):
+            return name
+        jobs = [job for job in self.vm.jobs() if name.startswith(f"{job}-")]
+        return max(jobs, key=len, default=name)
 
     def _dropped(self, job: str, fault: str) -> TransportError:
         return TransportError(

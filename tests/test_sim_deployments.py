@@ -22,7 +22,7 @@ import yaml
 
 from orchestrator import simulation
 from orchestrator.engine.run import Identity
-from orchestrator.errors import TargetError, UsageError
+from orchestrator.errors import TargetError, TransportError, UsageError
 from orchestrator.operations.procedures import Request, run_on
 from orchestrator.transport.instance import Instance, ScriptCall, ScriptResult
 from orchestrator.transport.targets import parse_host
@@ -709,6 +709,20 @@ def test_a_corrupt_copy_fault_reaches_a_small_artifact(home: Path, bosh: SimBosh
                 assert data is not None
                 assert hashlib.sha256(data.read()).hexdigest() != checksums[member.name]
     assert [c.script for c in db.vm.calls() if c.event == "start"] == ["backup", "transfer"]
+
+
+def test_a_copy_fault_on_a_job_breaks_its_one_to_all_artifact_too(
+    home: Path, bosh: SimBosh
+) -> None:
+    simulation.fault(
+        home, "demo", "cc-blobs", "transfer", "fail link down", deployment="cf", instance="api/0"
+    )
+    api0 = bosh.open_instances("cf", "api")[0]
+    run_ok(api0, "cc-blobs", "backup", **with_artifact(api0, BORA))
+    message = f"lost while copying the artifact of job {BORA}: link down"
+    with pytest.raises(TransportError, match=re.escape(message)), api0.stream_out(BORA) as stream:
+        while stream.read(4096):  # read to the end, as a drain does: the end never comes
+            pass
 
 
 @pytest.mark.parametrize(
