@@ -34,7 +34,7 @@ from orchestrator import __version__, settings, simulation
 from orchestrator.engine import machine
 from orchestrator.engine.fleet import deployment_target
 from orchestrator.engine.progress import progress_for
-from orchestrator.engine.run import DEFAULT_MAX_PARALLEL, Outcome, Timeouts
+from orchestrator.engine.run import Outcome, Timeouts
 from orchestrator.errors import BbrxError, RunFailed
 from orchestrator.operations.procedures import Request, run_director
 from orchestrator.state import review
@@ -112,7 +112,7 @@ class Globals:
     target: str = ""
     deployment: str | None = None
     all_deployments: bool = False
-    max_parallel: int = DEFAULT_MAX_PARALLEL
+    max_parallel: int | None = None
 
 
 def _timeout_option(phase: str, default: float | None) -> Any:

@@ -102,14 +102,14 @@ def deployment(
         bool, typer.Option("--quiet", help="No progress and no log lines: errors only.")
     ] = False,
     max_parallel: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--max-parallel",
             min=1,
             help="At most this many scripts at once within a deployment (default "
             f"{DEFAULT_MAX_PARALLEL}; bbr: 10). Copies: at most 4.",
         ),
-    ] = DEFAULT_MAX_PARALLEL,
+    ] = None,
     lock_timeout: Annotated[float | None, _timeout_option("lock", Timeouts.lock)] = None,
     backup_timeout: Annotated[float | None, _timeout_option("backup", Timeouts.backup)] = None,
     unlock_timeout: Annotated[float | None, _timeout_option("unlock", Timeouts.unlock)] = None,

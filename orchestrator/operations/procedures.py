@@ -61,8 +61,9 @@ class Request:
     with_manifest: bool = False
     # backup: run no lock or unlock script (bbr's --unsafe-lock-free); recorded in the audit.
     unsafe_lock_free: bool = False
-    # At most this many scripts or copies at once within the run.
-    max_parallel: int = DEFAULT_MAX_PARALLEL
+    # At most this many scripts at once within the run. None: a deployment's default
+    # (DEFAULT_MAX_PARALLEL); a director's few jobs run 8 at a time, as they always have.
+    max_parallel: int | None = None
     # --all-deployments: the id tying the runs of one batch together in the audit log, and
     # the relay that passes the main thread's signals to runs driven in worker threads.
     batch_id: str | None = None
@@ -102,6 +103,15 @@ def run_deployment(request: Request, director: Director | None = None) -> Outcom
         fleet.close()
 
 
+DIRECTOR_MAX_PARALLEL = 8
+
+
+def _bound(request: Request, target: Instance | Fleet) -> int:
+    if request.max_parallel is not None:
+        return request.max_parallel
+    return DEFAULT_MAX_PARALLEL if isinstance(target, DeploymentFleet) else DIRECTOR_MAX_PARALLEL
+
+
 def run_on(request: Request, instance: Instance | Fleet) -> Outcome:
     """Run one operation on `instance` (a director) or a deployment's fleet, recording it in
     the audit log."""
@@ -118,7 +128,7 @@ def run_on(request: Request, instance: Instance | Fleet) -> Outcome:
             progress=request.progress,
             timeouts=request.timeouts,
             confirm_abandon=request.confirm_abandon,
-            max_parallel=request.max_parallel,
+            max_parallel=_bound(request, instance),
             signal_relay=request.signal_relay,
         )
         log.info("Run %s: %s of %s (audit log %s)", run.run_id, operation, run.target, audit.path)
@@ -173,8 +183,7 @@ def _drive(request: Request, run: Run) -> Outcome:
         start["batch_id"] = request.batch_id
     if request.unsafe_lock_free:
         start["unsafe_lock_free"] = True
-    if request.max_parallel != Request.max_parallel:
-        start["max_parallel"] = request.max_parallel
+    start["max_parallel"] = run.max_parallel
     here = (artifact_path or Path.cwd()).resolve()
     operation = request.operation
     if operation == "backup":
