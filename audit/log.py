@@ -503,62 +503,18 @@ class AuditLog:
 
     # -- writing -------------------------------------------------------------------------
 
-    def append(
-        self,
-        *,
-        run_id: str,
-        operation: str,
-        target: str,
-        mode: str,
-        operator: str,
-        origin_host: str,
-        reason: str | None,
-        from_state: str | None,
-        to_state: str,
-        trigger: str,
-        job: str | None = None,
-        script: str | None = None,
-        outcome: str = "ok",
-        exit_code: int | None = None,
-        duration: float | None = None,
-        detail: dict[str, Any] | None = None,
-        tool_version: str,
-        instance_group: str | None = None,
-        instance_index: str | None = None,
-        instance_id: str | None = None,
-    ) -> AppendedEvent:
+    def append(self, **columns: Any) -> AppendedEvent:
         """Append one event at the end of the chain and return where it landed.
 
-        Job-level rows name their instance: ``instance_group`` (``bosh`` for a
-        director), ``instance_index`` (as text, e.g. ``"1"``) and ``instance_id`` (its
-        UUID, None when unknown); run-level rows leave them None.
+        `columns` are `validated`'s keyword arguments (`run_id`, `operation`, ... ,
+        `tool_version`). Job-level rows name their instance: ``instance_group`` (``bosh``
+        for a director), ``instance_index`` (as text, e.g. ``"1"``) and ``instance_id``
+        (its UUID, None when unknown); run-level rows leave them None.
 
         Durable when this returns. Raises AuditError on invalid input or if the file
         cannot be written; nothing is appended in that case.
         """
-        fields = self.validated(
-            run_id=run_id,
-            operation=operation,
-            target=target,
-            mode=mode,
-            operator=operator,
-            origin_host=origin_host,
-            reason=reason,
-            from_state=from_state,
-            to_state=to_state,
-            trigger=trigger,
-            job=job,
-            script=script,
-            outcome=outcome,
-            exit_code=exit_code,
-            duration=duration,
-            detail=detail,
-            tool_version=tool_version,
-            instance_group=instance_group,
-            instance_index=instance_index,
-            instance_id=instance_id,
-        )
-        return self.append_validated([fields])[0]
+        return self.append_validated([self.validated(**columns)])[0]
 
     def validated(
         self,

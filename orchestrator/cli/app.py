@@ -125,6 +125,17 @@ def _timeout_option(phase: str, default: float | None) -> Any:
     )
 
 
+# A run's options, shared by `bbrx director` and `bbrx deployment`.
+LockTimeout = Annotated[float | None, _timeout_option("lock", Timeouts.lock)]
+BackupTimeout = Annotated[float | None, _timeout_option("backup", Timeouts.backup)]
+UnlockTimeout = Annotated[float | None, _timeout_option("unlock", Timeouts.unlock)]
+RestoreTimeout = Annotated[float | None, _timeout_option("restore", Timeouts.restore)]
+MetadataTimeout = Annotated[float | None, _timeout_option("metadata", Timeouts.metadata)]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", help="No progress and no log lines: errors only.")
+]
+
+
 def _timeouts(**given: float | None) -> dict[str, float | None]:
     # 0 means "no limit"; an option not given keeps the config file's value or the default.
     return {k: (None if v == 0 else v) for k, v in given.items() if v is not None}
@@ -197,6 +208,9 @@ def _debug_option(help_: str) -> Any:
     return typer.Option("--debug", help=help_)
 
 
+DebugOption = Annotated[bool, _debug_option("Show scripts' output.")]
+
+
 @director_app.callback()
 def director(
     ctx: typer.Context,
@@ -206,17 +220,13 @@ def director(
     private_key_path: Annotated[
         Path | None, _private_key_option("SSH private key (or --key).")
     ] = None,
-    debug: Annotated[bool, _debug_option("Show scripts' output.")] = False,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", help="No progress and no log lines: errors only.")
-    ] = False,
-    lock_timeout: Annotated[float | None, _timeout_option("lock", Timeouts.lock)] = None,
-    backup_timeout: Annotated[float | None, _timeout_option("backup", Timeouts.backup)] = None,
-    unlock_timeout: Annotated[float | None, _timeout_option("unlock", Timeouts.unlock)] = None,
-    restore_timeout: Annotated[float | None, _timeout_option("restore", Timeouts.restore)] = None,
-    metadata_timeout: Annotated[
-        float | None, _timeout_option("metadata", Timeouts.metadata)
-    ] = None,
+    debug: DebugOption = False,
+    quiet: QuietOption = False,
+    lock_timeout: LockTimeout = None,
+    backup_timeout: BackupTimeout = None,
+    unlock_timeout: UnlockTimeout = None,
+    restore_timeout: RestoreTimeout = None,
+    metadata_timeout: MetadataTimeout = None,
     accept_new_host_key: Annotated[
         bool,
         _accept_new_host_key_option(

@@ -22,25 +22,30 @@ import typer
 from orchestrator import settings
 from orchestrator.cli.app import (
     AuditDbOption,
+    BackupTimeout,
+    DebugOption,
     ForceOption,
     Globals,
+    LockTimeout,
+    MetadataTimeout,
     OperatorOption,
+    QuietOption,
     ReasonOption,
+    RestoreTimeout,
+    UnlockTimeout,
     _add_help,
     _audit_footer,
     _command,
     _configured_timeouts,
     _confirm_abandon,
-    _debug_option,
     _Group,
     _merge,
-    _timeout_option,
     _timeouts,
     app,
     set_verbosity,
 )
 from orchestrator.engine.progress import progress_for
-from orchestrator.engine.run import DEFAULT_MAX_PARALLEL, Outcome, Timeouts
+from orchestrator.engine.run import DEFAULT_MAX_PARALLEL, Outcome
 from orchestrator.errors import RunFailed, UsageError
 from orchestrator.operations.batch import run_all_deployments
 from orchestrator.operations.procedures import Request, run_deployment
@@ -97,10 +102,8 @@ def deployment(
             help="The director's CA certificate (PEM text or a path).",
         ),
     ] = None,
-    debug: Annotated[bool, _debug_option("Show scripts' output.")] = False,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", help="No progress and no log lines: errors only.")
-    ] = False,
+    debug: DebugOption = False,
+    quiet: QuietOption = False,
     max_parallel: Annotated[
         int | None,
         typer.Option(
@@ -110,13 +113,11 @@ def deployment(
             f"{DEFAULT_MAX_PARALLEL}; bbr: 10). Copies: at most 4.",
         ),
     ] = None,
-    lock_timeout: Annotated[float | None, _timeout_option("lock", Timeouts.lock)] = None,
-    backup_timeout: Annotated[float | None, _timeout_option("backup", Timeouts.backup)] = None,
-    unlock_timeout: Annotated[float | None, _timeout_option("unlock", Timeouts.unlock)] = None,
-    restore_timeout: Annotated[float | None, _timeout_option("restore", Timeouts.restore)] = None,
-    metadata_timeout: Annotated[
-        float | None, _timeout_option("metadata", Timeouts.metadata)
-    ] = None,
+    lock_timeout: LockTimeout = None,
+    backup_timeout: BackupTimeout = None,
+    unlock_timeout: UnlockTimeout = None,
+    restore_timeout: RestoreTimeout = None,
+    metadata_timeout: MetadataTimeout = None,
     audit_db: AuditDbOption = None,
     operator: OperatorOption = None,
     reason: ReasonOption = None,
