@@ -248,25 +248,29 @@ def director(
         raise click_exceptions.UsageError("Missing option '--host'.", ctx=ctx)
     if ctx.invoked_subcommand is None:
         ctx.fail("Missing command.")
-    set_verbosity(debug=debug, quiet=quiet)
-    _merge(
+    merge_run_options(
         ctx,
+        locals(),
         host=host,
         username=username,
         private_key_path=private_key_path,
         accept_new_host_key=accept_new_host_key or None,
         known_hosts=known_hosts,
-        quiet=quiet or None,
-        timeouts=_timeouts(
-            lock=lock_timeout,
-            backup=backup_timeout,
-            unlock=unlock_timeout,
-            restore=restore_timeout,
-            metadata=metadata_timeout,
-        ),
-        audit_db=audit_db,
-        operator=operator,
-        reason=reason,
+    )
+
+
+def merge_run_options(ctx: typer.Context, given: dict[str, Any], **target: object) -> None:
+    """What a run's callback (`director`, `deployment`) was given, kept for its command:
+    `given` is the callback's locals (the shared run options), `target` its own options."""
+    set_verbosity(debug=given["debug"], quiet=given["quiet"])
+    _merge(
+        ctx,
+        **target,
+        quiet=given["quiet"] or None,
+        timeouts=_timeouts(**{p: given[f"{p}_timeout"] for p in settings.TIMEOUT_PHASES}),
+        audit_db=given["audit_db"],
+        operator=given["operator"],
+        reason=given["reason"],
     )
 
 

@@ -39,10 +39,8 @@ from orchestrator.cli.app import (
     _configured_timeouts,
     _confirm_abandon,
     _Group,
-    _merge,
-    _timeouts,
     app,
-    set_verbosity,
+    merge_run_options,
 )
 from orchestrator.engine.progress import progress_for
 from orchestrator.engine.run import DEFAULT_MAX_PARALLEL, Outcome
@@ -139,24 +137,13 @@ def deployment(
         raise UsageError("provide one of '--deployment' or '--all-deployments' flags.")
     if ctx.invoked_subcommand is None:
         ctx.fail("Missing command.")
-    set_verbosity(debug=debug, quiet=quiet)
-    _merge(
+    merge_run_options(
         ctx,
+        locals(),
         target=target,
         deployment=name,
         all_deployments=all_deployments or None,
         max_parallel=max_parallel,
-        quiet=quiet or None,
-        timeouts=_timeouts(
-            lock=lock_timeout,
-            backup=backup_timeout,
-            unlock=unlock_timeout,
-            restore=restore_timeout,
-            metadata=metadata_timeout,
-        ),
-        audit_db=audit_db,
-        operator=operator,
-        reason=reason,
     )
 
 
