@@ -126,13 +126,6 @@ def trees_on_disk(director_root: Path, deployment: str) -> list[tuple[str, int]]
     return sorted(found)
 
 
-def deployments_on_disk(director_root: Path) -> list[str]:
-    base = director_root / DEPLOYMENTS_DIR
-    if not base.is_dir():
-        return []
-    return sorted(p.name for p in base.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name))
-
-
 def build_vm(root: Path, identity: Identity, jobs: list[tuple[str, str]], *, seed: bool) -> None:
     """Create the VM at `root` (which must not exist): jobs, identity, and seed data.
 
