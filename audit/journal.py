@@ -274,18 +274,24 @@ class Journal:
     def write(self, fields: Mapping[str, Any]) -> bool:
         """Append one event; True once it is on disk. Never raises: an event that cannot
         be written even here is logged at ERROR as a JSON line, and False returned."""
-        row = journal_row(fields)
-        line = json.dumps(row, sort_keys=False, ensure_ascii=False, default=str) + "\n"
+        try:
+            row = journal_row(fields)
+            # ASCII escapes: a value no UTF-8 can spell (a lone surrogate from a file name
+            # decoded with surrogateescape) still makes a line, and the same line on any disk.
+            line = json.dumps(row, sort_keys=False, ensure_ascii=True, default=str) + "\n"
+        except Exception as exc:  # never raises, as promised: say what was lost
+            return self._lose(repr(dict(fields)), exc)
+        data = line.encode("ascii")
         with self._lock:
             try:
-                self._append(line.encode("utf-8"))
+                self._append(data)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     return self._lose(line, exc)
                 # The disk filled up: this is what the reserve was kept for.
                 self.release()
                 try:
-                    self._append(line.encode("utf-8"))
+                    self._append(data)
                 except OSError as again:
                     return self._lose(line, again)
         return True
@@ -305,11 +311,11 @@ class Journal:
         if created:
             _fsync_directory(self.path.parent)
 
-    def _lose(self, line: str, exc: OSError) -> bool:
+    def _lose(self, line: str, exc: Exception) -> bool:
         logger.error(
             "audit event NOT RECORDED (the audit journal %s cannot be written either: %s): %s",
             self.path,
-            exc.strerror or exc,
+            getattr(exc, "strerror", None) or exc,
             line.rstrip("\n"),
         )
         return False

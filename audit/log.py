@@ -203,7 +203,17 @@ def _text(path: Path, name: str, value: Any, *, required: bool) -> str | None:
     if required and not value:
         raise AuditError(f"cannot append to {path}: {name} must not be empty")
     # A str subclass could stringify differently in sqlite and in json; store plain str.
-    return "".join((value,))
+    return _spellable("".join((value,)))
+
+
+def _spellable(text: str) -> str:
+    """`text` with what UTF-8 cannot spell (lone surrogates: a file name decoded with
+    surrogateescape) written as backslash escapes, so the row can be stored and hashed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 class AuditLog:
@@ -642,7 +652,7 @@ class AuditLog:
         if not isinstance(value, dict):
             raise AuditError(f"cannot append to {self.path}: detail must be a dict or None")
         try:
-            return canonical_json(value)
+            return _spellable(canonical_json(value))
         except (TypeError, ValueError) as exc:
             raise AuditError(
                 f"cannot append to {self.path}: detail is not JSON-serialisable ({exc})"

@@ -576,3 +576,26 @@ def test_a_fault_on_one_instance_of_three_leaves_every_instance_unlocked(
         cleanup = "backup-cleanup" if operation == "backup" else "restore-cleanup"
         run_deployment(request(home, cleanup, "redis"))
         assert locks_held(vm(home, "redis", "redis/2")) == []
+
+
+def test_a_member_name_no_utf8_spells_is_recorded_and_the_run_ends_cleanly(home: Path):
+    # A backup script on redis/1 leaves a symlink whose name is not UTF-8: the drain
+    # refuses it, and the error (which quotes the name) must still reach the audit log.
+    root = vm(home, "redis", "redis/1")
+    script = root / "var/vcap/jobs/redis-server/bin/bbr/backup"
+    script.write_text(script.read_text() + "\nln -s /etc/hostname \"${art}$(printf 'caf\\351')\"\n")
+    out = home / "out"
+    out.mkdir()
+    with pytest.raises(RunFailed) as failed:
+        run_deployment(request(home, "backup", "redis", out))
+    assert "symbolic link" in str(failed.value.errors[0]), failed.value.errors
+    assert verify_log(home / "audit.db").ok
+    with AuditLog(home / "audit.db", readonly=True) as audit:
+        [run] = audit.runs()
+        rows = audit.timeline(run.run_id)
+    assert run.outcome == "failed"  # its end is on the record: nothing looks interrupted
+    assert any(r["trigger"] == "drain_error" and "caf" in str(r["detail"]) for r in rows)
+    # So the deployment is not blocked: the next backup runs (and fails the same way).
+    with pytest.raises(RunFailed) as again:
+        run_deployment(request(home, "backup", "redis", out))
+    assert "did not finish" not in str(again.value.errors[0])

@@ -664,13 +664,26 @@ class Run:
     # --- audit -----------------------------------------------------------------------------
 
     def record_run_event(self, event: EventData) -> None:
-        self._record(event, job=None, state=self.state)
+        self._recorded(event, job=None, state=self.state)
 
     def record_job_event(self, event: EventData) -> None:
         tracker = event.model
         assert isinstance(tracker, JobTracker)
         tracker.note_state()
-        self._record(event, job=tracker.name, state=tracker.state, instance=tracker.instance)
+        self._recorded(event, job=tracker.name, state=tracker.state, instance=tracker.instance)
+
+    def _recorded(
+        self, event: EventData, job: str | None, state: str, instance: Instance | None = None
+    ) -> None:
+        # transitions swallows what a finalize hook raises: a row that failed to be built
+        # would vanish unseen, and a lock script could then start without its intent row.
+        try:
+            self._record(event, job, state, instance)
+        except Exception as exc:
+            log.error("internal error while recording %s", event.event.name, exc_info=True)
+            if not self.audit_failed:
+                self.audit_failed = True
+                self._audit_broke(exc)
 
     def _record(
         self, event: EventData, job: str | None, state: str, instance: Instance | None = None
@@ -736,37 +749,56 @@ class Run:
             self._commit(batch)
 
     def _commit(self, batch: list[_PendingRow]) -> None:
-        """Append `batch` to the log in one transaction, or what cannot be to the journal."""
+        """Append `batch` to the log in one transaction, or what cannot be to the journal.
+
+        Every row of the batch ends done, whatever fails: its thread waits on it, and a row
+        left undone would let that thread return with its row nowhere."""
         kept = 0
-        if not self.audit_failed:
-            failure: Exception | None = None
-            valid: list[dict[str, Any]] = []
-            for row in batch:
+        try:
+            if not self.audit_failed:
+                kept = self._append_batch(batch)
+        except Exception as exc:  # a bug: the rest goes to the journal, and says so
+            log.error("internal error while writing the audit log", exc_info=True)
+            self.audit_failed = True
+            self._audit_broke(exc)
+        finally:
+            for row in batch[:kept]:
+                row.done = True
+            for row in batch[kept:]:
                 try:
-                    valid.append(self.audit.validated(**row.fields))
-                except Exception as exc:  # a bug in a row: it and what follows go aside
-                    failure = exc
-                    break
+                    self._journal(row.fields)
+                except Exception:  # never: Journal.write does not raise; belt and braces
+                    log.error("audit event NOT RECORDED: %r", row.fields, exc_info=True)
+                row.done = True
+
+    def _append_batch(self, batch: list[_PendingRow]) -> int:
+        """Append the longest valid prefix of `batch` in one transaction; how many landed.
+        Anything short of the whole batch marks the log failed for the rest of the run."""
+        failure: Exception | None = None
+        valid: list[dict[str, Any]] = []
+        for row in batch:
             try:
-                appended = self.audit.append_validated(valid)
-            except Exception as exc:
+                valid.append(self.audit.validated(**row.fields))
+            except Exception as exc:  # a bug in a row: it and what follows go aside
                 failure = exc
-            else:
-                kept = len(appended)
-                if appended:
-                    with self._last_event_lock:
-                        if self.last_event is None or appended[-1].seq > self.last_event.seq:
-                            self.last_event = appended[-1]
-            if failure is not None:
-                # Losing the log must not stop the unlock path; it fails the run, and
-                # no lock, backup or restore script starts from here on.
-                self.audit_failed = True
-                self._audit_broke(failure)
-        for row in batch[:kept]:
-            row.done = True
-        for row in batch[kept:]:
-            self._journal(row.fields)
-            row.done = True
+                break
+        kept = 0
+        try:
+            appended = self.audit.append_validated(valid)
+        except Exception as exc:
+            failure = exc
+        else:
+            kept = len(appended)
+            if appended:
+                with self._last_event_lock:
+                    if self.last_event is None or appended[-1].seq > self.last_event.seq:
+                        self.last_event = appended[-1]
+        if failure is not None:
+            # Losing the log must not stop the unlock path; it fails the run, and no lock,
+            # backup or restore script starts from here on.
+            self.audit_failed = True
+            self._audit_broke(failure)
+        return kept
 
     def _journal(self, fields: dict[str, Any]) -> None:
         if not self.journal.write(fields) and not self._journal_failed:
