@@ -599,3 +599,76 @@ def test_a_member_name_no_utf8_spells_is_recorded_and_the_run_ends_cleanly(home:
     with pytest.raises(RunFailed) as again:
         run_deployment(request(home, "backup", "redis", out))
     assert "did not finish" not in str(again.value.errors[0])
+
+
+def test_a_deployment_with_a_bosh_group_backs_up_and_restores(home: Path, tmp_path: Path):
+    # A director deployed by another director is a deployment whose group is `bosh`.
+    manifest = {
+        "name": "inner",
+        "releases": [{"name": "redis", "version": "15.2.1"}],
+        "instance_groups": [
+            {
+                "name": "bosh",
+                "instances": 1,
+                "jobs": [{"name": "redis-server", "release": "redis"}],
+            },
+        ],
+    }
+    path = tmp_path / "inner.yml"
+    path.write_text(yaml.safe_dump(manifest))
+    simulation.deploy(home, "demo", "inner", path)
+    published = backup(home, "inner")
+    assert (published / "bosh-0-redis-server.tar").is_file()
+    with AuditLog(home / "audit.db", readonly=True) as audit:
+        rows = audit.timeline(audit.runs()[-1].run_id)
+    plan = next(r for r in rows if r["trigger"] == "checks_passed")["detail"]["lock_plan"]
+    assert plan[0]["jobs"] == ["redis-server on bosh/0"]
+
+    simulation.wipe(home, "demo", deployment="inner")
+    run_deployment(request(home, "restore", "inner", published))
+    assert "restore" in {c.script for c in calls(vm(home, "inner", "bosh/0"))}
+
+
+def test_bbr_metadata_with_only_custom_artifacts_restores(home: Path, tmp_path: Path):
+    manifest = {
+        "name": "solo",
+        "releases": [{"name": "kv", "version": "1.0"}],
+        "instance_groups": [
+            {
+                "name": "store",
+                "instances": 2,
+                "jobs": [
+                    {
+                        "name": "kv-config",
+                        "release": "kv",
+                        "properties": {"bbr": {"backup_one_restore_all": True}},
+                    }
+                ],
+            },
+        ],
+    }
+    path = tmp_path / "solo.yml"
+    path.write_text(yaml.safe_dump(manifest))
+    simulation.deploy(home, "demo", "solo", path)
+    for name in ("store/0", "store/1"):
+        plant(vm(home, "solo", name), "kv-config", "restore", RECORDER)
+    backup_dir = tmp_path / "solo_20260821T080000Z"
+    backup_dir.mkdir()
+    config = {"settings.yml": b"replicas: 2\n"}
+    (backup_dir / "kv-config-kv-backup-one-restore-all.tar").write_bytes(_tar(config))
+    digest = hashlib.sha256(config["settings.yml"]).hexdigest()
+    # bbr leaves `instances` out when no instance has an artifact of its own.
+    document = {
+        "custom_artifacts": [
+            {"name": "kv-config-kv-backup-one-restore-all", "checksums": {"./settings.yml": digest}}
+        ],
+        "backup_activity": {
+            "start_time": "2026/08/21 08:00:00 UTC",
+            "finish_time": "2026/08/21 08:00:01 UTC",
+        },
+    }
+    (backup_dir / "metadata").write_text(yaml.safe_dump(document))
+
+    run_deployment(request(home, "restore", "solo", backup_dir))
+    for name in ("store/0", "store/1"):
+        assert landed(vm(home, "solo", name)) == {"./settings.yml": digest}

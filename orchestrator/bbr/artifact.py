@@ -505,8 +505,14 @@ def _parse_manifest(path: Path, data: object) -> Manifest:
             hint="This is not metadata that bbr or bbrx wrote. " + INTACT_COPY,
         )
 
-    if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
-        raise bad("no instances list")
+    if not isinstance(data, dict):
+        raise bad("it is not a mapping")
+    # bbr leaves `instances` out when no instance has an artifact of its own (a deployment
+    # whose one backup is a backup_one_restore_all job's custom artifact).
+    if data.get("instances") is None:
+        data = {**data, "instances": []}
+    if not isinstance(data["instances"], list):
+        raise bad("instances is not a list")
     instances = []
     seen: set[tuple[str, str, str]] = set()
     for position, instance in enumerate(data["instances"]):
@@ -555,6 +561,8 @@ def _parse_manifest(path: Path, data: object) -> Manifest:
         ):
             raise bad(f"checksums of custom artifact {entry['name']} are not a map of strings")
         custom.append(JobArtifact(entry["name"], dict(sums)))
+    if not instances and not custom:
+        raise bad("it lists no instance and no custom artifact: there is nothing to restore")
     activity = data.get("backup_activity")
     activity = activity if isinstance(activity, dict) else {}
     return Manifest(

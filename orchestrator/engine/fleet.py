@@ -26,11 +26,11 @@ DEPLOYMENT = "deployment"
 BORA_SUFFIX = "backup-one-restore-all"
 
 
-def job_label(job: str, group: str | None, index: str | None) -> str:
-    """How messages, lock plans and audit verdicts name one job of one instance: the job's
-    name alone for a director (`bosh/0`, or no instance recorded), else `job on group/index`.
-    """
-    if group is None or index is None or (group, index) == ("bosh", "0"):
+def job_label(job: str, group: str | None, index: str | None, target: str) -> str:
+    """How messages, lock plans and audit verdicts name one job of one instance, given the
+    audit log's target of its run: the job's name alone for a director (whose rows older
+    bbrx wrote name no instance), else `job on group/index`."""
+    if group is None or index is None or split_target(target)[1] is None:
         return job
     return f"{job} on {group}/{index}"
 
@@ -136,7 +136,7 @@ class DeploymentFleet:
         }
 
     def label(self, instance: Instance, job: str) -> str:
-        return job_label(job, instance.group, instance.index)
+        return f"{job} on {instance_name(instance)}"  # a `bosh/0` instance included
 
     def where(self, instance: Instance) -> str:
         return f"{instance_name(instance)} ({instance.address})"

@@ -81,13 +81,8 @@ def restore_actions(artifact_path: Path) -> dict[str, Action]:
 def _refuse_the_other_mode(run: Run, manifest: artifact.Manifest) -> None:
     """A director backup is not for a deployment, nor the reverse: said before anything."""
     where = manifest.path.parent
-    if run.fleet.kind == DEPLOYMENT and manifest.is_director_backup:
-        raise CheckError(
-            f"{where} is a director backup (its only instance is bosh/0), not a backup of "
-            f"deployment {run.fleet.deployment}",
-            hint="Restore it with `bbrx director --host DIRECTOR restore --artifact-path "
-            f"{where}`. Nothing was touched.",
-        )
+    # A deployment may have a `bosh/0` instance (a director deployed by another): its
+    # backups look like a director's, so a deployment run judges by its structure check.
     if run.fleet.kind != DEPLOYMENT and not manifest.is_director_backup:
         held = ", ".join(manifest.instance_names()[:5]) or "custom artifacts only"
         raise CheckError(
@@ -125,12 +120,19 @@ def _check_structure(run: Run, manifest: artifact.Manifest) -> None:
     live = {instance_name(i) for i in run.instances}
     missing = [held for held in manifest.instance_names() if held not in live]
     if missing:
+        director = manifest.is_director_backup
         raise CheckError(
             f"Deployment '{name}' does not match the structure of the provided backup: the "
             f"backup holds {', '.join(missing)}, which the deployment does not have (it has "
-            f"{', '.join(sorted(live))})",
-            hint="Deploy (or scale) it to the instance groups and counts it had when it was "
-            "backed up, then restore again. Nothing was touched.",
+            f"{', '.join(sorted(live))})"
+            + (": it is a director backup (its only instance is bosh/0)" if director else ""),
+            hint=(
+                "Restore it with `bbrx director --host DIRECTOR restore --artifact-path "
+                f"{manifest.path.parent}`. Nothing was touched."
+                if director
+                else "Deploy (or scale) it to the instance groups and counts it had when it "
+                "was backed up, then restore again. Nothing was touched."
+            ),
         )
 
 

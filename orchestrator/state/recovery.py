@@ -90,7 +90,9 @@ NEEDS_CLEANUP = "needs cleanup"
 def row_label(row: dict[str, Any]) -> str:
     """A job row's job as the run named it: `redis-server on redis/1`, or the job's name
     alone for a director's one instance (and in rows older bbrx wrote, which have none)."""
-    return job_label(row["job"], row.get("instance_group"), row.get("instance_index"))
+    return job_label(
+        row["job"], row.get("instance_group"), row.get("instance_index"), row["target"]
+    )
 
 
 def maybe_locked(rows: list[dict[str, Any]]) -> list[str]:
