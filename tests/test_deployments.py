@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import subprocess
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -672,3 +673,25 @@ def test_bbr_metadata_with_only_custom_artifacts_restores(home: Path, tmp_path: 
     run_deployment(request(home, "restore", "solo", backup_dir))
     for name in ("store/0", "store/1"):
         assert landed(vm(home, "solo", name)) == {"./settings.yml": digest}
+
+
+def test_a_cleanup_unlocks_what_it_reaches_when_one_group_does_not_respond(home: Path):
+    api = vm(home, "cf", "api/0")
+    lock = api / "var/vcap/jobs/cloud_controller_ng/bin/bbr/pre-backup-lock"
+    subprocess.run([str(lock)], check=True, capture_output=True)
+    assert locks_held(api) == ["cloud_controller_ng"]
+    database = vm(home, "cf", "database/0")
+    aside = database.with_name("0.aside")
+    database.rename(aside)  # its agent does not respond
+
+    with pytest.raises(RunFailed) as failed:
+        run_deployment(request(home, "backup-cleanup", "cf"))
+    message = str(failed.value.errors[0])
+    assert "could not reach database/0" in message
+    assert "bbrx deployment --target sim://demo --deployment cf backup-cleanup" in str(
+        failed.value.errors[0].hint
+    )
+    assert locks_held(api) == []  # what it could reach, it unlocked
+
+    aside.rename(database)
+    run_deployment(request(home, "backup-cleanup", "cf"))

@@ -14,7 +14,7 @@ from typing import Any
 
 from orchestrator.bosh.director import Director, VmInfo
 from orchestrator.bosh.manifest import DeploymentManifest, parse_manifest
-from orchestrator.errors import TargetError
+from orchestrator.errors import BbrxError, TargetError
 from orchestrator.transport.instance import Instance, instance_name
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class DirectorFleet:
         self.target = target or instance.address
         self.manifest: DeploymentManifest | None = None
 
-    def open(self) -> dict[str, Any]:
+    def open(self, unreachable: dict[str, str] | None = None) -> dict[str, Any]:
         return {}
 
     def label(self, instance: Instance, job: str) -> str:
@@ -98,9 +98,12 @@ class DeploymentFleet:
         self._bootstrap: dict[str, bool] = {}
         self._opened: list[str] = []
 
-    def open(self) -> dict[str, Any]:
+    def open(self, unreachable: dict[str, str] | None = None) -> dict[str, Any]:
         """Find the deployment's VMs and reach each one, group by group, in the order the
-        director lists them (bbr's order: groups by first appearance)."""
+        director lists them (bbr's order: groups by first appearance).
+
+        `unreachable` (a cleanup's): a group whose access cannot be set up is noted there,
+        by instance, and the others are still reached; otherwise that fails the run."""
         self.vms = self.director.vms(self.deployment)
         if not self.vms:
             raise TargetError(
@@ -116,7 +119,19 @@ class DeploymentFleet:
         for group in groups:
             log.info("Setting up access to instance group %s of %s", group, self.deployment)
             self._opened.append(group)
-            for instance in self.director.open_instances(self.deployment, group):
+            try:
+                opened = list(self.director.open_instances(self.deployment, group))
+            except BbrxError as error:
+                if unreachable is None:
+                    raise
+                log.error("%s; its jobs are not unlocked by this cleanup", error.message)
+                for vm in self.vms:
+                    if vm.group == group:
+                        unreachable[vm.name] = error.message
+                continue
+            # Kept before they are checked: whatever was opened is closed with the fleet.
+            self.instances.extend(opened)
+            for instance in opened:
                 found = by_name.get(instance_name(instance))
                 if found is None:
                     raise TargetError(
@@ -126,7 +141,6 @@ class DeploymentFleet:
                         "stable.",
                     )
                 self._bootstrap[instance_name(instance)] = found.bootstrap
-                self.instances.append(instance)
         return {
             "deployment": self.deployment,
             "director": self.director.address,

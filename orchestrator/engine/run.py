@@ -16,6 +16,7 @@ import secrets
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -562,9 +563,10 @@ class Run:
         if self.interrupted_by is None:
             self.interrupted_by = signal.Signals(signum).name
         self._signals_seen += 1
-        if self._wake is not None:
+        wake = self._wake  # read once: a relayed run may be tearing it down meanwhile
+        if wake is not None:
             with contextlib.suppress(OSError):  # a full pipe: the watcher is awake anyway
-                os.write(self._wake[1], bytes([signum]))
+                os.write(wake[1], bytes([signum]))
 
     def _watch_signals(self, read_end: int) -> None:
         """The signal watcher's thread: does what a signal asks, outside the handler."""
@@ -653,6 +655,7 @@ class Run:
         finally:
             if relay is not None:
                 relay.discard(self._on_signal)
+                relay.settle()
             # The guard has put the old handlers back: what is in the pipe is all there is.
             os.set_blocking(write_end, True)
             os.write(write_end, b"\0")
@@ -860,6 +863,7 @@ class SignalRelay:
         # Keyed by the handler itself: bound methods compare equal, their ids need not.
         self._handlers: dict[object, Callable[[int, FrameType | None], None]] = {}
         self.signalled: int | None = None
+        self.handling = 0  # > 0 while the handler runs (in the main thread)
 
     def add(self, handler: Callable[[int, FrameType | None], None]) -> None:
         self._handlers[handler] = handler
@@ -870,10 +874,23 @@ class SignalRelay:
         self._handlers.pop(handler, None)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.signalled is None:
-            self.signalled = signum
-        for handler in tuple(self._handlers.values()):
-            handler(signum, frame)
+        self.handling += 1
+        try:
+            if self.signalled is None:
+                self.signalled = signum
+            for handler in tuple(self._handlers.values()):
+                try:
+                    handler(signum, frame)
+                except Exception:  # one run's trouble must not keep the signal from the rest
+                    continue
+        finally:
+            self.handling -= 1
+
+    def settle(self) -> None:
+        """Wait until the handler is not running: called by a run that has left the relay,
+        before it closes the pipe the handler may be about to write to."""
+        while self.handling:
+            time.sleep(0.001)
 
     def guard(self) -> _SignalGuard:
         """The handler, installed while the batch runs (main thread only)."""

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+from audit import AuditError
 from orchestrator.engine.run import Outcome, SignalRelay
 from orchestrator.errors import BbrxError, RunFailed, UsageError
 from orchestrator.operations.procedures import Request, run_deployment
@@ -125,7 +126,14 @@ def run_all_deployments(request: Request, say: Callable[[str], None]) -> BatchOu
         )
         try:
             outcome = run_deployment(single)
-        except BbrxError as error:
+        except Exception as exc:  # one deployment's trouble is its own: the others go on
+            if isinstance(exc, BbrxError):
+                error: BbrxError = exc
+            elif isinstance(exc, AuditError):
+                error = BbrxError(exc.message, hint=exc.hint)
+            else:
+                log.error("internal error in the run of %s", name, exc_info=True)
+                error = BbrxError(f"internal error: {exc!r}")
             errors = list(error.errors) if isinstance(error, RunFailed) else [error]
             with lock:
                 batch.failures[name] = errors

@@ -23,6 +23,7 @@ from orchestrator.errors import (
     CheckError,
     CleanupError,
     CyclicLockOrderError,
+    DiscoveryError,
     MetadataError,
     ScriptError,
     UnlockError,
@@ -50,8 +51,23 @@ def discover(run: Run, *, lenient: bool = False) -> tuple[str, dict[str, Any]]:
     `lenient` (the cleanups): a job whose metadata fails is still unlocked, in no order,
     because leaving it locked is worse than unlocking it out of order.
     """
-    reached = run.fleet.open()
-    found = run.parallel(list(run.instances), lambda inst: _discover_one(run, inst, lenient))
+    unreachable: dict[str, str] = {}
+    reached = run.fleet.open(unreachable if lenient else None)
+
+    def discover_one(
+        instance: Instance,
+    ) -> tuple[list[Job], dict[str, JobMetadata], list[str], dict[str, str]]:
+        try:
+            return _discover_one(run, instance, lenient)
+        except BbrxError as error:
+            if not lenient:
+                raise
+            # A cleanup unlocks what it can reach: one VM down must not keep the rest locked.
+            log.error("%s; its jobs are not unlocked by this cleanup", error.message)
+            unreachable[instance_name(instance)] = error.message
+            return [], {}, [], {}
+
+    found = run.parallel(list(run.instances), discover_one)
     metadata: dict[str, JobMetadata] = {}
     scripts: dict[str, list[str]] = {}
     skipped: list[str] = []
@@ -72,6 +88,15 @@ def discover(run: Run, *, lenient: bool = False) -> tuple[str, dict[str, Any]]:
             info[instance_name(instance)] = dict(instance.info)
     run.data["metadata"] = metadata
     detail: dict[str, Any] = {"jobs": scripts, "skipped": sorted(skipped), **reached}
+    if unreachable:
+        detail["unreachable"] = unreachable
+        run.fail(
+            DiscoveryError(
+                f"this {run.operation} could not reach {', '.join(sorted(unreachable))}: the "
+                "jobs there were not unlocked (every other instance's were)",
+                hint=f"Once they are reachable, run `{run.fleet.command(run.operation)}` again.",
+            )
+        )
     if broken:
         detail["metadata_errors"] = broken
     if info:
@@ -217,7 +242,14 @@ def claim_work_dir(run: Run, instances: list[Instance]) -> None:
                 claimed.add(instance_name(instance))
                 return None
             return _work_dir_busy(run, instance)
-        except BbrxError as error:
+        except Exception as exc:
+            error = (
+                exc
+                if isinstance(exc, BbrxError)
+                else BbrxError(
+                    f"claiming {REMOTE_WORK_DIR} on {run.fleet.where(instance)} failed: {exc!r}"
+                )
+            )
             # The mkdir may have happened before the connection broke. If the owner file is
             # this run's, take the dir away again: no later run is to be refused for it.
             with contextlib.suppress(BbrxError):
@@ -360,9 +392,20 @@ def unlock(run: Run, *, parallel: bool = True) -> Step:
         def unlock_one(tracker: JobTracker) -> ScriptError | None:
             if run.abandoned:
                 return None  # the operator chose to leave it locked; the audit row says so
-            return run.run_job_script(tracker, "unlock", script, UnlockError, env)
+            try:
+                return run.run_job_script(tracker, "unlock", script, UnlockError, env)
+            except Exception as exc:  # a bug here must not skip the other jobs' unlocks
+                log.error("internal error unlocking %s", tracker.label, exc_info=True)
+                why = f"internal error: {exc!r}"
+                return UnlockError(
+                    job=tracker.name, script=script, host=tracker.where, exit_code=None,
+                    stderr_tail=why,
+                )  # fmt: skip
 
-        results = run.parallel(trackers, unlock_one) if parallel else map(unlock_one, trackers)
+        if parallel:
+            results = run.parallel(trackers, unlock_one)
+        else:
+            results = [unlock_one(tracker) for tracker in trackers]
         for error in results:
             if error:
                 run.fail(error)
