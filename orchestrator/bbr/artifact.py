@@ -207,6 +207,16 @@ class ArtifactWriter:
         progress: Callable[[int], None] | None = None,
     ) -> Checksums:
         """Write a custom artifact (a `backup_one_restore_all` job's bootstrap copy)."""
+        with self._lock:
+            taken = name in self.custom_checksums or (self.partial / custom_tar_name(name)).exists()
+        if taken:
+            # bbr overwrites one with the other, silently: a backup that lost a group's data.
+            raise ArtifactError(
+                f"two instance groups back up {name}: the same backup_one_restore_all job of the "
+                "same release runs in both, and bbr's artifact has room for one copy",
+                hint="Set backup_one_restore_all on that job in one instance group only, then "
+                "back up again (every job has been unlocked).",
+            )
         checksums = self._write_tar(custom_tar_name(name), name, stream, check, progress)
         with self._lock:
             self.custom_checksums[name] = checksums
