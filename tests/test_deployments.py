@@ -695,3 +695,43 @@ def test_a_cleanup_unlocks_what_it_reaches_when_one_group_does_not_respond(home:
 
     aside.rename(database)
     run_deployment(request(home, "backup-cleanup", "cf"))
+
+
+def test_one_backup_one_restore_all_job_in_two_groups_is_refused_not_half_kept(
+    home: Path, tmp_path: Path
+):
+    job = {
+        "name": "kv-config",
+        "release": "kv",
+        "properties": {"bbr": {"backup_one_restore_all": True}},
+    }
+    manifest = {
+        "name": "twice",
+        "releases": [{"name": "kv", "version": "1.0"}],
+        "instance_groups": [
+            {
+                "name": g,
+                "instances": 1,
+                "jobs": [{**job, "properties": {"bbr": {"backup_one_restore_all": True}}}],
+            }
+            for g in ("east", "west")
+        ],
+    }
+    path = tmp_path / "twice.yml"
+    path.write_text(yaml.safe_dump(manifest))
+    simulation.deploy(home, "demo", "twice", path)
+    for name in ("east/0", "west/0"):
+        plant(
+            vm(home, "twice", name),
+            "kv-config",
+            "backup",
+            '#!/bin/sh\necho x > "${BBR_ARTIFACT_DIRECTORY}settings.yml"\n',
+        )
+    out = home / "out"
+    out.mkdir()
+    with pytest.raises(RunFailed) as failed:
+        run_deployment(request(home, "backup", "twice", out))
+    assert "two instance groups back up kv-config-kv-backup-one-restore-all" in str(
+        failed.value.errors[0]
+    )
+    assert list(out.iterdir()) == []
