@@ -38,7 +38,7 @@ from orchestrator.engine.run import Outcome, Timeouts
 from orchestrator.errors import BbrxError, RunFailed
 from orchestrator.operations.procedures import Request, run_director
 from orchestrator.state import review
-from orchestrator.transport.targets import director_address, parse_director, parse_host
+from orchestrator.transport.targets import Target, director_address, parse_director, parse_host
 
 log = logging.getLogger("bbrx")
 
@@ -285,20 +285,32 @@ def set_verbosity(*, debug: bool, quiet: bool) -> None:
             handler.addFilter(lambda record: record.levelno != logging.ERROR)
 
 
-def _request(ctx: typer.Context, operation: str, artifact_path: Path | None = None) -> Request:
+def run_request(ctx: typer.Context, operation: str, target: Target, **given: Any) -> Request:
+    """The Request a run's command makes: who, why, where the log is, the timeouts, and
+    whatever the command adds (`given`)."""
     options: Globals = ctx.obj
     return Request(
         operation=operation,
-        target=parse_host(options.host),
+        target=target,
         identity=settings.identity(options.operator, options.reason),
         audit_db=settings.audit_db_path(options.audit_db),
         home=settings.bbrx_home(),
+        timeouts=replace(_configured_timeouts(operation), **options.timeouts),
+        **given,
+    )
+
+
+def _request(ctx: typer.Context, operation: str, artifact_path: Path | None = None) -> Request:
+    options: Globals = ctx.obj
+    return run_request(
+        ctx,
+        operation,
+        parse_host(options.host),
         artifact_path=artifact_path,
         username=options.username,
         private_key_path=options.private_key_path,
         accept_new_host_key=options.accept_new_host_key,
         known_hosts=options.known_hosts,
-        timeouts=replace(_configured_timeouts(operation), **options.timeouts),
     )
 
 

@@ -19,7 +19,6 @@ from typing import Annotated
 
 import typer
 
-from orchestrator import settings
 from orchestrator.cli.app import (
     AuditDbOption,
     BackupTimeout,
@@ -36,11 +35,11 @@ from orchestrator.cli.app import (
     _add_help,
     _audit_footer,
     _command,
-    _configured_timeouts,
     _confirm_abandon,
     _Group,
     app,
     merge_run_options,
+    run_request,
 )
 from orchestrator.engine.progress import progress_for
 from orchestrator.engine.run import DEFAULT_MAX_PARALLEL, Outcome
@@ -149,14 +148,11 @@ def deployment(
 
 def _request(ctx: typer.Context, operation: str, artifact_path: Path | None = None) -> Request:
     options: Globals = ctx.obj
-    return Request(
-        operation=operation,
-        target=parse_director(options.target),
-        identity=settings.identity(options.operator, options.reason),
-        audit_db=settings.audit_db_path(options.audit_db),
-        home=settings.bbrx_home(),
+    return run_request(
+        ctx,
+        operation,
+        parse_director(options.target),
         artifact_path=artifact_path,
-        timeouts=replace(_configured_timeouts(operation), **options.timeouts),
         deployment=options.deployment,
         max_parallel=options.max_parallel,
     )
