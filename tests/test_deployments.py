@@ -712,7 +712,7 @@ def test_one_backup_one_restore_all_job_in_two_groups_is_refused_not_half_kept(
             {
                 "name": g,
                 "instances": 1,
-                "jobs": [{**job, "properties": {"bbr": {"backup_one_restore_all": True}}}],
+                "jobs": [dict(job)],
             }
             for g in ("east", "west")
         ],
