@@ -700,11 +700,8 @@ def test_a_cleanup_unlocks_what_it_reaches_when_one_group_does_not_respond(home:
 def test_one_backup_one_restore_all_job_in_two_groups_is_refused_not_half_kept(
     home: Path, tmp_path: Path
 ):
-    job = {
-        "name": "kv-config",
-        "release": "kv",
-        "properties": {"bbr": {"backup_one_restore_all": True}},
-    }
+    # Each group gets its own dicts: shared ones would make PyYAML write an anchor.
+    job = {"name": "kv-config", "release": "kv"}
     manifest = {
         "name": "twice",
         "releases": [{"name": "kv", "version": "1.0"}],
@@ -712,7 +709,7 @@ def test_one_backup_one_restore_all_job_in_two_groups_is_refused_not_half_kept(
             {
                 "name": g,
                 "instances": 1,
-                "jobs": [dict(job)],
+                "jobs": [{**job, "properties": {"bbr": {"backup_one_restore_all": True}}}],
             }
             for g in ("east", "west")
         ],
