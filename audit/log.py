@@ -681,6 +681,22 @@ class AuditLog:
             rows = list(db.query(sql, [seq]))
         return _decoded(rows[0]) if rows else None
 
+    def rows(self, after_seq: int = 0, batch: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every event with seq > ``after_seq``, in seq order, as stored: a dict keyed by
+        ``COLUMN_NAMES`` in that order, ``detail`` as its JSON text (so the row hashes as
+        it is). Read in batches, the lock released between them, so a long export does
+        not hold back a run's appends; rows appended meanwhile are read too."""
+        last = after_seq
+        while True:
+            with self._reading() as (db, select):
+                columns = select(COLUMN_NAMES)
+                sql = f"SELECT {columns} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
+                chunk = list(db.query(sql, [last, batch]))
+            yield from chunk
+            if len(chunk) < batch:
+                return
+            last = chunk[-1]["seq"]
+
     def runs(self) -> list[RunSummary]:
         """One summary per run_id, ordered by the run's first seq (see RunSummary)."""
         sql = """
