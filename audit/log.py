@@ -35,8 +35,10 @@ from audit.schema import (
     TERMINAL_STATES,
     TRIGGERS,
     V1_COLUMN_NAMES,
+    VIEWS,
     canonical_json,
     create_schema,
+    create_views,
     migrate_to_2,
     row_hash,
 )
@@ -328,6 +330,7 @@ class AuditLog:
         if self._check_schema() < SCHEMA_VERSION:
             self._migrate_once()
             self._check_schema()
+        self._create_views_once()
         missing = self.missing_triggers() + self.altered_triggers()
         if missing:
             # Recreating them would hide the tampering from verify; say so loudly instead.
@@ -369,6 +372,23 @@ class AuditLog:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def _create_views_once(self) -> None:
+        """The reviewers' views, on a log made before they existed (no version change:
+        they add no column and change no row)."""
+        conn = self._db.conn
+        if set(VIEWS) <= set(self._db.view_names()):
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            created = create_views(self._db)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if created:
+            logger.info("audit log %s: created the views %s", self.path, ", ".join(created))
 
     def _migrate_once(self) -> None:
         conn = self._db.conn
@@ -577,7 +597,10 @@ class AuditLog:
             "instance_id": _text(p, "instance_id", instance_id, required=False),
         }
         if fields["mode"] not in MODES:
-            raise AuditError(f"cannot append to {p}: mode must be sim or live, got {mode!r}")
+            raise AuditError(
+                f"cannot append to {p}: mode must be one of {', '.join(sorted(MODES))}, "
+                f"got {mode!r}"
+            )
         if fields["outcome"] not in OUTCOMES:
             raise AuditError(
                 f"cannot append to {p}: outcome must be one of {', '.join(sorted(OUTCOMES))}, "
@@ -771,6 +794,17 @@ class AuditLog:
         with self._using() as db:
             present = db.triggers_dict
         return [n for n, sql in TRIGGERS.items() if n in present and present[n] != sql]
+
+    def altered_views(self) -> list[str]:
+        """Names of the reviewers' views present with SQL other than bbrx wrote."""
+        with self._using() as db:
+            present = {
+                name: sql
+                for name, sql in db.execute(
+                    "SELECT name, sql FROM sqlite_master WHERE type = 'view'"
+                )
+            }
+        return [n for n, sql in VIEWS.items() if n in present and present[n] != sql]
 
     def iter_chain(self) -> Generator[tuple[Any, ...], None, None]:
         """Every row as ``(seq, prev_hash, hash, *values in HASH_ORDER)``, in seq order;

@@ -32,7 +32,8 @@ MIGRATED_TO_PREFIX = "migrated_to_"
 GENESIS_HASH = "0" * 64
 
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "interrupted", "recovered"})
-MODES: frozenset[str] = frozenset({"sim", "live"})
+# review: a reviewer's read of the log itself (export, report, verify, evidence, checkpoint).
+MODES: frozenset[str] = frozenset({"sim", "live", "review"})
 OUTCOMES: frozenset[str] = frozenset({"ok", "error", "refused"})
 
 EVENT_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -41,7 +42,7 @@ EVENT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("run_id", "TEXT", "Identifier of the backup/restore run the event belongs to"),
     ("operation", "TEXT", "What the run does, e.g. backup or restore"),
     ("target", "TEXT", "The director or deployment the run acts on"),
-    ("mode", "TEXT", "sim (built-in simulator) or live (a real director)"),
+    ("mode", "TEXT", "sim (built-in simulator), live (a real director) or review (a read)"),
     ("operator", "TEXT", "Who started the run"),
     ("origin_host", "TEXT", "Host the run was started from"),
     ("reason", "TEXT", "Why the operator started the run"),
@@ -120,6 +121,47 @@ TRIGGERS: dict[str, str] = {
         "meta",
         "overwriting a meta key",
         when="EXISTS (SELECT 1 FROM meta WHERE key = NEW.key)",
+    ),
+}
+
+
+# Views for the questions reviewers ask most, so each is one query in sqlite3, sqlite-utils
+# or Datasette. They read events only and change nothing; a writer creates any that are
+# missing, and verify reports one whose SQL is not this (a view can be made to lie).
+_RUN_STATES = "('succeeded', 'failed', 'interrupted', 'recovered')"
+VIEWS: dict[str, str] = {
+    "runs": (
+        "CREATE VIEW runs AS"
+        " WITH spans AS (SELECT run_id, MIN(seq) AS first_seq, MAX(seq) AS last_seq,"
+        " COUNT(*) AS events, SUM(outcome != 'ok') AS error_events FROM events GROUP BY run_id),"
+        " run_level AS (SELECT run_id, MAX(seq) AS seq FROM events WHERE job IS NULL"
+        " GROUP BY run_id)"
+        " SELECT s.run_id, f.operation, f.target, f.mode, f.operator, f.origin_host, f.reason,"
+        " f.ts AS started, l.ts AS ended, s.events, s.error_events,"
+        " COALESCE(c.to_state, 'unfinished') AS state,"
+        f" CASE WHEN c.to_state IN {_RUN_STATES} THEN c.to_state ELSE 'unfinished' END AS outcome,"
+        " s.first_seq, s.last_seq"
+        " FROM spans s JOIN events f ON f.seq = s.first_seq JOIN events l ON l.seq = s.last_seq"
+        " LEFT JOIN run_level r ON r.run_id = s.run_id LEFT JOIN events c ON c.seq = r.seq"
+    ),
+    "failures": (
+        "CREATE VIEW failures AS"
+        " SELECT seq, ts, run_id, operation, target, mode, operator, origin_host, reason,"
+        " job, instance_group, instance_index, instance_id, script, trigger, from_state,"
+        " to_state, outcome, exit_code, detail FROM events WHERE outcome != 'ok'"
+    ),
+    "who_ran_what": (
+        "CREATE VIEW who_ran_what AS"
+        " SELECT operator, operation, target, mode, COUNT(*) AS runs,"
+        " SUM(outcome = 'succeeded') AS succeeded, SUM(outcome = 'failed') AS failed,"
+        " SUM(outcome NOT IN ('succeeded', 'failed')) AS other,"
+        " MIN(started) AS first_started, MAX(started) AS last_started"
+        " FROM runs GROUP BY operator, operation, target, mode"
+    ),
+    "reads": (
+        "CREATE VIEW reads AS"
+        " SELECT seq, ts, run_id, operation, operator, origin_host, reason, outcome, detail"
+        " FROM events WHERE mode = 'review'"
     ),
 }
 
@@ -220,6 +262,17 @@ def create_schema(db: sqlite_utils.Database) -> None:
     db.table("meta").insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
     for sql in TRIGGERS.values():
         db.conn.execute(sql)
+    create_views(db)
+
+
+def create_views(db: sqlite_utils.Database) -> list[str]:
+    """Create the reviewers' views that are missing; their names. Caller holds the
+    transaction. One that exists is left alone, altered or not (verify reports it)."""
+    present = set(db.view_names())
+    created = [name for name in VIEWS if name not in present]
+    for name in created:
+        db.conn.execute(VIEWS[name])
+    return created
 
 
 def migrate_to_2(db: sqlite_utils.Database, when: str) -> None:

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from audit.fields import field_problem
 from audit.journal import read_journal
 from audit.log import AuditLog
-from audit.schema import GENESIS_HASH, hash_values
+from audit.schema import GENESIS_HASH, HASH_ORDER, hash_values
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,20 @@ def _content_hash(values: list[Any]) -> str | None:
         return None
 
 
+# The columns the PCI DSS field check reads, and where each is in a chain row's values.
+_FIELD_AT = {
+    name: HASH_ORDER.index(name)
+    for name in (
+        *("ts", "operator", "trigger", "outcome", "origin_host"),
+        *("target", "operation", "to_state", "mode"),
+    )
+}
+
+
+def _fields(values: list[Any]) -> dict[str, Any]:
+    return {name: values[at] for name, at in _FIELD_AT.items()}
+
+
 def _trigger_problem(log: AuditLog) -> str | None:
     parts = []
     missing = log.missing_triggers()
@@ -81,6 +96,9 @@ def _trigger_problem(log: AuditLog) -> str | None:
     altered = log.altered_triggers()
     if altered:
         parts.append(f"append-only triggers altered: {', '.join(altered)}")
+    views = log.altered_views()
+    if views:
+        parts.append(f"reviewers' views altered (they may hide rows): {', '.join(views)}")
     return "; ".join(parts) or None
 
 
@@ -89,8 +107,9 @@ def verify_log(path: str | Path) -> VerifyReport:
 
     Rows are walked in seq order and the first problem wins: a missing seq (deleted
     row), then a prev_hash that is not the previous row's hash (reordered or removed
-    rows), then a hash that does not match the row's content (edited row). Only an
-    intact chain is then checked for missing or altered append-only triggers.
+    rows), then a hash that does not match the row's content (edited row), then a row
+    lacking a field PCI DSS requires (see audit.fields). Only an intact chain is then
+    checked for missing or altered append-only triggers and altered views.
     """
     with AuditLog(path, readonly=True) as log:
         expected = 1
@@ -115,6 +134,10 @@ def verify_log(path: str | Path) -> VerifyReport:
                 elif _content_hash(values) != stored_hash:
                     bad_seq = seq
                     problem = f"seq {seq}: hash does not match its content (row edited)"
+                elif (lacking := field_problem(_fields(values))) is not None:
+                    # Only a rewritten chain holds a row append would have refused.
+                    bad_seq = seq
+                    problem = f"seq {seq}: {lacking} (PCI DSS 10.2 fields; row rewritten)"
                 if problem is not None:
                     break
                 prev_hash = stored_hash

@@ -249,7 +249,7 @@ def test_appends_survive_reopen_and_chain_continues(tmp_path: Path) -> None:
 
 def test_invalid_append_is_refused_and_appends_nothing(tmp_path: Path) -> None:
     with AuditLog(tmp_path / "a.db") as log:
-        with pytest.raises(AuditError, match="mode must be sim or live"):
+        with pytest.raises(AuditError, match="mode must be one of live, review, sim"):
             add(log, mode="production")
         with pytest.raises(AuditError, match="outcome must be one of"):
             add(log, outcome="maybe")
