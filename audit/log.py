@@ -247,6 +247,8 @@ class AuditLog:
         # Whether events has the instance columns (schema version 2). A writer migrates
         # a version 1 log when it opens it; a read-only reader of one selects them as NULL.
         self._has_instance_columns = False
+        # The effective schema version of the file, once read (see _check_schema).
+        self.schema_version = 0
         doing = "read" if readonly else "open"
         conn = self._connect()
         try:
@@ -461,6 +463,7 @@ class AuditLog:
                 f"expected {', '.join(expected)}"
             )
         self._has_instance_columns = version >= 2
+        self.schema_version = version
         return version
 
     @contextmanager
