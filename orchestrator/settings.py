@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -53,18 +54,19 @@ def config_path() -> Path:
     return Path(configured).expanduser() if configured else bbrx_home() / "config.yml"
 
 
-def configured_timeouts(path: Path | None = None) -> Timeouts:
-    """The built-in timeouts, as the config file (if there is one) changes them.
+CONFIG_SECTIONS = ("timeouts", "audit")
+CHECKPOINT_KEYS = ("checkpoint_key", "checkpoint_file")
 
-    The file is YAML with one section bbrx reads, `timeouts:`, of seconds per phase
-    (0: no limit). Anything else in it is refused by name, so a typo never silently
-    leaves a default in force.
-    """
+
+def _config(path: Path | None) -> tuple[Path, dict[str, Any]]:
+    """The config file's sections (none when there is no file); UsageError naming the
+    file and what is wrong with it. Unknown keys are refused by name, so a typo never
+    silently leaves a default in force."""
     path = path or config_path()
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return Timeouts()
+        return path, {}
     except OSError as error:
         raise UsageError(f"cannot read the config file {path}: {error.strerror}") from error
     try:
@@ -77,15 +79,30 @@ def configured_timeouts(path: Path | None = None) -> Timeouts:
             hint="Fix it, or point BBRX_CONFIG at another file.",
         ) from error
     if document is None:
-        return Timeouts()
+        return path, {}
     hint = f"Expected, for example:\n{EXAMPLE_CONFIG}"
-    if not isinstance(document, dict) or set(document) - {"timeouts"}:
-        unknown = sorted(set(document) - {"timeouts"}) if isinstance(document, dict) else []
-        what = f"unknown key(s) {', '.join(map(str, unknown))}" if unknown else "not a mapping"
+    if not isinstance(document, dict) or set(document) - set(CONFIG_SECTIONS):
+        unknown = (
+            sorted(map(str, set(document) - set(CONFIG_SECTIONS)))
+            if isinstance(document, dict)
+            else []
+        )
+        what = f"unknown key(s) {', '.join(unknown)}" if unknown else "not a mapping"
         raise UsageError(f"the config file {path}: {what}", hint=hint)
-    section = document.get("timeouts") or {}
-    if not isinstance(section, dict):
-        raise UsageError(f"the config file {path}: timeouts must be a mapping", hint=hint)
+    for name, section in document.items():
+        if section is not None and not isinstance(section, dict):
+            raise UsageError(f"the config file {path}: {name} must be a mapping", hint=hint)
+    return path, {name: section or {} for name, section in document.items()}
+
+
+def configured_timeouts(path: Path | None = None) -> Timeouts:
+    """The built-in timeouts, as the config file (if there is one) changes them.
+
+    The config file is YAML; its `timeouts:` section gives seconds per phase (0: no
+    limit); its `audit:` section is read by `configured_checkpoint`.
+    """
+    path, sections = _config(path)
+    section = sections.get("timeouts", {})
     chosen: dict[str, float | None] = {}
     for phase, value in section.items():
         if phase not in TIMEOUT_PHASES:
@@ -102,10 +119,65 @@ def configured_timeouts(path: Path | None = None) -> Timeouts:
     return replace(Timeouts(), **chosen)
 
 
+@dataclass(frozen=True)
+class CheckpointSigning:
+    """The key a checkpoint is signed with, and the file it is appended to."""
+
+    key: Path
+    file: Path
+
+
+def configured_checkpoint(path: Path | None = None) -> CheckpointSigning | None:
+    """The config file's `audit:` section: with `checkpoint_key` and `checkpoint_file`,
+    every run signs a checkpoint of the log at its end. None when it has neither."""
+    path, sections = _config(path)
+    section = sections.get("audit", {})
+    unknown = sorted(map(str, set(section) - set(CHECKPOINT_KEYS)))
+    if unknown:
+        raise UsageError(
+            f"the config file {path}: unknown audit key(s) {', '.join(unknown)}",
+            hint=f"Keys: {', '.join(CHECKPOINT_KEYS)}.",
+        )
+    given = {k: v for k, v in section.items() if v is not None}
+    if not given:
+        return None
+    for key in CHECKPOINT_KEYS:
+        value = given.get(key)
+        if not isinstance(value, str) or not value:
+            raise UsageError(
+                f"the config file {path}: audit.{key} must be a file path"
+                + ("" if key in given else " (it is missing)"),
+                hint="Give both audit.checkpoint_key and audit.checkpoint_file, or neither.",
+            )
+    return CheckpointSigning(
+        Path(given["checkpoint_key"]).expanduser(), Path(given["checkpoint_file"]).expanduser()
+    )
+
+
+def checkpoint_signing(key: Path | None, file: Path | None) -> CheckpointSigning:
+    """`bbrx audit checkpoint`'s key and file: each option, else the config file's."""
+    configured = configured_checkpoint() if key is None or file is None else None
+    key = key or (configured.key if configured else None)
+    file = file or (configured.file if configured else None)
+    if key is None or file is None:
+        missing = " and ".join(
+            name for name, value in (("--key", key), ("--output", file)) if value is None
+        )
+        raise UsageError(
+            f"no {missing} given, and the config file {config_path()} names none",
+            hint="Give --key KEY --output FILE, or set audit.checkpoint_key and "
+            "audit.checkpoint_file in the config file.",
+        )
+    return CheckpointSigning(key.expanduser(), file.expanduser())
+
+
 EXAMPLE_CONFIG = """\
 timeouts:        # seconds each script of a phase may run; 0: no limit
   metadata: 60
   lock: 600
   backup: 21600
   unlock: 600
-  restore: 21600"""
+  restore: 21600
+audit:           # optional: every run signs a checkpoint of the log at its end
+  checkpoint_key: ~/.ssh/bbrx-audit        # ssh-keygen -Y sign -f this
+  checkpoint_file: /mnt/evidence/bbrx-checkpoints.txt"""

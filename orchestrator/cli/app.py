@@ -296,6 +296,7 @@ def run_request(ctx: typer.Context, operation: str, target: Target, **given: Any
         audit_db=settings.audit_db_path(options.audit_db),
         home=settings.bbrx_home(),
         timeouts=replace(_configured_timeouts(operation), **options.timeouts),
+        checkpoint=_configured_checkpoint(operation),
         **given,
     )
 
@@ -323,6 +324,16 @@ def _configured_timeouts(operation: str) -> Timeouts:
         # A typo in the config file must not stand between the operator and an unlock.
         log.warning("%s; this cleanup uses the built-in timeouts", error.message)
         return Timeouts()
+
+
+def _configured_checkpoint(operation: str) -> settings.CheckpointSigning | None:
+    try:
+        return settings.configured_checkpoint()
+    except BbrxError as error:
+        if not operation.endswith("-cleanup"):
+            raise
+        log.warning("%s; this cleanup signs no checkpoint", error.message)
+        return None
 
 
 def _run(ctx: typer.Context, request: Request) -> Outcome:
@@ -462,46 +473,6 @@ def restore_cleanup(ctx: typer.Context, force: ForceOption = False) -> None:
     _audit_footer(outcome)
 
 
-# --- audit --------------------------------------------------------------------------------
-
-
-def _audit_path(ctx: typer.Context, audit_db: Path | None) -> Path:
-    options = _merge(ctx, audit_db=audit_db)
-    return settings.audit_db_path(options.audit_db)
-
-
-@audit_app.command("runs")
-def audit_runs(ctx: typer.Context, audit_db: AuditDbOption = None) -> None:
-    """One line a run: id, operation, target, operator, start, end, outcome."""
-    typer.echo(review.runs(_audit_path(ctx, audit_db)))
-
-
-@audit_app.command("show")
-def audit_show(
-    ctx: typer.Context,
-    run: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
-    audit_db: AuditDbOption = None,
-) -> None:
-    """The timeline of one run: every transition, job and script (and the rows that went to
-    the fallback journal when the log could not be written)."""
-    typer.echo(review.timeline(_audit_path(ctx, audit_db), run))
-
-
-@audit_app.command("verify")
-def audit_verify(
-    ctx: typer.Context,
-    artifact: Annotated[
-        Path | None,
-        typer.Option("--artifact", help="Also check that this backup's audit head is in the log."),
-    ] = None,
-    audit_db: AuditDbOption = None,
-) -> None:
-    """Check the hash chain and the append-only guards (and tie a backup to its run)."""
-    for line in review.verify(_audit_path(ctx, audit_db), artifact):
-        # A line may quote the backup's bbrx-audit.yml, a file anyone could have edited.
-        typer.echo(printable(line))
-
-
 # --- simulator ----------------------------------------------------------------------------
 
 NameArgument = Annotated[str, typer.Argument(help="The simulated director's name (sim://NAME).")]
@@ -631,7 +602,7 @@ def status(
         raise BbrxError(
             "give --host HOST (a director) or --target TARGET --deployment NAME (a deployment)"
         )
-    shown = review.status(_audit_path(ctx, audit_db), name)
+    shown = review.status(settings.audit_db_path(_merge(ctx, audit_db=audit_db).audit_db), name)
     # The text quotes the log (operator, job names): no terminal control reaches the screen.
     typer.echo(printable(shown, keep_newlines=True))
 

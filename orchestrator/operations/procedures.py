@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from audit.checkpoint import sign_checkpoint
 from audit import AuditError, AuditLog
 from orchestrator import settings
 from orchestrator.bosh.director import Director
@@ -68,6 +69,8 @@ class Request:
     # the relay that passes the main thread's signals to runs driven in worker threads.
     batch_id: str | None = None
     signal_relay: SignalRelay | None = None
+    # The config file's audit section: sign a checkpoint of the log when the run ends.
+    checkpoint: settings.CheckpointSigning | None = None
 
 
 def run_director(request: Request) -> Outcome:
@@ -153,9 +156,36 @@ def run_on(request: Request, instance: Instance | Fleet) -> Outcome:
                     _mark_recovered(run, unfinished, outcome)
             finally:
                 run.journal.release()
+    _sign_checkpoint(request, outcome.run_id)
     if outcome.errors:
         raise RunFailed(operation, outcome.errors, outcome.run_id, outcome=outcome)
     return outcome
+
+
+def _sign_checkpoint(request: Request, run_id: str) -> None:
+    """The run-end checkpoint the config file asks for. A failure to sign is loud but
+    changes nothing of the run: its backup (or unlock) is done and recorded."""
+    signing = request.checkpoint
+    if signing is None:
+        return
+    try:
+        signed = sign_checkpoint(request.audit_db, signing.key, signing.file)
+    except AuditError as error:
+        log.warning(
+            "run %s: no checkpoint signed into %s: %s%s",
+            run_id,
+            signing.file,
+            error.message,
+            f" ({error.hint})" if error.hint else "",
+        )
+        return
+    log.info(
+        "Checkpoint %d signed into %s: seq %d hash %s",
+        signed.number,
+        signing.file,
+        signed.seq,
+        signed.hash,
+    )
 
 
 def _mark_recovered(run: Run, unfinished: recovery.RunSummary, outcome: Outcome) -> None:

@@ -1,4 +1,6 @@
-"""What a compliance reviewer runs: verify the audit chain, and tie a backup to its run."""
+"""What a compliance reviewer runs: verify the audit chain (against signed checkpoints and
+an exported copy too), tie a backup to its run, list runs by filter. The export, report
+and evidence pack are `audit.reviewer`'s own, which `python -m audit` shares."""
 
 from __future__ import annotations
 
@@ -6,28 +8,46 @@ from pathlib import Path
 
 import yaml
 
-from audit import AuditLog, AuditRecord, verify_log
+from audit import AuditLog, AuditRecord, reviewer
+from audit.query import RunFilter
+from audit.reads import Reader
 from audit.render import format_runs, format_timeline
 from orchestrator.bbr.artifact import AUDIT_HEAD_FILE
 from orchestrator.errors import ArtifactError, AuditBrokenError
 from orchestrator.state.recovery import target_state
 
 
-def verify(audit_db: Path, artifact: Path | None = None) -> list[str]:
-    """Lines to show when the log (and the artifact's tie to it) is intact; raise otherwise."""
-    report = verify_log(audit_db)
-    if not report.ok:
+def verify(
+    audit_db: Path,
+    reader: Reader,
+    artifact: Path | None = None,
+    *,
+    checkpoints: Path | None = None,
+    allowed_signers: Path | None = None,
+    exported: Path | None = None,
+) -> list[str]:
+    """Lines to show when the log (its checkpoints, an exported copy, the artifact's tie
+    to it) is intact; raise otherwise, naming the first thing wrong."""
+    outcome = reviewer.verify(
+        audit_db,
+        reader,
+        checkpoints=checkpoints,
+        allowed_signers=allowed_signers,
+        exported=exported,
+    )
+    if not outcome.ok:
+        first = outcome.problems[0] if outcome.problems else "verification failed"
         raise AuditBrokenError(
-            f"audit log {audit_db} is BROKEN: {report.problem}",
-            hint="Keep the file as evidence; compare it with a copy or the chain heads "
-            "recorded in the backups (bbrx-audit.yml)."
-            + "".join(f"\n{line}" for line in report.journal_lines()),
+            first,
+            hint="\n".join(
+                [
+                    *[line for line in outcome.all_lines() if line != first],
+                    "Keep the file as evidence; compare it with a copy, the signed "
+                    "checkpoints or the chain heads recorded in the backups (bbrx-audit.yml).",
+                ]
+            ),
         )
-    lines = [
-        f"audit log {audit_db} intact: {report.count} events, "
-        f"head seq {report.head_seq} hash {report.head_hash}",
-        *report.journal_lines(),
-    ]
+    lines = outcome.all_lines()
     if artifact is not None:
         lines.append(_tie(audit_db, artifact))
     return lines
@@ -63,13 +83,18 @@ def status(audit_db: Path, target: str) -> str:
         return target_state(audit, target).describe()
 
 
-def runs(audit_db: Path) -> str:
-    """One line a run, the fallback journal's rows counted in (a run whose end went there
-    shows how it ended, not the last state the log could take)."""
+def runs(audit_db: Path, flt: RunFilter | None = None) -> str:
+    """One line a run the filter selects, the fallback journal's rows counted in (a run
+    whose end went there shows how it ended, not the last state the log could take)."""
+    flt = flt or RunFilter()
     with AuditLog(audit_db, readonly=True) as audit:
         record = AuditRecord(audit)
-        text = format_runs(record.runs())
-    journaled = record.journal.run_ids()
+        selected = flt.select(record.runs())
+        text = format_runs(selected)
+    if not flt.empty:
+        text += f"\n{len(selected)} run(s) match {flt.describe()}"
+    chosen = {r.run_id for r in selected}
+    journaled = [run for run in record.journal.run_ids() if run in chosen]
     if journaled:
         text += (
             f"\n{len(journaled)} run(s) have events in the fallback journal "
