@@ -65,7 +65,7 @@ def select_runs(log: AuditLog, flt: RunFilter, run: str | None = None) -> list[R
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path, *, binary: bool = False, replace: bool = True) -> Iterator[IO[Any]]:
+def atomic_output(path: Path, *, binary: bool = False, replace: bool = True) -> Iterator[Any]:
     """A file written beside ``path`` and renamed onto it once complete and synced, so a
     reader never sees half of it; ``replace=False`` refuses an existing ``path``."""
     directory = path.parent
@@ -81,8 +81,8 @@ def atomic_output(path: Path, *, binary: bool = False, replace: bool = True) -> 
     except OSError as error:
         raise AuditError(f"cannot write {path}: {error.strerror}") from error
     try:
-        text = {} if binary else {"encoding": "utf-8", "newline": ""}
-        with os.fdopen(fd, "wb" if binary else "w", **text) as out:
+        opened = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
+        with opened as out:
             yield out
             out.flush()
             os.fsync(out.fileno())

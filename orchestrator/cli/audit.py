@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -212,7 +212,7 @@ def audit_verify(
     _echo(lines)
 
 
-def _stop_on_signals() -> tuple[threading.Event, list[tuple[int, object]]]:
+def _stop_on_signals() -> tuple[threading.Event, list[tuple[signal.Signals, Any]]]:
     stop = threading.Event()
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -279,7 +279,7 @@ def audit_export(
                 )
         finally:
             for signum, handler in previous:
-                signal.signal(signum, handler)  # type: ignore[arg-type]
+                signal.signal(signum, handler)
     elif output is None:
         outcome_ = reviewer.export(path, flt, fmt, sys.stdout, reader)
     else:

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from audit.checkpoint import sign_checkpoint
 from audit import AuditError, AuditLog
+from audit.checkpoint import sign_checkpoint
 from orchestrator import settings
 from orchestrator.bosh.director import Director
 from orchestrator.engine.fleet import DeploymentFleet, Fleet
