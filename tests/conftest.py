@@ -95,13 +95,15 @@ class Bbrx:
         return self.home / "audit.db"
 
     def audit_runs(self) -> list:
+        """The operators' runs (the reviewers' reads, mode review, left out)."""
         with AuditLog(self.audit_db, readonly=True) as audit:
-            return audit.runs()
+            return [run for run in audit.runs() if run.mode != "review"]
 
     def audit_rows(self, run_id: str | None = None) -> list[dict]:
+        """A run's rows; by default, the latest operator's run's."""
         with AuditLog(self.audit_db, readonly=True) as audit:
             if run_id is None:
-                run_id = audit.runs()[-1].run_id
+                run_id = [run for run in audit.runs() if run.mode != "review"][-1].run_id
             return audit.timeline(run_id)
 
 

@@ -649,14 +649,16 @@ def test_cli_verify_exit_codes(tmp_path: Path) -> None:
     head = verify_log(path)
     ok = run_cli("verify", str(path))
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.strip() == (f"audit log intact: 4 events, head seq 4 hash {head.head_hash}")
+    first, recorded = ok.stdout.strip().splitlines()
+    assert first == f"audit log {path} intact: 4 events, head seq 4 hash {head.head_hash}"
+    assert recorded.startswith("this read is recorded in the audit log: run ")
 
     drop_all_triggers(path)
     tamper(path, "UPDATE events SET target = 'elsewhere' WHERE seq = 2")
     broken = run_cli("verify", str(path))
     assert broken.returncode == 1
-    assert broken.stderr.strip() == (
-        "audit log BROKEN: seq 2: hash does not match its content (row edited)"
+    assert broken.stderr.splitlines()[0] == (
+        f"audit log {path} is BROKEN: seq 2: hash does not match its content (row edited)"
     )
     assert broken.stdout == ""
 

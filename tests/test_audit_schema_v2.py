@@ -264,7 +264,7 @@ def test_python_m_audit_reads_a_v1_log_without_changing_it(tmp_path: Path) -> No
     for args in (["verify"], ["runs"]):
         result = run_cli(*args, str(path))
         assert result.returncode == 0, result.stderr
-    assert f"audit log intact: {V1_EVENTS} events, head seq {V1_EVENTS} hash {V1_HEAD}" in (
+    assert f"intact: {V1_EVENTS} events, head seq {V1_EVENTS} hash {V1_HEAD}" in (
         run_cli("verify", str(path)).stdout
     )
     assert path.read_bytes() == before and meta(path) == {"schema_version": "1"}
@@ -324,8 +324,8 @@ def test_python_m_audit_verify_passes_on_the_migrated_fixture(tmp_path: Path) ->
     AuditLog(path).close()
     result = run_cli("verify", str(path))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == (
-        f"audit log intact: {V1_EVENTS} events, head seq {V1_EVENTS} hash {V1_HEAD}"
+    assert result.stdout.splitlines()[0] == (
+        f"audit log {path} intact: {V1_EVENTS} events, head seq {V1_EVENTS} hash {V1_HEAD}"
     )
 
 

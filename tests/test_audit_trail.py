@@ -62,6 +62,9 @@ def test_verify_passes_on_an_intact_log(audited):
         audited.bbrx.audit_rows(audited.bbrx.audit_runs()[0].run_id)
     )
     assert f"intact: {count} events" in result.stdout
+    # The verify itself is recorded right after what it verified.
+    assert "this read is recorded in the audit log: run " in result.stdout
+    assert result.stdout.rstrip().endswith(f"seq {count + 1}")
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from audit.checkpoint import (
 from audit.schema import GENESIS_HASH, TRIGGERS, row_hash
 from tests import reviewlog
 from tests.reviewlog import ReviewLog
+from tests.test_readme import checkpoint_recipe
 
 # The shared real log (built once a session), as fixtures of this module.
 _review_log_master = reviewlog._review_log_master
@@ -42,35 +43,8 @@ EVENT_TRIGGERS = [name for name in TRIGGERS if not name.startswith("events_meta_
 # What a writer supplies to AuditLog.append; the rest (seq, ts, hashes) append makes.
 NOT_APPENDED = {"seq", "ts", "prev_hash", "hash"}
 
-# The reviewer's procedure (for the README): nothing but bash, awk, ssh-keygen, sqlite3.
-RECIPE = r"""
-# usage: bash check-checkpoints.sh CHECKPOINTS ALLOWED_SIGNERS AUDIT_DB
-set -euo pipefail
-cps=$1 signers=$2 db=$3
-tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
-log_id=$(sqlite3 -readonly "$db" "SELECT hash FROM events WHERE seq = 1")
-n=$(grep -c '^bbrx-audit-checkpoint ' "$cps") || { echo "no checkpoints in $cps"; exit 1; }
-for k in $(seq 1 "$n"); do
-  # the k-th payload line (the signed message, its newline included) and its signature
-  awk -v k="$k" -v msg="$tmp/msg" -v sig="$tmp/sig" '
-    /^bbrx-audit-checkpoint / { n++; if (n == k) print > msg; next }
-    n == k { print > sig }' "$cps"
-  who=$(ssh-keygen -Y find-principals -s "$tmp/sig" -f "$signers" | head -n 1) ||
-    { echo "checkpoint $k: NOT SIGNED by a key in $signers"; exit 1; }
-  ssh-keygen -Y verify -f "$signers" -I "$who" -n bbrx-audit -s "$tmp/sig" < "$tmp/msg" ||
-    { echo "checkpoint $k: BAD SIGNATURE"; exit 1; }
-  read -r _ _ id at hash when < "$tmp/msg"
-  id=${id#log_id=} at=${at#seq=} hash=${hash#hash=} when=${when#time=}
-  case $at in ''|*[!0-9]*) echo "checkpoint $k: bad seq $at"; exit 1;; esac
-  stored=$(sqlite3 -readonly "$db" "SELECT hash FROM events WHERE seq = $at")
-  if [ "$id" != "$log_id" ] || [ "$hash" != "$stored" ]; then
-    echo "checkpoint $k: MISMATCH: signed log_id $id seq $at hash $hash," \
-      "but the log has log_id $log_id and seq $at hash ${stored:-none}"
-    exit 1
-  fi
-  echo "checkpoint $k: OK: seq $at hash $hash signed by $who at $when"
-done
-"""
+# The reviewer's procedure, as the README gives it: nothing but bash, awk, ssh-keygen, sqlite3.
+RECIPE = checkpoint_recipe()
 
 
 @dataclass(frozen=True)

@@ -157,3 +157,28 @@ def test_every_attack_test_is_in_the_table():
         if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
     }
     assert tests - listed == set(), "attack tests missing from the README's attack table"
+
+
+def test_reviewer_section_holds_the_pci_mapping_and_the_views():
+    from audit.fields import REQUIRED_FIELDS
+    from audit.schema import VIEWS
+
+    text = section("## For compliance reviewers")
+    mapped = re.findall(r"^\| ([a-z ,]+) \| (.+) \| `(\w+)` \|$", text, re.M)
+    assert [(field, column) for field, _, column in mapped] == [
+        (field, column) for field, _, column, _ in REQUIRED_FIELDS
+    ]
+    for (_, columns, _), (_, code_columns, _, _) in zip(mapped, REQUIRED_FIELDS, strict=True):
+        assert re.findall(r"\w+", columns.replace("UTC, with Z", "")) == re.findall(
+            r"\w+", code_columns.replace("UTC, with Z", "")
+        )
+    views = re.findall(r"^\| `(\w+)` \| ", text, re.M)
+    assert views == list(VIEWS)
+    for option in ("--since", "--until", "--target", "--operator", "--operation", "--outcome"):
+        assert option in text
+
+
+def checkpoint_recipe() -> str:
+    """The shell recipe the README gives reviewers (tests/test_checkpoints.py runs it)."""
+    [recipe] = re.findall(r"```bash\n(.*?)```", section("## For compliance reviewers"), re.S)
+    return recipe
