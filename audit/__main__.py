@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -130,10 +131,19 @@ def _follow(args: argparse.Namespace, reader: Reader) -> reviewer.ReviewOutcome:
     flt = _run_filter(args)
     if args.output is None:
         return reviewer.export_and_follow(args.path, flt, args.format, sys.stdout, reader, stop)
-    with args.output.open("x", encoding="utf-8", newline="") as stream:
-        return reviewer.export_and_follow(
-            args.path, flt, args.format, stream, reader, stop, output=args.output
-        )
+    try:
+        stream = args.output.open("x", encoding="utf-8", newline="")
+    except FileExistsError:
+        raise AuditError(f"{args.output} already exists: a follower writes a new file") from None
+    try:
+        with stream:
+            return reviewer.export_and_follow(
+                args.path, flt, args.format, stream, reader, stop, output=args.output
+            )
+    except BaseException:
+        if args.output.stat().st_size == 0:
+            args.output.unlink()  # nothing followed: let a retry write it
+        raise
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -145,7 +155,7 @@ def _command(args: argparse.Namespace) -> int:
             checkpoints=args.checkpoints,
             allowed_signers=args.allowed_signers,
             exported=args.export,
-        )
+        )  # PATH is named here, so an export is always compared with it
         for line in outcome.all_lines():
             (_out if outcome.ok else _err)(line)
         return 0 if outcome.ok else 1
@@ -164,10 +174,9 @@ def _command(args: argparse.Namespace) -> int:
         elif args.output is None:
             outcome = reviewer.export(args.path, _run_filter(args), args.format, sys.stdout, reader)
         else:
-            with reviewer.atomic_output(args.output) as stream:
-                outcome = reviewer.export(
-                    args.path, _run_filter(args), args.format, stream, reader, output=args.output
-                )
+            outcome = reviewer.export_to_file(
+                args.path, _run_filter(args), args.format, args.output, reader
+            )
         for line in outcome.all_lines():
             _err(line)
         return 0
@@ -197,7 +206,9 @@ def _command(args: argparse.Namespace) -> int:
         outcome = reviewer.checkpoint(args.path, args.key, args.output, reader)
     for line in outcome.all_lines():
         _out(line)
-    return 0
+    # A report or pack of a log that did not verify is written (it is the evidence), but
+    # the log is broken: exit 1, as verify would.
+    return 0 if outcome.ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,8 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AuditError as exc:
         _err(f"error: {exc}")
         return 2
-    except FileExistsError as exc:
-        _err(f"error: {exc.filename} already exists: a follower writes a new file")
+    except BrokenPipeError:
+        # The reader went away (`| head`): nothing to say. Keep the exit flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        _err(f"error: {exc.filename or 'output'}: {exc.strerror or exc}")
         return 2
 
 

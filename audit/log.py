@@ -202,8 +202,9 @@ def _text(path: Path, name: str, value: Any, *, required: bool) -> str | None:
         raise AuditError(
             f"cannot append to {path}: {name} must be a string, got {type(value).__name__}"
         )
-    if required and not value:
-        raise AuditError(f"cannot append to {path}: {name} must not be empty")
+    if required and not value.strip():
+        # PCI DSS asks every row to say who, what and where: blank says nothing.
+        raise AuditError(f"cannot append to {path}: {name} must not be empty or blank")
     # A str subclass could stringify differently in sqlite and in json; store plain str.
     return _spellable("".join((value,)))
 
@@ -745,6 +746,12 @@ class AuditLog:
         with self._using() as db:
             rows = list(db.query(sql))
         return [RunSummary(**row, finished=row["outcome"] in TERMINAL_STATES) for row in rows]
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether the log holds a row of exactly this run."""
+        with self._using() as db:
+            found = db.execute("SELECT 1 FROM events WHERE run_id = ? LIMIT 1", [run_id])
+            return found.fetchone() is not None
 
     def resolve_run(self, run: str) -> str:
         """The full run_id for ``run``, an exact id or a unique prefix of one."""

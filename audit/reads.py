@@ -57,7 +57,13 @@ class Reader:
 
     @classmethod
     def default(cls, operator: str | None = None, reason: str | None = None) -> Reader:
-        return cls(operator or default_operator(), reason or None)
+        name = operator or default_operator()
+        if not name.strip():
+            raise AuditError(
+                "the reader's name is blank: the audit log must say who read it",
+                hint="Give --as NAME (or set BBRX_OPERATOR), or leave both out for user@host.",
+            )
+        return cls(name, reason or None)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import subprocess
 import tarfile
 import tempfile
 import threading
@@ -86,7 +87,7 @@ def atomic_output(path: Path, *, binary: bool = False, replace: bool = True) -> 
             yield out
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(temporary, 0o644)
+        os.chmod(temporary, 0o666 & ~_umask())
         if replace:
             os.replace(temporary, path)
         else:
@@ -100,6 +101,13 @@ def atomic_output(path: Path, *, binary: bool = False, replace: bool = True) -> 
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _umask() -> int:
+    # Read it the only way there is (set and restore): the CLIs are single-threaded here.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _sha256(path: Path) -> str:
@@ -118,33 +126,66 @@ def _check_format(fmt: str) -> None:
         raise AuditError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
 
 
-def export(
-    db: Path,
-    flt: RunFilter,
-    fmt: str,
-    out: TextIO,
-    reader: Reader,
-    *,
-    output: Path | None = None,
-) -> ReviewOutcome:
-    """Every event of the selected runs, one a line (JSONL) or row (CSV), to ``out``."""
-    _check_format(fmt)
+def _exported(db: Path, flt: RunFilter, fmt: str, out: TextIO) -> tuple[int, int, int | None]:
+    """Write the selected runs' events, up to the head as it was when the runs were
+    selected (so the count recorded is what was written); (events, runs, head seq)."""
     with AuditLog(db, readonly=True) as log:
-        ids = {r.run_id for r in select_runs(log, flt)}
         head = log.head()
-        count = write_rows((r for r in log.rows() if r["run_id"] in ids), out, fmt)
-    detail = {
+        ids = {r.run_id for r in select_runs(log, flt)}
+        last = head.seq if head else 0
+        runs: set[str] = set()
+
+        def rows() -> Iterator[dict[str, Any]]:
+            for row in log.rows():
+                if row["seq"] > last:
+                    return
+                if row["run_id"] in ids:
+                    runs.add(row["run_id"])
+                    yield row
+
+        count = write_rows(rows(), out, fmt)
+    return count, len(runs), head.seq if head else None
+
+
+def _export_detail(
+    flt: RunFilter, fmt: str, output: Path | None, counts: tuple[int, int, int | None]
+) -> dict[str, Any]:
+    events, runs, head_seq = counts
+    return {
         "filters": flt.as_dict(),
         "format": fmt,
-        "output": str(output) if output else "stdout",
-        "events": count,
-        "runs": len(ids),
-        "head_seq": head.seq if head else None,
+        "output": str(output.resolve()) if output else "stdout",
+        "events": events,
+        "runs": runs,
+        "head_seq": head_seq,
     }
-    record = record_read(db, "export", reader, ok=True, detail=detail)
-    return ReviewOutcome(
-        True, [f"exported {count} events of {len(ids)} runs ({flt.describe()})"], record
+
+
+def export(db: Path, flt: RunFilter, fmt: str, out: TextIO, reader: Reader) -> ReviewOutcome:
+    """Every event of the selected runs, one a line (JSONL) or row (CSV), to ``out``
+    (stdout, say); the read is recorded once they are all written."""
+    _check_format(fmt)
+    counts = _exported(db, flt, fmt, out)
+    out.flush()
+    record = record_read(
+        db, "export", reader, ok=True, detail=_export_detail(flt, fmt, None, counts)
     )
+    line = f"exported {counts[0]} events of {counts[1]} runs ({flt.describe()})"
+    return ReviewOutcome(True, [line], record)
+
+
+def export_to_file(
+    db: Path, flt: RunFilter, fmt: str, output: Path, reader: Reader
+) -> ReviewOutcome:
+    """``export`` into ``output``, written atomically; the read, recorded once the file is
+    in place, carries its SHA-256."""
+    _check_format(fmt)
+    with atomic_output(output) as out:
+        counts = _exported(db, flt, fmt, out)
+    detail = {**_export_detail(flt, fmt, output, counts), "sha256": _sha256(output)}
+    record = record_read(db, "export", reader, ok=True, detail=detail)
+    line = f"exported {counts[0]} events of {counts[1]} runs ({flt.describe()}) to {output}"
+    return ReviewOutcome(True, [line], record)
 
 
 def export_and_follow(
@@ -165,10 +206,11 @@ def export_and_follow(
     if flt.outcomes:
         flt.first_row_matches({})  # raises: an outcome cannot be followed
     with AuditLog(db, readonly=True) as log:
-        runs = AuditRecord(log).runs()
-        decided = {r.run_id: flt.matches(r) for r in runs}
+        # The head first: a run that starts after it is judged by its first row when it
+        # is followed; one that started before is in the summaries read next.
         head = log.head()
         after = head.seq if head else 0
+        decided = {r.run_id: flt.matches(r) for r in AuditRecord(log).runs()}
         count = write_rows(
             (r for r in log.rows() if r["seq"] <= after and decided.get(r["run_id"], False)),
             out,
@@ -178,7 +220,7 @@ def export_and_follow(
     detail = {
         "filters": flt.as_dict(),
         "format": fmt,
-        "output": str(output) if output else "stdout",
+        "output": str(output.resolve()) if output else "stdout",
         "follow": True,
         "from_seq": after + 1,
     }
@@ -238,6 +280,19 @@ def verifications(
     return found
 
 
+def _export_is_of(exported: Path, db: Path) -> bool:
+    """Whether the log at ``db`` holds the export's first row: that the export was made
+    from this log, so a difference between them means one of them was altered."""
+    try:
+        with exported.open(encoding="utf-8") as stream:
+            first = json.loads(next(line for line in stream if line.strip()))
+        with AuditLog(db, readonly=True) as log:
+            row = log.event(int(first["seq"]))
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, AuditError):
+        return False  # verify_export says what is wrong with the file itself
+    return row is not None and row["hash"] == first.get("hash")
+
+
 def verify(
     db: Path,
     reader: Reader,
@@ -245,12 +300,28 @@ def verify(
     checkpoints: Path | None = None,
     allowed_signers: Path | None = None,
     exported: Path | None = None,
+    against_log: bool = True,
 ) -> ReviewOutcome:
-    """Verify what was asked; ``db`` is skipped (only the export is checked, on its own)
-    when it does not exist and an export was given."""
-    log = db if db.exists() or exported is None else None
+    """Verify what was asked. With an export and ``against_log`` False (the log was not
+    named, only found at the default place), the log is compared with the export only if
+    it holds the export's first row; else the export is checked on its own, and the
+    unrelated log is neither verified nor written."""
+    log: Path | None = db if db.exists() else None
+    note = None
+    if exported is not None and log is None:
+        note = f"(no audit log at {db}: the export was checked on its own)"
+    elif exported is not None and log is not None and not against_log:
+        log = log if _export_is_of(exported, log) else None
+        if log is None:
+            note = (
+                f"(the audit log {db} does not hold the export's first row, so the export is "
+                "of another log: it was checked on its own; give --audit-db FILE to compare "
+                "it with its log)"
+            )
     if log is None and checkpoints is not None:
         raise AuditError(f"no audit log at {db} to hold the checkpoints against")
+    if log is None and exported is None:
+        raise AuditError(f"no audit log at {db}: check the path (--audit-db, BBRX_AUDIT_DB)")
     found = verifications(
         log, checkpoints=checkpoints, allowed_signers=allowed_signers, exported=exported
     )
@@ -258,13 +329,12 @@ def verify(
     lines = [line for v in found for line in v.lines]
     problems = [v.lines[0] for v in found if not v.ok and v.lines]
     if log is None:
-        lines.append(f"(no audit log at {db}: the export was checked on its own)")
-        return ReviewOutcome(ok, lines, problems=problems)
+        return ReviewOutcome(ok, [*lines, *([note] if note else [])], problems=problems)
     detail = {
         "result": "intact" if ok else "BROKEN",
         "checks": {v.title: "ok" if v.ok else v.lines[0] for v in found},
-        "checkpoints": str(checkpoints) if checkpoints else None,
-        "export": str(exported) if exported else None,
+        "checkpoints": str(checkpoints.resolve()) if checkpoints else None,
+        "export": str(exported.resolve()) if exported else None,
     }
     record = record_read(db, "verify", reader, ok=ok, detail=detail)
     return ReviewOutcome(ok, lines, record, problems)
@@ -317,16 +387,18 @@ def report(
     detail = {
         "filters": flt.as_dict(),
         "run": run,
-        "output": str(output),
+        "output": str(output.resolve()),
         "sha256": _sha256(output),
         "runs": len(runs),
         "events": events,
         "verified": "intact" if ok else "BROKEN",
     }
     lines = [f"report of {len(runs)} runs ({events} events) written to {output}"]
+    problems = [v.lines[0] for v in found if not v.ok and v.lines]
     if not ok:
         lines.append("the log did NOT verify: the report says how")
-    return ReviewOutcome(True, lines, record_read(db, "report", reader, ok=True, detail=detail))
+    record = record_read(db, "report", reader, ok=True, detail=detail)
+    return ReviewOutcome(ok, lines, record, problems)
 
 
 # --- evidence ----------------------------------------------------------------------------
@@ -430,7 +502,7 @@ def evidence(
     digest = _sha256(output)
     detail = {
         "filters": flt.as_dict(),
-        "output": str(output),
+        "output": str(output.resolve()),
         "sha256": digest,
         "runs": len(runs),
         "events": len(rows),
@@ -441,7 +513,9 @@ def evidence(
         f"verification {'intact' if ok else 'BROKEN'}",
         f"sha256 {digest}  (record it in the ticket)",
     ]
-    return ReviewOutcome(True, lines, record_read(db, "evidence", reader, ok=True, detail=detail))
+    problems = [v.lines[0] for v in found if not v.ok and v.lines]
+    record = record_read(db, "evidence", reader, ok=True, detail=detail)
+    return ReviewOutcome(ok, lines, record, problems)
 
 
 def _write_tar(out: IO[bytes], folder: str, files: dict[str, bytes]) -> None:
@@ -457,10 +531,34 @@ def _write_tar(out: IO[bytes], folder: str, files: dict[str, bytes]) -> None:
 # --- checkpoint --------------------------------------------------------------------------
 
 
+def _fingerprint(key: Path) -> str | None:
+    """The key's SHA256 fingerprint as ssh-keygen prints it, for the record; None if it
+    cannot say (the signature itself is what counts)."""
+    try:
+        done = subprocess.run(
+            ["ssh-keygen", "-l", "-f", str(key)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    words = done.stdout.split()
+    return words[1] if done.returncode == 0 and len(words) > 1 else None
+
+
 def checkpoint(db: Path, key: Path, output: Path, reader: Reader) -> ReviewOutcome:
     """Sign the log's head into ``output``, then record that it was done."""
     signed = sign_checkpoint(db, key, output)
-    detail = {"output": str(output), "seq": signed.seq, "hash": signed.hash, "key": str(key)}
+    detail = {
+        "output": str(output.resolve()),
+        "number": signed.number,
+        "seq": signed.seq,
+        "hash": signed.hash,
+        "key": str(key.resolve()),
+        "key_fingerprint": _fingerprint(key),
+    }
     lines = [f"checkpoint {signed.number} of {output}: seq {signed.seq} hash {signed.hash}"]
     return ReviewOutcome(True, lines, record_read(db, "checkpoint", reader, ok=True, detail=detail))
 
@@ -472,6 +570,7 @@ __all__ = [
     "evidence",
     "export",
     "export_and_follow",
+    "export_to_file",
     "report",
     "select_runs",
     "verifications",

@@ -135,7 +135,8 @@ def verify_log(path: str | Path) -> VerifyReport:
                     bad_seq = seq
                     problem = f"seq {seq}: hash does not match its content (row edited)"
                 elif (lacking := field_problem(_fields(values))) is not None:
-                    # Only a rewritten chain holds a row append would have refused.
+                    # append refuses such a row: only a rewritten chain (or a row an old
+                    # bbrx wrote) holds one.
                     bad_seq = seq
                     problem = f"seq {seq}: {lacking} (PCI DSS 10.2 fields; row rewritten)"
                 if problem is not None:

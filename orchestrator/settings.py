@@ -41,6 +41,15 @@ def audit_busy_timeout() -> float:
 
 def identity(operator: str | None, reason: str | None) -> Identity:
     """--operator, else `$BBRX_OPERATOR`, else user@hostname."""
+    for given, where in (
+        (operator, "--operator"),
+        (os.environ.get("BBRX_OPERATOR"), "BBRX_OPERATOR"),
+    ):
+        if given is not None and given and not given.strip():
+            raise UsageError(
+                f"{where} is blank: the audit log must say who ran this",
+                hint="Give a name (user@host, an employee id), or leave it out for user@hostname.",
+            )
     name = operator or os.environ.get("BBRX_OPERATOR") or Identity.default_operator()
     return Identity(operator=name, reason=reason or None)
 

@@ -352,6 +352,15 @@ def test_a_rechained_row_without_its_operator_fails_the_required_fields(
     assert "does not give the user identification" in (report.problem or "")
 
 
+def manifest_runs(folder: Path) -> list[dict]:
+    """The first row of each run in the pack's JSONL export."""
+    first: dict[str, dict] = {}
+    for line in (folder / "events.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        first.setdefault(row["run_id"], row)
+    return list(first.values())
+
+
 # --- report and evidence ------------------------------------------------------------------
 
 
@@ -359,8 +368,12 @@ def test_the_evidence_pack_checks_out_with_sha256sum(
     reviewer: Bbrx, review_log: ReviewLog, tmp_path: Path
 ) -> None:
     pack = tmp_path / "evidence.tar.gz"
+    # The README's question: every backup of sim://demo this week, who, why, and proof.
     result = reviewer(
-        "audit", "evidence", "--target", "sim://demo", "--operation", "backup", "-o", str(pack)
+        "audit",
+        "evidence",
+        *("--target", "sim://demo", "--operation", "backup", "--since", "7d"),
+        *("-o", str(pack)),
     )
     assert result.code == 0, result
     assert "sha256 " in result.stdout
@@ -386,7 +399,12 @@ def test_the_evidence_pack_checks_out_with_sha256sum(
     manifest = json.loads((folder / "MANIFEST.json").read_text())
     assert set(manifest["runs"]) == {review_log.run_ids[i] for i in (0, 2, 4)}
     assert manifest["verified"] == "intact"
-    assert manifest["filters"] == {"target": ["sim://demo"], "operation": ["backup"]}
+    assert manifest["filters"] == {
+        "since": "7d",
+        "target": ["sim://demo"],
+        "operation": ["backup"],
+    }
+    assert {r["operator"] for r in manifest_runs(folder)} == {"alice", "bob", "carol"}
     assert "intact" in (folder / "verification.txt").read_text()
     assert reviewer("audit", "verify", "--export", str(folder / "events.jsonl")).code == 0
     # Evidence is never overwritten.
@@ -532,3 +550,70 @@ def test_python_m_audit_does_it_all_without_bbrx(
         "audit-report",
         "audit-evidence",
     ]
+
+
+# --- what a review found: each a user-visible promise -------------------------------------
+
+
+def test_a_blank_operator_is_refused_before_it_reaches_the_log(
+    reviewer: Bbrx, review_log: ReviewLog
+) -> None:
+    before = verify_log(review_log.path).count
+    run = reviewer("--operator", "  ", "director", "--host", "sim://demo", "pre-backup-check")
+    assert run.code == 1 and "--operator is blank" in run.stderr
+    reviewer.env["BBRX_OPERATOR"] = " "
+    read = reviewer("audit", "verify")
+    assert read.code == 1 and "BBRX_OPERATOR is blank" in read.stderr
+    assert verify_log(review_log.path).count == before
+    with AuditLog(review_log.path) as log, pytest.raises(AuditError, match="empty or blank"):
+        log.append(**{**_columns(log), "operator": "\t"})
+
+
+def _columns(log: AuditLog) -> dict:
+    row = log.event(1)
+    assert row is not None
+    keep = set(row) - {"seq", "ts", "prev_hash", "hash", "detail"}
+    return {k: row[k] for k in keep}
+
+
+def test_a_report_of_a_broken_log_is_written_and_exits_1(
+    reviewer: Bbrx, review_log: ReviewLog, tmp_path: Path
+) -> None:
+    with sqlite3.connect(review_log.path) as conn:
+        conn.execute("DROP TRIGGER events_no_update")
+        conn.execute("UPDATE events SET reason = 'nothing to see' WHERE seq = 7")
+    conn.close()
+    page = tmp_path / "broken.html"
+    result = reviewer("audit", "report", "-o", str(page))
+    assert result.code == 1
+    assert "seq 7: hash does not match its content" in result.stderr
+    assert "BROKEN" in page.read_text()
+    pack = reviewer("audit", "evidence", "-o", str(tmp_path / "e.tar.gz"))
+    assert pack.code == 1 and (tmp_path / "e.tar.gz").exists()
+
+
+def test_an_export_is_not_held_to_an_unrelated_log(
+    reviewer: Bbrx, review_log: ReviewLog, tmp_path: Path
+) -> None:
+    out = tmp_path / "e.jsonl"
+    assert reviewer("audit", "export", "--outcome", "failed", "-o", str(out)).code == 0
+    # Another jump box, with a log of its own at the default place.
+    other = Bbrx(tmp_path / "elsewhere")
+    other.home.mkdir()
+    assert other("director", "--host", "sim://demo", "pre-backup-check").code == 0
+    before = verify_log(other.audit_db).count
+    alone = other("audit", "verify", "--export", str(out))
+    assert alone.code == 0, alone
+    assert "is of another log: it was checked on its own" in alone.stdout
+    assert verify_log(other.audit_db).count == before  # nothing recorded there
+    named = other("audit", "verify", "--export", str(out), "--audit-db", str(other.audit_db))
+    assert named.code == 1  # named, it is compared, and it is not that log's
+    held = other("audit", "verify", "--export", str(out), "--audit-db", str(review_log.path))
+    assert held.code == 0, held
+
+
+def test_a_follow_that_cannot_start_leaves_no_file(reviewer: Bbrx, tmp_path: Path) -> None:
+    out = tmp_path / "f.jsonl"
+    result = reviewer("audit", "export", "--follow", "--outcome", "failed", "-o", str(out))
+    assert result.code == 1 and "cannot be followed" in result.stderr
+    assert not out.exists()

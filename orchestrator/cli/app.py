@@ -724,6 +724,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except click_exceptions.ClickException as error:
         error.show()
         code = 1
+    except BrokenPipeError:
+        # Whoever read our stdout went away (`bbrx audit export | head`): nothing to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     except Exception as error:  # a bug: say so plainly, keep the traceback for --debug
         log.debug("internal error", exc_info=True)
         typer.echo(

@@ -17,6 +17,7 @@ one library function and renders; `app.main` turns errors into exit codes.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -33,7 +34,7 @@ from audit.reads import Reader
 from audit.render import printable
 from orchestrator import settings
 from orchestrator.cli.app import AuditDbOption, Globals, _merge, audit_app
-from orchestrator.errors import UsageError
+from orchestrator.errors import AuditBrokenError, UsageError
 from orchestrator.state import review
 
 SinceOption = Annotated[
@@ -201,6 +202,9 @@ def audit_verify(
     --checkpoints, that the log still holds every signed head (which catches a truncated
     or re-chained log)."""
     path, reader = _context(ctx, audit_db, reason)
+    # An export is compared with a log the reviewer named; a log merely found at the
+    # default place only if it is the export's own.
+    named = _merge(ctx).audit_db is not None or bool(os.environ.get("BBRX_AUDIT_DB"))
     lines = review.verify(
         path,
         reader,
@@ -208,8 +212,20 @@ def audit_verify(
         checkpoints=checkpoints,
         allowed_signers=allowed_signers,
         exported=export,
+        against_log=named,
     )
     _echo(lines)
+
+
+def _finish(outcome: reviewer.ReviewOutcome) -> None:
+    """Print what a report or evidence command made; a log that did not verify still gets
+    its report (that is the evidence), and then exits 1."""
+    _echo(outcome.all_lines())
+    if not outcome.ok:
+        raise AuditBrokenError(
+            outcome.problems[0] if outcome.problems else "the audit log did not verify",
+            hint="The file was written, saying so. Keep the log as evidence.",
+        )
 
 
 def _stop_on_signals() -> tuple[threading.Event, list[tuple[signal.Signals, Any]]]:
@@ -223,9 +239,11 @@ def _stop_on_signals() -> tuple[threading.Event, list[tuple[signal.Signals, Any]
 
 
 @contextlib.contextmanager
-def _follow_output(output: Path | None) -> Iterator[typer.FileTextWrite]:
+def _follow_output(output: Path | None) -> Iterator[Any]:
+    """Where a follower writes: stdout, or a new file (removed again if the follow fails
+    before writing anything, so that a retry is not refused)."""
     if output is None:
-        yield sys.stdout  # type: ignore[misc]
+        yield sys.stdout
         return
     try:
         stream = output.open("x", encoding="utf-8", newline="")
@@ -236,8 +254,14 @@ def _follow_output(output: Path | None) -> Iterator[typer.FileTextWrite]:
         ) from None
     except OSError as error:
         raise UsageError(f"cannot write {output}: {error.strerror}") from error
-    with stream:
-        yield stream  # type: ignore[misc]
+    try:
+        with stream:
+            yield stream
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if output.stat().st_size == 0:
+                output.unlink()
+        raise
 
 
 @audit_app.command("export")
@@ -283,8 +307,7 @@ def audit_export(
     elif output is None:
         outcome_ = reviewer.export(path, flt, fmt, sys.stdout, reader)
     else:
-        with reviewer.atomic_output(output) as stream:
-            outcome_ = reviewer.export(path, flt, fmt, stream, reader, output=output)
+        outcome_ = reviewer.export_to_file(path, flt, fmt, output, reader)
     _echo(outcome_.all_lines(), err=True)
 
 
@@ -325,7 +348,7 @@ def audit_report(
         checkpoints=checkpoints,
         allowed_signers=allowed_signers,
     )
-    _echo(outcome_.all_lines())
+    _finish(outcome_)
 
 
 @audit_app.command("evidence")
@@ -354,7 +377,7 @@ def audit_evidence(
     outcome_ = reviewer.evidence(
         path, flt, output, reader, checkpoints=checkpoints, allowed_signers=allowed_signers
     )
-    _echo(outcome_.all_lines())
+    _finish(outcome_)
 
 
 @audit_app.command("checkpoint")

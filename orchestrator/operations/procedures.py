@@ -170,13 +170,17 @@ def _sign_checkpoint(request: Request, run_id: str) -> None:
         return
     try:
         signed = sign_checkpoint(request.audit_db, signing.key, signing.file)
-    except AuditError as error:
+    except (AuditError, OSError) as error:
+        # An OSError (a temp dir that cannot be made) must not turn a done run into an
+        # internal error either.
+        message = error.message if isinstance(error, AuditError) else str(error)
+        hint = error.hint if isinstance(error, AuditError) else None
         log.warning(
             "run %s: no checkpoint signed into %s: %s%s",
             run_id,
             signing.file,
-            error.message,
-            f" ({error.hint})" if error.hint else "",
+            message,
+            f" ({hint})" if hint else "",
         )
         return
     log.info(

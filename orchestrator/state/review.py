@@ -25,6 +25,7 @@ def verify(
     checkpoints: Path | None = None,
     allowed_signers: Path | None = None,
     exported: Path | None = None,
+    against_log: bool = True,
 ) -> list[str]:
     """Lines to show when the log (its checkpoints, an exported copy, the artifact's tie
     to it) is intact; raise otherwise, naming the first thing wrong."""
@@ -34,6 +35,7 @@ def verify(
         checkpoints=checkpoints,
         allowed_signers=allowed_signers,
         exported=exported,
+        against_log=against_log,
     )
     if not outcome.ok:
         first = outcome.problems[0] if outcome.problems else "verification failed"
