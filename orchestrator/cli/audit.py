@@ -171,8 +171,10 @@ def audit_show(
     run: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
     audit_db: AuditDbOption = None,
 ) -> None:
-    """The timeline of one run: every transition, job and script (and the rows that went to
-    the fallback journal when the log could not be written)."""
+    """The timeline of one run: every transition, job and script.
+
+    The rows that went to the fallback journal when the log could not be written follow.
+    """
     path, _ = _context(ctx, audit_db)
     typer.echo(review.timeline(path, run))
 
@@ -198,9 +200,11 @@ def audit_verify(
     reason: ReasonOption = None,
     audit_db: AuditDbOption = None,
 ) -> None:
-    """Check the hash chain, the required fields and the append-only guards; with
-    --checkpoints, that the log still holds every signed head (which catches a truncated
-    or re-chained log)."""
+    """Check the hash chain, the required fields, the guards, and signed checkpoints.
+
+    With --checkpoints, the log must still hold every signed head: what catches a
+    truncated or re-chained log. With --export, a JSONL copy is checked row by row.
+    """
     path, reader = _context(ctx, audit_db, reason)
     # An export is compared with a log the reviewer named; a log merely found at the
     # default place only if it is the export's own.
@@ -290,8 +294,10 @@ def audit_export(
     reason: ReasonOption = None,
     audit_db: AuditDbOption = None,
 ) -> None:
-    """Every event of the selected runs, every column in a fixed order, for a SIEM or a
-    spreadsheet."""
+    """Every event of the selected runs, as JSONL or CSV, for a SIEM or a spreadsheet.
+
+    Every column, in the schema's order; --follow then streams new events.
+    """
     flt = _filter(since, until, target, operator, operation, outcome, mode)
     path, reader = _context(ctx, audit_db, reason)
     if follow:
@@ -333,8 +339,10 @@ def audit_report(
     reason: ReasonOption = None,
     audit_db: AuditDbOption = None,
 ) -> None:
-    """One self-contained HTML page: who ran what and why, the verification, and each run's
-    timeline picture and events."""
+    """One self-contained HTML page: who ran what and why, verified, run by run.
+
+    Each run has a timeline picture and its events table.
+    """
     flt = _filter(since, until, target, operator, operation, outcome, mode)
     if run is not None and not flt.empty:
         raise UsageError("give a RUN or filters, not both")
@@ -370,8 +378,11 @@ def audit_evidence(
     reason: ReasonOption = None,
     audit_db: AuditDbOption = None,
 ) -> None:
-    """A pack to attach to a ticket: the export (JSONL and CSV), the report, the
-    verification, the checkpoints and a manifest of SHA-256 digests."""
+    """An evidence pack (.tar.gz) to attach to a ticket, with SHA-256 digests.
+
+    It holds the export (JSONL and CSV), the report, the verification, the checkpoints
+    and a manifest.
+    """
     flt = _filter(since, until, target, operator, operation, outcome, mode)
     path, reader = _context(ctx, audit_db, reason)
     outcome_ = reviewer.evidence(
@@ -405,8 +416,11 @@ def audit_checkpoint(
     reason: ReasonOption = None,
     audit_db: AuditDbOption = None,
 ) -> None:
-    """Sign the log's chain head (seq, hash, time, log id) with an SSH key and append it to
-    a checkpoint file: what later catches a truncated or re-chained log."""
+    """Sign the log's chain head with an SSH key into a checkpoint file kept elsewhere.
+
+    The head (seq, hash, time, log id) is signed with ssh-keygen -Y sign: what later
+    catches a truncated or re-chained log.
+    """
     path, reader = _context(ctx, audit_db, reason)
     signing = settings.checkpoint_signing(key, output)
     outcome_ = reviewer.checkpoint(path, signing.key, signing.file, reader)
