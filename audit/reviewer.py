@@ -239,6 +239,11 @@ def export_and_follow(
 # --- verify ------------------------------------------------------------------------------
 
 
+def _problems(found: list[Verification]) -> list[str]:
+    """The first line of each check that failed: what an error message leads with."""
+    return [v.lines[0] for v in found if not v.ok and v.lines]
+
+
 def _need_signers(checkpoints: Path | None, allowed_signers: Path | None) -> None:
     if checkpoints is not None and allowed_signers is None:
         raise AuditError(
@@ -327,7 +332,7 @@ def verify(
     )
     ok = all(v.ok for v in found)
     lines = [line for v in found for line in v.lines]
-    problems = [v.lines[0] for v in found if not v.ok and v.lines]
+    problems = _problems(found)
     if log is None:
         return ReviewOutcome(ok, [*lines, *([note] if note else [])], problems=problems)
     detail = {
@@ -394,7 +399,7 @@ def report(
         "verified": "intact" if ok else "BROKEN",
     }
     lines = [f"report of {len(runs)} runs ({events} events) written to {output}"]
-    problems = [v.lines[0] for v in found if not v.ok and v.lines]
+    problems = _problems(found)
     if not ok:
         lines.append("the log did NOT verify: the report says how")
     record = record_read(db, "report", reader, ok=True, detail=detail)
@@ -513,7 +518,7 @@ def evidence(
         f"verification {'intact' if ok else 'BROKEN'}",
         f"sha256 {digest}  (record it in the ticket)",
     ]
-    problems = [v.lines[0] for v in found if not v.ok and v.lines]
+    problems = _problems(found)
     record = record_read(db, "evidence", reader, ok=True, detail=detail)
     return ReviewOutcome(ok, lines, record, problems)
 
