@@ -25,7 +25,12 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, BinaryIO, Protocol, cast
 
-from orchestrator.bbr.artifact import INCOMPLETE_SUFFIX, custom_tar_name, tar_name
+from orchestrator.bbr.artifact import (
+    INCOMPLETE_SUFFIX,
+    ThreadedDigest,
+    custom_tar_name,
+    tar_name,
+)
 from orchestrator.errors import DiscoveryError, InterruptedRunError, TransportError
 from orchestrator.transport.instance import (
     IGNORED_JOBS,
@@ -409,6 +414,7 @@ class SimInstance:
             try:
                 yield stream
             except BaseException as error:
+                sent.close()
                 self._signal_group(proc, signal.SIGKILL)
                 stdout.close()
                 proc.wait()
@@ -419,6 +425,7 @@ class SimInstance:
             returncode = proc.wait()
             self._end_transfer(proc, job)
             if returncode != 0:
+                sent.close()
                 errors.seek(0)
                 message = errors.read().decode("utf-8", errors="replace").strip()
                 raise TransportError(
@@ -598,20 +605,25 @@ class _Readable(Protocol):
 
 class _VmSide:
     """The VM's end of a backup's copy: its tar's stream, hashed as it leaves the VM (over
-    SSH, `tee` into `openssl dgst` on the VM does this; see transport.ssh._pack_command)."""
+    SSH, `tee` into `openssl dgst` on the VM does this; see transport.ssh._pack_command).
+    In a thread of its own, as the VM's hash runs on the VM's CPU, not the jump box's."""
 
     def __init__(self, source: IO[bytes]) -> None:
         self._source = source
-        self._digest = hashlib.sha256()
+        self._digest = ThreadedDigest()
 
     def read(self, size: int = -1, /) -> bytes:
         data = self._source.read(size)
-        self._digest.update(data)
+        if data:
+            self._digest.update(data)
         return data
 
     def drain(self) -> None:
         while chunk := self._source.read(_CHUNK):
             self._digest.update(chunk)
+
+    def close(self) -> None:
+        self._digest.close()
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()

@@ -273,7 +273,7 @@ class ArtifactWriter:
         well not parse.
         """
         hasher = TarHasher(strict=False)
-        whole = _ThreadedDigest()
+        whole = ThreadedDigest()
         broken: TarStreamError | None = None
         try:
             with open(path, "rb") as source:
@@ -716,7 +716,7 @@ class TarReader:
         )
         self.path = directory / self.name
         self._hasher = TarHasher(listed=job.checksums)
-        self._whole: _ThreadedDigest | None = None  # started by chunks(): no idle thread
+        self._whole: ThreadedDigest | None = None  # started by chunks(): no idle thread
         self._digest: str | None = None
 
     @property
@@ -733,7 +733,7 @@ class TarReader:
         return self._hasher.bytes
 
     def chunks(self, check: Callable[[], None] | None = None) -> Iterator[bytes]:
-        whole = self._whole = _ThreadedDigest()
+        whole = self._whole = ThreadedDigest()
         try:
             with open(self.path, "rb") as source:
                 for chunk in _chunks(source, check):
@@ -769,7 +769,7 @@ class TarReader:
         )
 
 
-class _ThreadedDigest:
+class ThreadedDigest:
     """SHA-256 of a stream, computed in a thread of its own.
 
     The reader hashes every file's data for the metadata and the whole stream for the
