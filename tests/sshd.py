@@ -83,8 +83,17 @@ case "$word" in
   corrupt)
     # Out: after the VM's tar (and the digest its -I filter takes); in: in flight, before
     # the VM's tar reads it. One byte at the offset the simulator's _corrupted flips (file
-    # data of the seed's blobstore, so the tar stays readable).
-    if [[ $mode == out ]]; then "$real" "$@" | flip 600000; exit; fi
+    # data of the seed's blobstore, so the tar stays readable); in a shorter backup stream,
+    # byte 1024 (the data of the first file after ./ in the seed's small jobs).
+    if [[ $mode == out ]]; then
+      head=$(mktemp)
+      "$real" "$@" | {
+        head -c 600001 >"$head"; at=600000
+        (( $(stat -c %s "$head") > at )) || at=1024
+        flip "$at" <"$head"; cat
+      }
+      rm -f "$head"; exit
+    fi
     flip 600000 | "$real" "$@" ;;
   corrupt-local)
     [[ $mode == out ]] || exec "$real" "$@"  # a backup's copy only, as on the simulator
