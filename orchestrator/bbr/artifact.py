@@ -26,6 +26,7 @@ import queue
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -252,14 +253,22 @@ class ArtifactWriter:
             # Unbuffered: every chunk is in the file (the page cache) before the next is
             # read, and nothing waits in this process's memory to be written later.
             with open(path, "xb", buffering=0) as sink, _BackgroundSync(sink) as syncer:
+                started = time.monotonic()
                 for chunk in _chunks(stream, check):
                     _write_all(sink, chunk)
                     syncer.wrote(len(chunk))
                     if progress is not None:
                         progress(len(chunk))
+                streamed = time.monotonic()
                 os.fsync(sink.fileno())
         except OSError as exc:
             raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        log.debug(
+            "Wrote %s in %.2f s, then %.2f s for its fsync",
+            path.name,
+            streamed - started,
+            time.monotonic() - streamed,
+        )
         return path
 
     def read_back(self, path: Path, job: str, check: Callable[[], None] | None = None) -> LocalTar:
@@ -272,6 +281,7 @@ class ArtifactWriter:
         the whole file's digest with the VM's first, as a copy that changed on its way may
         well not parse.
         """
+        started = time.monotonic()
         hasher = TarHasher(strict=False)
         whole = ThreadedDigest()
         broken: TarStreamError | None = None
@@ -306,7 +316,13 @@ class ArtifactWriter:
                 "a checksum. Make the job's backup script write only those, then back up again "
                 "(every job has been unlocked).",
             )
-        log.debug("Read back %s (%d bytes, SHA-256 %s)", path.name, hasher.bytes, digest)
+        log.debug(
+            "Read back %s in %.2f s (%d bytes, SHA-256 %s)",
+            path.name,
+            time.monotonic() - started,
+            hasher.bytes,
+            digest,
+        )
         return LocalTar(path, digest, hasher.bytes, checksums, problem)
 
     def publish(self, finished: datetime, audit_head: dict[str, object]) -> Path:
