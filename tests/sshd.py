@@ -102,7 +102,13 @@ case "$word" in
     "$real" "$@" | { dd bs=1M count=1 iflag=fullblock 2>/dev/null; damage_copy "$job" 600000; cat; }
     exit ;;
   *)
-    if [[ $mode == out ]]; then "$real" "$@" | head -c 4096; else head -c 4096 >/dev/null; fi
+    # A dropped connection: what the VM's tar then says about its broken pipe (its hash
+    # filter's exit status, with -I) never reaches the jump box; the link's error does.
+    if [[ $mode == out ]]; then
+      "$real" "$@" 2>/dev/null | head -c 4096
+    else
+      head -c 4096 >/dev/null
+    fi
     printf '%s\n' "${rest:-connection reset by peer}" >&2
     exit 2 ;;
 esac
