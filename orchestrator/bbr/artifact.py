@@ -140,6 +140,7 @@ class ArtifactWriter:
         self.started = started
         self.checksums: dict[tuple[str, str, str], Checksums] = {}
         self.custom_checksums: dict[str, Checksums] = {}
+        self._custom_claimed: set[str] = set()
         self._lock = threading.Lock()  # drains of many instances write in parallel
         # Only what this writer made is ever removed: another run's backup that happens to
         # have the same name is left alone.
@@ -209,8 +210,9 @@ class ArtifactWriter:
         progress: Callable[[int], None] | None = None,
     ) -> Path:
         """Write a custom artifact (a `backup_one_restore_all` job's bootstrap copy)."""
-        with self._lock:
-            taken = name in self.custom_checksums or (self.partial / custom_tar_name(name)).exists()
+        with self._lock:  # claimed here: of two groups draining at once, one gets the name
+            taken = name in self._custom_claimed or (self.partial / custom_tar_name(name)).exists()
+            self._custom_claimed.add(name)
         if taken:
             # bbr overwrites one with the other, silently: a backup that lost a group's data.
             raise ArtifactError(
