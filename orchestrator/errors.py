@@ -53,6 +53,36 @@ class TransportError(BbrxError):
         self.host = host
 
 
+class CopyCorruptError(TransportError):
+    """A job's tar on the jump box is not what the VM sent: the SHA-256 the VM computed of
+    the stream, as its tar wrote it, differs from the SHA-256 of the copy on the jump box's
+    disk (read back after it was synced). A transfer failure: exit bit 1."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        job: str,
+        host: str,
+        vm_sha256: str,
+        local_sha256: str,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, host=host, hint=hint)
+        self.job = job
+        self.vm_sha256 = vm_sha256
+        self.local_sha256 = local_sha256
+
+    def detail(self) -> dict[str, object]:
+        return {
+            **super().detail(),
+            "job": self.job,
+            "host": self.host,
+            "vm_sha256": self.vm_sha256,
+            "local_sha256": self.local_sha256,
+        }
+
+
 class DiscoveryError(TransportError):
     """The job scripts on the instance could not be listed."""
 

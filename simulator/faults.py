@@ -12,17 +12,24 @@ FAULT_GRAMMAR = "fail [EXIT_CODE [MESSAGE...]] | hang | sleep SECONDS"
 # (a dropped connection), applied by SimInstance.stream_out / stream_in.
 TRANSFER = "transfer"
 TRANSFER_GRAMMAR = (
-    "fail [MESSAGE...] (the connection drops mid-copy) | corrupt (one byte changes in flight)"
-    " | sleep SECONDS (the copy starts that much later: a slow link)"
+    "fail [MESSAGE...] (the connection drops mid-copy) | corrupt (one byte changes in flight,"
+    " after the VM hashed it) | corrupt-local (a backup's copy changes on the jump box's disk"
+    " after bbrx wrote it) | sleep SECONDS (the copy starts that much later: a slow link)"
 )
 _TRANSFER_FAIL = re.compile(r"^fail(?: (\S.*))?$")
+# Between the VM's read (and digest) and the jump box: the link, a pipe, the copy.
 CORRUPT = "corrupt"
+# On the jump box, once the byte is in its file: a faulty disk, or another process writing
+# there. A backup's copy only (a restore's local tar is checked against its metadata).
+CORRUPT_LOCAL = "corrupt-local"
 _SLEEP = re.compile(r"^sleep (\d+(?:\.\d+)?)$")
 
 
 def validate_transfer_fault(spec: str) -> str:
     normalised = " ".join(spec.split())
-    if normalised != CORRUPT and not (_TRANSFER_FAIL.match(normalised) or _SLEEP.match(normalised)):
+    if normalised not in (CORRUPT, CORRUPT_LOCAL) and not (
+        _TRANSFER_FAIL.match(normalised) or _SLEEP.match(normalised)
+    ):
         raise TargetError(f"invalid transfer fault {spec!r}: expected {TRANSFER_GRAMMAR}")
     return normalised
 

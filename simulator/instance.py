@@ -23,8 +23,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, BinaryIO, cast
+from typing import IO, BinaryIO, Protocol, cast
 
+from orchestrator.bbr.artifact import (
+    INCOMPLETE_SUFFIX,
+    ThreadedDigest,
+    custom_tar_name,
+    tar_name,
+)
 from orchestrator.errors import DiscoveryError, InterruptedRunError, TransportError
 from orchestrator.transport.instance import (
     IGNORED_JOBS,
@@ -35,10 +41,17 @@ from orchestrator.transport.instance import (
     Job,
     ScriptCall,
     ScriptResult,
+    VmStream,
 )
 from orchestrator.transport.scriptio import MARKER_VAR, ScriptOutput, warn_leftovers
 from simulator.calllog import append_call
-from simulator.faults import CORRUPT, TRANSFER, transfer_delay, transfer_failure_message
+from simulator.faults import (
+    CORRUPT,
+    CORRUPT_LOCAL,
+    TRANSFER,
+    transfer_delay,
+    transfer_failure_message,
+)
 from simulator.vm import FAULTS_DIR, JOBS_DIR, STORE_DIR, WORK_DIR, SimVm
 
 log = logging.getLogger(__name__)
@@ -377,7 +390,7 @@ class SimInstance:
         return path
 
     @contextmanager
-    def stream_out(self, job: str) -> Iterator[BinaryIO]:
+    def stream_out(self, job: str) -> Iterator[VmStream]:
         path = self._existing_artifact_path(job)
         fault = self._transfer_fault(job)
         # stderr goes to a file: a pipe nobody reads while we stream could fill and block tar.
@@ -387,23 +400,32 @@ class SimInstance:
             )
             stdout = proc.stdout
             assert stdout is not None
+            # The VM's end: its SHA-256 of what its tar wrote, as it leaves the VM. Every
+            # fault below acts after it, as the link, a pipe or the jump box would.
+            sent = _VmSide(stdout)
+            source: _Readable = sent
+            if fault == CORRUPT:
+                source = _CorruptingReader(sent)
+            elif fault == CORRUPT_LOCAL:
+                source = _LocalCorrupter(sent, self._local_copy_name(job))
+            elif fault is not None and transfer_delay(fault) is None:
+                source = _DroppingReader(sent, self._dropped(job, fault))
+            stream = VmStream(cast(BinaryIO, source))
             try:
-                if fault == CORRUPT:
-                    yield cast(BinaryIO, _CorruptingReader(stdout))
-                elif fault is not None and transfer_delay(fault) is None:
-                    yield cast(BinaryIO, _DroppingReader(stdout, self._dropped(job, fault)))
-                else:
-                    yield cast(BinaryIO, stdout)
+                yield stream
             except BaseException as error:
+                sent.close()
                 self._signal_group(proc, signal.SIGKILL)
                 stdout.close()
                 proc.wait()
                 self._end_transfer(proc, job, error)
                 raise
+            sent.drain()  # what the reader left unread was sent all the same
             stdout.close()
             returncode = proc.wait()
             self._end_transfer(proc, job)
             if returncode != 0:
+                sent.close()
                 errors.seek(0)
                 message = errors.read().decode("utf-8", errors="replace").strip()
                 raise TransportError(
@@ -411,6 +433,13 @@ class SimInstance:
                     f"tar exited {returncode}: {message or 'no message'}",
                     host=self.address,
                 )
+            stream.sha256 = sent.hexdigest()
+
+    def _local_copy_name(self, job: str) -> str:
+        """The name bbrx gives this artifact's tar on the jump box."""
+        if job.endswith(BORA_SUFFIX):
+            return custom_tar_name(job)
+        return tar_name(self.group, self.index, job)
 
     def stream_in(self, job: str, chunks: Iterator[bytes]) -> str:
         self.make_artifact_directory(job)
@@ -428,7 +457,10 @@ class SimInstance:
             broken = False
             try:
                 corrupt = fault == CORRUPT
-                drops = fault is not None and not corrupt and transfer_delay(fault) is None
+                # (corrupt-local is a backup's: a restore's local tar is checked as it is read)
+                drops = (
+                    fault not in (None, CORRUPT, CORRUPT_LOCAL) and transfer_delay(fault) is None
+                )
                 for number, chunk in enumerate(_corrupted(chunks) if corrupt else chunks):
                     if drops and number == 1:
                         raise self._dropped(job, fault or "")
@@ -567,13 +599,101 @@ def _close_quietly(stream: IO[bytes]) -> None:
         stream.close()
 
 
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class _VmSide:
+    """The VM's end of a backup's copy: its tar's stream, hashed as it leaves the VM (over
+    SSH, `tee` into `openssl dgst` on the VM does this; see transport.ssh._pack_command).
+    In a thread of its own, as the VM's hash runs on the VM's CPU, not the jump box's."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self._source = source
+        self._digest = ThreadedDigest()
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._source.read(size)
+        if data:
+            self._digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        while chunk := self._source.read(_CHUNK):
+            self._digest.update(chunk)
+
+    def close(self) -> None:
+        self._digest.close()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+class _LocalCorrupter:
+    """The `corrupt-local` fault: the stream passes unchanged, and once a byte of file data
+    is in the jump box's copy (the reader asked for more after it), that byte is flipped in
+    the file, as a faulty disk, or another process writing there, would change it.
+
+    The copy is the file this process has open under the artifact's name in a
+    `.incomplete` backup directory. The byte is the one `corrupt` flips: offset 600,000,
+    or in a shorter stream the middle of its first non-empty file.
+    """
+
+    def __init__(self, source: _Readable, copy_name: str) -> None:
+        self._source = source
+        self._copy_name = copy_name
+        self._given = 0
+        self._head = bytearray()  # the stream up to the offset, to find a short one's
+        self._done = False
+
+    def read(self, size: int = -1, /) -> bytes:
+        # Asked for more: everything given so far is in the file (bbrx writes unbuffered).
+        if not self._done and self._given > CORRUPT_OFFSET:
+            self._flip(CORRUPT_OFFSET)
+        data = self._source.read(size)
+        if not data and not self._done:
+            offset = _first_file_byte(self._head)
+            if offset is None:
+                log.warning("corrupt-local fault: the tar holds no file data; nothing changed")
+                self._done = True
+            else:
+                self._flip(offset)
+        if len(self._head) <= CORRUPT_OFFSET:
+            self._head += data[: CORRUPT_OFFSET + 1 - len(self._head)]
+        self._given += len(data)
+        return data
+
+    def _flip(self, offset: int) -> None:
+        self._done = True
+        copy = _open_copy(self._copy_name)
+        if copy is None:
+            log.warning("corrupt-local fault: no open copy named %s here", self._copy_name)
+            return
+        with open(copy, "r+b") as handle:
+            handle.seek(offset)
+            byte = handle.read(1)
+            handle.seek(offset)
+            handle.write(bytes([byte[0] ^ 0x01]))
+        log.info("corrupt-local fault: flipped the byte at %d of %s", offset, copy)
+
+
+def _open_copy(name: str) -> Path | None:
+    """The file named `name` in a `.incomplete` backup directory that this process has open."""
+    for fd in os.listdir("/proc/self/fd"):
+        with suppress(OSError):
+            target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if target.name == name and target.parent.name.endswith(INCOMPLETE_SUFFIX):
+                return target
+    return None
+
+
 class _DroppingReader:
     """A tar stream that breaks after at most 64 KiB, and never reaches its end, as a
     connection dropped mid-copy would."""
 
     LIMIT = 64 * 1024
 
-    def __init__(self, source: IO[bytes], error: TransportError) -> None:
+    def __init__(self, source: _Readable, error: TransportError) -> None:
         self._source = source
         self._error = error
         self._given = 0
@@ -638,7 +758,7 @@ def _first_file_byte(tar: bytearray) -> int | None:
 
 
 class _CorruptingReader:
-    def __init__(self, source: IO[bytes]) -> None:
+    def __init__(self, source: _Readable) -> None:
         self._chunks = _corrupted(iter(lambda: source.read(_CHUNK), b""))
         self._buffer = b""
 

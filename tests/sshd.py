@@ -7,8 +7,10 @@ root (CI does), and is stopped by its own PID.
 
 Inside the namespace, tar is wrapped (TAR_SHIM) so that the simulator's transfer faults
 (`bbrx sim fault JOB transfer ...`) apply to copies over SSH too: the VM's real tar runs,
-and the wrapper drops, delays or corrupts its stream the way a bad link would. That is the
-one stand-in here; bbrx's side of every copy is the real ssh client and pipeline.
+and the wrapper drops, delays or corrupts its stream the way a bad link would (and, for
+`corrupt-local`, changes a byte of the jump box's copy once bbrx has written it, as a faulty
+disk would). That is the one stand-in here; bbrx's side of every copy is the real ssh
+client and pipeline.
 """
 
 from __future__ import annotations
@@ -58,15 +60,55 @@ flip() {
   dd bs=1 count=1 2>/dev/null | tr '\000-\377' '\001-\377\000'
   cat
 }
+# corrupt-local: the byte at $2 of the jump box's copy of job $1's tar, once it is written
+# there. The copy is the file a process on this machine has open as <name>.incomplete/
+# <group>-<index>-$1.tar under this test's own directory (the parent of the sshd's), and
+# only there: another test's backups are left alone. Opened through /proc/PID/fd, as root.
+damage_copy() {
+  local base=@BASE@ link n
+  for ((n = 0; n < 200; n++)); do
+    while read -r link; do
+      if (( $(stat -L -c %s "$link" 2>/dev/null || echo 0) > $2 )); then
+        dd if="$link" bs=1 skip="$2" count=1 2>/dev/null | tr '\000-\377' '\001-\377\000' |
+          dd of="$link" bs=1 seek="$2" count=1 conv=notrunc 2>/dev/null
+        return
+      fi
+    done < <(find /proc/[0-9]*/fd -maxdepth 1 -lname "$base/*.incomplete/*-$1.tar" 2>/dev/null)
+    sleep 0.05
+  done
+  echo "corrupt-local: found no copy of $1 on the jump box" >&2
+}
 case "$word" in
   sleep) sleep "$rest"; exec "$real" "$@" ;;
   corrupt)
-    if [[ $mode == out ]]; then "$real" "$@" | flip 1024; exit; fi
-    # In flight, before the VM's tar reads it: one byte at the offset the simulator's
-    # _Corrupter flips (file data of the seed's blobstore, so the tar stays readable).
+    # Out: after the VM's tar (and the digest its -I filter takes); in: in flight, before
+    # the VM's tar reads it. One byte at the offset the simulator's _corrupted flips (file
+    # data of the seed's blobstore, so the tar stays readable); in a shorter backup stream,
+    # byte 1024 (the data of the first file after ./ in the seed's small jobs).
+    if [[ $mode == out ]]; then
+      head=$(mktemp)
+      "$real" "$@" | {
+        head -c 600001 >"$head"; at=600000
+        (( $(stat -c %s "$head") > at )) || at=1024
+        flip "$at" <"$head"; cat
+      }
+      rm -f "$head"; exit
+    fi
     flip 600000 | "$real" "$@" ;;
+  corrupt-local)
+    [[ $mode == out ]] || exec "$real" "$@"  # a backup's copy only, as on the simulator
+    # The first MiB reaches the jump box; its byte 600,000 is changed there once written;
+    # then the rest follows.
+    "$real" "$@" | { dd bs=1M count=1 iflag=fullblock 2>/dev/null; damage_copy "$job" 600000; cat; }
+    exit ;;
   *)
-    if [[ $mode == out ]]; then "$real" "$@" | head -c 4096; else head -c 4096 >/dev/null; fi
+    # A dropped connection: what the VM's tar then says about its broken pipe (its hash
+    # filter's exit status, with -I) never reaches the jump box; the link's error does.
+    if [[ $mode == out ]]; then
+      "$real" "$@" 2>/dev/null | head -c 4096
+    else
+      head -c 4096 >/dev/null
+    fi
     printf '%s\n' "${rest:-connection reset by peer}" >&2
     exit 2 ;;
 esac
@@ -144,7 +186,11 @@ class TestSshd:
             )
         )
         shim = self.workdir / "tar"
-        shim.write_text(TAR_SHIM.replace("@REAL@", shlex.quote(str(self.workdir / "real-tar"))))
+        shim.write_text(
+            TAR_SHIM.replace("@REAL@", shlex.quote(str(self.workdir / "real-tar"))).replace(
+                "@BASE@", shlex.quote(str(self.workdir.resolve().parent))
+            )
+        )
         shim.chmod(0o755)
         shutil.copy2(TAR, self.workdir / "real-tar")
         mounts = (

@@ -42,8 +42,10 @@ def write_from_tar(writer: artifact.ArtifactWriter, directory: Path, job: str = 
     with subprocess.Popen(
         ["tar", "-C", str(directory), "-cf", "-", "."], stdout=subprocess.PIPE
     ) as proc:
-        sums = writer.write_job("bosh", "0", job, proc.stdout)
+        path = writer.write_job("bosh", "0", job, proc.stdout)
     assert proc.returncode == 0
+    sums = writer.read_back(path, job).checksums()
+    writer.add_job("bosh", "0", job, sums)
     return sums
 
 
@@ -58,6 +60,39 @@ def test_stream_hashes_equal_an_independent_computation_and_bytes_are_kept(tmp_p
     raw = subprocess.run(["tar", "-C", str(source), "-cf", "-", "."], capture_output=True).stdout
     written = (writer.partial / "bosh-0-director.tar").read_bytes()
     assert written == raw  # byte for byte what the VM's tar produced, padding included
+
+
+def test_read_back_describes_the_copy_on_disk_not_the_stream(tmp_path):
+    """The whole tar's SHA-256 (what a backup compares with the VM's) and every file's come
+    from the file as it is after its fsync: a byte changed there after it was written shows
+    in both."""
+    source = tmp_path / "job"
+    source.mkdir()
+    make_tree(source)
+    raw = subprocess.run(["tar", "-C", str(source), "-cf", "-", "."], capture_output=True).stdout
+    writer = artifact.ArtifactWriter(tmp_path, "demo", STARTED, "run-1")
+    writer.create()
+    path = writer.write_job("bosh", "0", "director", io.BytesIO(raw))
+    assert writer.read_back(path, "director").sha256 == hashlib.sha256(raw).hexdigest()
+
+    with open(path, "r+b") as handle:  # a byte of ./blobs/ab/cd's data, changed on disk
+        offset = raw.index((source / "blobs/ab/cd").read_bytes()) + 4096
+        handle.seek(offset)
+        handle.write(bytes([raw[offset] ^ 1]))
+    local = writer.read_back(path, "director")
+    assert local.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert local.sha256 != hashlib.sha256(raw).hexdigest()
+    assert local.size == len(raw)
+    changed = {k: v for k, v in local.checksums().items() if v != make_sums(source)[k]}
+    assert list(changed) == ["./blobs/ab/cd"]
+
+
+def make_sums(root: Path) -> dict[str, str]:
+    return {
+        "./" + p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
 
 
 def test_publish_writes_bbr_layout_and_metadata(tmp_path):

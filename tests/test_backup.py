@@ -3,6 +3,7 @@ which scripts ran in what order (from the VM's own call log), and audit rows."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import stat
 import subprocess
@@ -302,6 +303,67 @@ def test_transfer_failure_publishes_nothing_and_leaves_no_lock(target, out):
     assert "connection reset by peer" in drain_error["detail"]["message"]
     states = [r["to_state"] for r in rows if r["job"] is None]
     assert states[-3:] == ["draining", "cleaning", "failed"]
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["corrupt", "corrupt-local"],
+    ids=["a-byte-changed-in-flight", "a-byte-changed-on-the-jump-box-disk"],
+)
+def test_a_corrupted_copy_fails_the_backup_and_publishes_nothing(target, out, fault):
+    """Changed after the VM hashed what it sent (on the link), or in the jump box's copy
+    once written there: either way the two digests differ, and the backup says so."""
+    target.vm.set_fault("blobstore", "transfer", fault)
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 1, result
+    found = re.search(
+        rf"Error: the copy of bosh-0-blobstore\.tar \(job blobstore on bosh/0, "
+        rf"{re.escape(target.address)}\) is corrupted: the VM sent a tar stream with SHA-256 "
+        r"([0-9a-f]{64}), the jump box's copy on disk has SHA-256 ([0-9a-f]{64})\n"
+        r"Nothing was published: the partial backup is removed, and every job has been "
+        r"unlocked\. The bytes changed between the VM's tar and the jump box's disk: check "
+        r"the network, and the jump box's disk and memory, then back up again\.",
+        result.stderr,
+    )
+    assert found, result
+    vm_digest, local_digest = found.groups()
+    assert vm_digest != local_digest
+    assert backups(out) == []  # neither a published nor an .incomplete directory
+    assert target.unlock_env() == {job: "true" for job in ALL_JOBS}
+    assert target.vm.locked_jobs() == []
+    assert not target.work_dir().exists()
+    rows = target.bbrx.audit_rows()
+    [error] = [r for r in rows if r["trigger"] == "drain_error"]
+    assert error["job"] == "blobstore"
+    assert error["detail"]["error"] == "CopyCorruptError"
+    assert (error["detail"]["vm_sha256"], error["detail"]["local_sha256"]) == (
+        vm_digest,
+        local_digest,
+    )
+    # The other jobs' copies were good, and the run ends failed, after cleaning.
+    assert {r["job"] for r in rows if r["trigger"] == "drain_ok"} == {"bbr-credhubdb", "director"}
+    states = [r["to_state"] for r in rows if r["job"] is None]
+    assert states[-3:] == ["draining", "cleaning", "failed"]
+
+    # Once the fault is gone, the next backup is good and restores.
+    target.vm.clear_faults()
+    assert target.director("backup", "--artifact-path", str(out)).code == 0
+    [artifact] = backups(out)
+    validate(artifact)
+
+
+def test_each_tar_published_is_what_the_vm_says_it_sent(target, out):
+    """The VM's SHA-256 of each stream (the drain_ok row) is that of the tar on disk."""
+    assert target.director("backup", "--artifact-path", str(out)).code == 0
+    [artifact] = backups(out)
+    rows = target.bbrx.audit_rows()
+    sent = {
+        r["detail"]["artifact"]: r["detail"]["sha256"] for r in rows if r["trigger"] == "drain_ok"
+    }
+    on_disk = {
+        tar.name: hashlib.sha256(tar.read_bytes()).hexdigest() for tar in artifact.glob("*.tar")
+    }
+    assert sent == on_disk and len(on_disk) == 3
 
 
 def test_metadata_follows_bbrs_schema(target, out):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import subprocess
 import tarfile
 from dataclasses import replace
@@ -520,8 +521,10 @@ INSTANCE_FAULTS = [
     ("backup", "backup", "hang", 1, False),
     ("backup", "post-backup-unlock", "fail 7 stuck", 8, True),
     ("backup", "transfer", "fail connection reset", 1, False),
-    # A byte changed on its way *out* of the VM is not caught yet: issue 13 (the VM's own
-    # digest of a backup stream) adds that case.
+    # A byte changed on its way out of the VM (after the VM's digest of it), and one
+    # changed in the jump box's copy once written: the VM's digest and the copy's differ.
+    ("backup", "transfer", "corrupt", 1, False),
+    ("backup", "transfer", "corrupt-local", 1, False),
     ("restore", "pre-restore-lock", "fail 3 lock refused", 1, False),
     ("restore", "restore", "fail 4 bad dump", 1, False),
     ("restore", "restore", "hang", 1, False),
@@ -552,6 +555,15 @@ def test_a_fault_on_one_instance_of_three_leaves_every_instance_unlocked(
     message = "\n".join(str(e) for e in failed.value.errors)
     # The error names the instance at fault (transfer faults: the copy of its tar).
     assert "redis/2" in message or "redis-2-redis-server.tar" in message, message
+    if operation == "backup" and fault.startswith("corrupt"):
+        # The job, the instance and both digests, and what to do.
+        assert re.search(
+            r"the copy of redis-2-redis-server\.tar \(job redis-server on redis/2, "
+            r"sim://demo/redis/redis/2\) is corrupted: the VM sent a tar stream with SHA-256 "
+            r"[0-9a-f]{64}, the jump box's copy on disk has SHA-256 [0-9a-f]{64}\n"
+            r"Nothing was published",
+            message,
+        ), message
 
     lock_script = "pre-backup-lock" if operation == "backup" else "pre-restore-lock"
     unlock_script = "post-backup-unlock" if operation == "backup" else "post-restore-unlock"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sqlite3
 import time
@@ -43,7 +44,12 @@ SIGNALS = ("SIGINT", "SIGTERM", "SIGKILL")
 LOG_FAULT = "log unwritable"
 LOG_BUSY_TIMEOUT = "0.3"
 SCRIPT_FAULTS = ("fails", "hangs", *SIGNALS, LOG_FAULT)
-TRANSFER_FAULTS = ("transfer fails", *SIGNALS, LOG_FAULT)
+# A byte changed between the VM's digest and the jump box (the link, a pipe, the copy), and
+# one changed in the jump box's copy once it is on disk: only a backup has such a copy.
+IN_FLIGHT = "corrupted in flight"
+ON_DISK = "corrupted on the jump box's disk"
+CORRUPTIONS = {IN_FLIGHT: "corrupt", ON_DISK: "corrupt-local"}
+TRANSFER_FAULTS = ("transfer fails", *SIGNALS, LOG_FAULT, IN_FLIGHT, ON_DISK)
 
 # (operation, phase, script the fault is put on, timeout flag of that phase)
 PHASES = [
@@ -131,6 +137,7 @@ CASES = [
     Case(operation, phase, script, flag, fault)
     for operation, phase, script, flag in PHASES
     for fault in (TRANSFER_FAULTS if script == "transfer" else SCRIPT_FAULTS)
+    if not (fault == ON_DISK and operation == "restore")
 ]
 
 
@@ -196,6 +203,8 @@ def test_fault(case: Case, target: Target, tmp_path: Path, request: pytest.Fixtu
             assert set(target.unlock_env().values()) == {"true" if good else "false"}
     if case.fault == LOG_FAULT:
         check_journaled(case, target, stderr)
+    if case.fault in CORRUPTIONS:
+        check_corruption_named(case, target, stderr, rows, out)
     if case.needs_cleanup:
         told_to = f"bbrx director --host {target.address} {case.cleanup}"
         state = target.bbrx.read_only("status", "--host", target.host).stdout
@@ -242,6 +251,8 @@ def run_with_fault(case: Case, target: Target, args: list[str]) -> tuple[int, st
         target.vm.set_fault(case.job, case.script, "fail 3 injected by the fault matrix")
     elif case.fault == "transfer fails":
         target.vm.set_fault(case.job, case.script, "fail connection reset by peer")
+    elif case.fault in CORRUPTIONS:
+        target.vm.set_fault(case.job, case.script, CORRUPTIONS[case.fault])
     elif case.fault == "hangs":
         target.vm.set_fault(case.job, case.script, "hang")
         assert case.timeout_flag is not None
@@ -315,6 +326,33 @@ def check_journaled(case: Case, target: Target, stderr: str) -> None:
     assert journal.bad_lines == []
     verify = target.bbrx.read_only("audit", "verify")
     assert f"{len(journal.rows)} events of 1 run(s) ({run_id})" in verify.stdout, verify
+
+
+def check_corruption_named(
+    case: Case, target: Target, stderr: str, rows: list[dict], out: Path
+) -> None:
+    """The error names the tar, the job, the instance and both digests; the audit row has
+    them; a backup publishes nothing and leaves no `.incomplete` directory behind."""
+    if case.operation == "restore":
+        assert (
+            f"the copy of bosh-0-{case.job}.tar to {target.address} is corrupted: the VM's tar "
+            "read a stream with SHA-256 " in stderr
+        ), stderr
+        return
+    found = re.search(
+        rf"Error: the copy of bosh-0-{case.job}\.tar \(job {case.job} on bosh/0, "
+        rf"{re.escape(target.address)}\) is corrupted: the VM sent a tar stream with SHA-256 "
+        r"([0-9a-f]{64}), the jump box's copy on disk has SHA-256 ([0-9a-f]{64})\n"
+        r"Nothing was published: the partial backup is removed",
+        stderr,
+    )
+    assert found, stderr
+    vm, local = found.groups()
+    assert vm != local
+    [row] = [r for r in rows if r["job"] == case.job and r["trigger"] == "drain_error"]
+    assert (row["detail"]["vm_sha256"], row["detail"]["local_sha256"]) == (vm, local)
+    assert row["detail"]["error"] == "CopyCorruptError"
+    assert list(out.iterdir()) == []  # nothing published, nothing incomplete left
 
 
 def locks_off_the_record(target: Target, case: Case) -> dict[str, int]:

@@ -425,6 +425,7 @@ def test_sleep_fault_delays_then_runs(director: SimDirector, instance: SimInstan
         ("uaa", "metadata", "fail 256", "1..255"),
         ("uaa", "metadata", "sleep", "invalid fault"),
         ("uaa", "metadata", "hang\nfail", "invalid fault"),
+        ("blobstore", "transfer", "corrupt-remote", "corrupt-local \\(a backup's copy changes"),
     ],
 )
 def test_set_fault_validates(
@@ -517,6 +518,47 @@ def test_stream_out_tar_matches_checksums(director: SimDirector, instance: SimIn
                 assert extracted is not None
                 hashed[member.name] = hashlib.sha256(extracted.read()).hexdigest()
     assert hashed == checksums
+
+
+def _backed_up(instance: SimInstance, job: str) -> None:
+    run_ok(instance, job, "pre-backup-lock")
+    instance.make_artifact_directory(job)
+    run_ok(instance, job, "backup", **artifact_env(instance, job))
+
+
+def test_stream_out_reports_the_vms_digest_of_what_it_sent(
+    director: SimDirector, instance: SimInstance
+) -> None:
+    _backed_up(instance, "blobstore")
+    with instance.stream_out("blobstore") as stream:
+        assert stream.sha256 is None  # known once the copy has ended
+        received = stream.read()
+    assert stream.sha256 == hashlib.sha256(received).hexdigest()
+
+    # corrupt: a byte changes after the VM hashed it, so the VM's digest is of the good tar.
+    director.set_fault("blobstore", "transfer", "corrupt")
+    with instance.stream_out("blobstore") as stream:
+        corrupted = stream.read()
+    assert stream.sha256 == hashlib.sha256(received).hexdigest()
+    assert len(corrupted) == len(received) and corrupted != received
+    assert [i for i in range(len(received)) if corrupted[i] != received[i]] == [600_000]
+
+
+def test_corrupt_local_changes_the_jump_box_copy_once_written(
+    director: SimDirector, instance: SimInstance, tmp_path: Path
+) -> None:
+    _backed_up(instance, "blobstore")
+    director.set_fault("blobstore", "transfer", "corrupt-local")
+    copy = tmp_path / "demo_20261201T000000Z.incomplete" / "bosh-0-blobstore.tar"
+    copy.parent.mkdir()
+    with instance.stream_out("blobstore") as stream, open(copy, "xb", buffering=0) as sink:
+        streamed = hashlib.sha256()
+        while chunk := stream.read(1 << 20):
+            streamed.update(chunk)
+            sink.write(chunk)
+    # The stream itself was intact: the VM's digest is of what passed by.
+    assert stream.sha256 == streamed.hexdigest()
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() != stream.sha256
 
 
 def test_stream_out_errors(instance: SimInstance) -> None:

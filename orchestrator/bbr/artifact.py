@@ -8,25 +8,30 @@ Layout (bbr contract section 8)::
         bbrx-audit.yml                          bbrx's own: the audit chain head of the run
 
 A backup is built in `<final>.incomplete/` (with an `INCOMPLETE` marker file and no
-`metadata`) and renamed to its final name only once every tar is written, synced and
-its checksums agree with the VM's. Checksums come from the tar stream as it is
-written: the file is never read back.
+`metadata`) and renamed to its final name only once every tar is written, synced, and
+read back: the SHA-256 of every file inside it (for `metadata`) and of the whole tar
+(which the backup compares with the VM's own digest of what it sent) come from one read
+of the file after its fsync, so they describe the copy as it is on the jump box's disk,
+not the bytes as they streamed past.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import logging
 import os
 import queue
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 import yaml
 
@@ -106,7 +111,7 @@ class Manifest:
 # --- writing -----------------------------------------------------------------------------
 
 
-def _chunks(source: BinaryIO, check: Callable[[], None] | None) -> Iterator[bytes]:
+def _chunks(source: Readable, check: Callable[[], None] | None) -> Iterator[bytes]:
     """CHUNK-sized reads until EOF, calling `check` (the interruption test) before each."""
     while True:
         if check is not None:
@@ -135,6 +140,7 @@ class ArtifactWriter:
         self.started = started
         self.checksums: dict[tuple[str, str, str], Checksums] = {}
         self.custom_checksums: dict[str, Checksums] = {}
+        self._custom_claimed: set[str] = set()
         self._lock = threading.Lock()  # drains of many instances write in parallel
         # Only what this writer made is ever removed: another run's backup that happens to
         # have the same name is left alone.
@@ -189,26 +195,24 @@ class ArtifactWriter:
         group: str,
         index: str,
         job: str,
-        stream: BinaryIO,
+        stream: Readable,
         check: Callable[[], None] | None = None,
         progress: Callable[[int], None] | None = None,
-    ) -> Checksums:
-        """Write one job's tar from `stream`, hashing its files on the way."""
-        checksums = self._write_tar(tar_name(group, index, job), job, stream, check, progress)
-        with self._lock:
-            self.checksums[(group, index, job)] = checksums
-        return checksums
+    ) -> Path:
+        """Write one job's tar from `stream` and sync it; `read_back` then checks it."""
+        return self._write_tar(tar_name(group, index, job), stream, check, progress)
 
     def write_custom(
         self,
         name: str,
-        stream: BinaryIO,
+        stream: Readable,
         check: Callable[[], None] | None = None,
         progress: Callable[[int], None] | None = None,
-    ) -> Checksums:
+    ) -> Path:
         """Write a custom artifact (a `backup_one_restore_all` job's bootstrap copy)."""
-        with self._lock:
-            taken = name in self.custom_checksums or (self.partial / custom_tar_name(name)).exists()
+        with self._lock:  # claimed here: of two groups draining at once, one gets the name
+            taken = name in self._custom_claimed or (self.partial / custom_tar_name(name)).exists()
+            self._custom_claimed.add(name)
         if taken:
             # bbr overwrites one with the other, silently: a backup that lost a group's data.
             raise ArtifactError(
@@ -217,10 +221,16 @@ class ArtifactWriter:
                 hint="Set backup_one_restore_all on that job in one instance group only, then "
                 "back up again (every job has been unlocked).",
             )
-        checksums = self._write_tar(custom_tar_name(name), name, stream, check, progress)
+        return self._write_tar(custom_tar_name(name), stream, check, progress)
+
+    def add_job(self, group: str, index: str, job: str, checksums: Checksums) -> None:
+        """Record a job's checksums for `metadata`, once its tar has been checked."""
+        with self._lock:
+            self.checksums[(group, index, job)] = checksums
+
+    def add_custom(self, name: str, checksums: Checksums) -> None:
         with self._lock:
             self.custom_checksums[name] = checksums
-        return checksums
 
     def write_manifest(self, text: str) -> None:
         """The deployment's manifest, exactly as the director gave it (--with-manifest)."""
@@ -236,44 +246,86 @@ class ArtifactWriter:
     def _write_tar(
         self,
         filename: str,
-        job: str,
-        stream: BinaryIO,
+        stream: Readable,
         check: Callable[[], None] | None,
         progress: Callable[[int], None] | None,
-    ) -> Checksums:
+    ) -> Path:
         path = self.partial / filename
-        # Not strict while streaming: the whole tar is read, and everything a restore would
-        # refuse is named at once, now, while the job can still be changed, not on the day
-        # of a disaster when this backup would turn out to be one bbrx will not restore.
-        hasher = TarHasher(strict=False)
         try:
-            with open(path, "xb") as sink, _BackgroundSync(sink) as syncer:
-                # One pass: each chunk goes to disk and through the hasher, never read back.
+            # Unbuffered: every chunk is in the file (the page cache) before the next is
+            # read, and nothing waits in this process's memory to be written later.
+            with open(path, "xb", buffering=0) as sink, _BackgroundSync(sink) as syncer:
+                started = time.monotonic()
                 for chunk in _chunks(stream, check):
-                    sink.write(chunk)
-                    hasher.feed(chunk)
+                    _write_all(sink, chunk)
                     syncer.wrote(len(chunk))
                     if progress is not None:
                         progress(len(chunk))
-                sink.flush()
+                streamed = time.monotonic()
                 os.fsync(sink.fileno())
-            checksums = hasher.finish()
-        except TarStreamError as exc:
-            raise ArtifactError(f"the tar stream of job {job} is not a valid tar: {exc}") from exc
         except OSError as exc:
             raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        if hasher.unsafe:
+        log.debug(
+            "Wrote %s in %.2f s, then %.2f s for its fsync",
+            path.name,
+            streamed - started,
+            time.monotonic() - streamed,
+        )
+        return path
+
+    def read_back(self, path: Path, job: str, check: Callable[[], None] | None = None) -> LocalTar:
+        """Read a written (and synced) tar once: the SHA-256 of the whole file and of every
+        file inside it, from what the kernel holds as the file's contents after the fsync.
+
+        Two hashes of the same bytes, one in a thread of its own (hashlib releases the GIL),
+        so the read costs about one SHA-256 of the tar. A tar that does not parse, or holds
+        what a restore refuses, is reported by `LocalTar.checksums()`: the caller compares
+        the whole file's digest with the VM's first, as a copy that changed on its way may
+        well not parse.
+        """
+        started = time.monotonic()
+        hasher = TarHasher(strict=False)
+        whole = ThreadedDigest()
+        broken: TarStreamError | None = None
+        try:
+            with open(path, "rb") as source:
+                for chunk in _chunks(source, check):
+                    whole.update(chunk)
+                    if broken is None:
+                        try:
+                            hasher.feed(chunk)
+                        except TarStreamError as exc:
+                            broken = exc
+        except OSError as exc:
+            raise ArtifactError(f"cannot read back {path}: {exc.strerror or exc}") from exc
+        finally:
+            whole.close()
+        digest = whole.hexdigest()
+        try:
+            checksums = hasher.finish() if broken is None else None
+        except TarStreamError as exc:
+            broken, checksums = exc, None
+        problem: ArtifactError | None = None
+        if broken is not None:
+            problem = ArtifactError(f"the tar stream of job {job} is not a valid tar: {broken}")
+        elif hasher.unsafe:
             named = "; ".join(str(unsafe) for unsafe in hasher.unsafe[:5])
             more = len(hasher.unsafe) - 5
-            raise ArtifactError(
+            problem = ArtifactError(
                 f"the backup of job {job} holds what bbrx will not restore ({path.name}: "
                 f"{named}{f'; and {more} more' if more > 0 else ''}): it is not published",
                 hint="A restore places only regular files and directories, each one covered by "
                 "a checksum. Make the job's backup script write only those, then back up again "
                 "(every job has been unlocked).",
             )
-        log.debug("Copied %s (%d files, %d bytes)", path.name, len(checksums), hasher.bytes)
-        return checksums
+        log.debug(
+            "Read back %s in %.2f s (%d bytes, SHA-256 %s)",
+            path.name,
+            time.monotonic() - started,
+            hasher.bytes,
+            digest,
+        )
+        return LocalTar(path, digest, hasher.bytes, checksums, problem)
 
     def publish(self, finished: datetime, audit_head: dict[str, object]) -> Path:
         """Write metadata and the audit head, then rename to the final name."""
@@ -312,6 +364,40 @@ class ArtifactWriter:
         self.created = False
 
 
+@dataclass(frozen=True)
+class LocalTar:
+    """One job's tar as it is on the jump box's disk, read back after its fsync."""
+
+    path: Path
+    sha256: str  # of the whole file
+    size: int
+    _checksums: Checksums | None
+    _problem: ArtifactError | None
+
+    def checksums(self) -> Checksums:
+        """Every regular file's SHA-256, keyed `./path`; raises ArtifactError if the tar
+        does not parse or holds what a restore refuses."""
+        if self._problem is not None:
+            raise self._problem
+        assert self._checksums is not None
+        return self._checksums
+
+
+class Readable(Protocol):
+    """What a tar is written from: a transport's stream (`VmStream`), or a file."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def _write_all(sink: io.FileIO, chunk: bytes) -> None:
+    view = memoryview(chunk)
+    while view:
+        written = sink.write(view)
+        if not written:
+            raise OSError(errno.EIO, "a write to the file made no progress")
+        view = view[written:]
+
+
 class _BackgroundSync:
     """Flushes a file to disk while it is still being written.
 
@@ -322,7 +408,7 @@ class _BackgroundSync:
 
     SYNC_EVERY = 64 << 20
 
-    def __init__(self, sink: BinaryIO) -> None:
+    def __init__(self, sink: io.FileIO) -> None:
         self._sink = sink
         self._pending = 0
         self._wake = threading.Event()
@@ -648,7 +734,7 @@ class TarReader:
         )
         self.path = directory / self.name
         self._hasher = TarHasher(listed=job.checksums)
-        self._whole: _ThreadedDigest | None = None  # started by chunks(): no idle thread
+        self._whole: ThreadedDigest | None = None  # started by chunks(): no idle thread
         self._digest: str | None = None
 
     @property
@@ -665,7 +751,7 @@ class TarReader:
         return self._hasher.bytes
 
     def chunks(self, check: Callable[[], None] | None = None) -> Iterator[bytes]:
-        whole = self._whole = _ThreadedDigest()
+        whole = self._whole = ThreadedDigest()
         try:
             with open(self.path, "rb") as source:
                 for chunk in _chunks(source, check):
@@ -701,7 +787,7 @@ class TarReader:
         )
 
 
-class _ThreadedDigest:
+class ThreadedDigest:
     """SHA-256 of a stream, computed in a thread of its own.
 
     The reader hashes every file's data for the metadata and the whole stream for the

@@ -1,8 +1,8 @@
 """The backup operation and pre-backup-check (bbr contract section 5).
 
 discover -> check -> (create the local artifact) -> lock by levels -> backup scripts
--> unlock in reverse -> drain each job's tar (checksums while streaming) -> publish
--> remove the remote work dir.
+-> unlock in reverse -> drain each job's tar (written and synced, read back, its SHA-256
+compared with the VM's) -> publish -> remove the remote work dir.
 """
 
 from __future__ import annotations
@@ -13,11 +13,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from orchestrator import __version__
-from orchestrator.bbr.artifact import ArtifactWriter, check_free_space, custom_tar_name, tar_name
+from orchestrator.bbr.artifact import (
+    ArtifactWriter,
+    LocalTar,
+    check_free_space,
+    custom_tar_name,
+    tar_name,
+)
 from orchestrator.engine.fleet import custom_artifact_name
 from orchestrator.engine.run import Action, JobTracker, Run
-from orchestrator.errors import BackupScriptError, BbrxError, LockError, ScriptError
+from orchestrator.errors import (
+    BackupScriptError,
+    BbrxError,
+    CopyCorruptError,
+    LockError,
+    ScriptError,
+    TransportError,
+)
 from orchestrator.operations import steps
+from orchestrator.transport.instance import instance_name
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +143,7 @@ def run_backup_scripts(run: Run) -> steps.Step:
 
 
 def drain(run: Run) -> steps.Step:
-    """Copy each job's tar to the jump box, hashing while it streams, then publish."""
+    """Copy each job's tar to the jump box and check it there, then publish."""
     writer: ArtifactWriter = run.data["writer"]
     trackers = steps.jobs_with(run, "backup")
 
@@ -145,23 +159,41 @@ def drain(run: Run) -> steps.Step:
         custom = name != tracker.name
         label = custom_tar_name(name) if custom else tar_name(instance.group, instance.index, name)
         try:
-            # One pass over the data: the checksums come from the stream as it lands. The
-            # copy is whole when the VM's tar exited 0, the stream parsed to its
-            # end-of-archive marker, and the file is on disk; SSH's MAC guards the bytes.
             advance = progress.start(label, sizes[tracker.label])
             with instance.stream_out(name) as stream:
                 if custom:
-                    checksums = writer.write_custom(name, stream, run.check_interrupt, advance)
+                    path = writer.write_custom(name, stream, run.check_interrupt, advance)
                 else:
-                    checksums = writer.write_job(
+                    path = writer.write_job(
                         instance.group, instance.index, name, stream, run.check_interrupt, advance
                     )
             progress.done(label)
+            # The copy as it is on disk (read back after its fsync), against what the VM
+            # says it sent (its SHA-256 of the stream, computed beside the stream there).
+            local = writer.read_back(path, tracker.name, run.check_interrupt)
+            check_copy(tracker, label, stream.sha256, local)
+            checksums = local.checksums()
+            if custom:
+                writer.add_custom(name, checksums)
+            else:
+                writer.add_job(instance.group, instance.index, name, checksums)
         except BbrxError as error:
             tracker.trigger("drain_error", outcome="error", error=error)
             return error
-        detail = {"files": len(checksums), "bytes": sizes[tracker.label], "artifact": label}
+        detail = {
+            "files": len(checksums),
+            "bytes": sizes[tracker.label],
+            "artifact": label,
+            "sha256": local.sha256,
+        }
         tracker.trigger("drain_ok", detail=detail)
+        log.info(
+            "Copied %s from %s (%d bytes; SHA-256 %s on the VM and on the jump box's disk)",
+            label,
+            tracker.where,
+            local.size,
+            local.sha256,
+        )
         return None
 
     errors = [error for error in run.parallel(trackers, drain_one, limit=DRAINS_AT_ONCE) if error]
@@ -182,6 +214,30 @@ def drain(run: Run) -> steps.Step:
         },
     )
     return "drained", {"artifact": str(run.artifact)}
+
+
+def check_copy(tracker: JobTracker, label: str, sent: str | None, local: LocalTar) -> None:
+    """The jump box's copy is what the VM sent, or the drain of this job fails."""
+    instance = tracker.instance
+    whose = f"job {tracker.name} on {instance_name(instance)}, {instance.address}"
+    if sent is None:  # the transport's contract says it cannot be; refuse all the same
+        raise TransportError(
+            f"the copy of {label} ({whose}) cannot be checked: the VM reported no SHA-256 of "
+            "what it sent",
+            host=tracker.where,
+        )
+    if sent != local.sha256:
+        raise CopyCorruptError(
+            f"the copy of {label} ({whose}) is corrupted: the VM sent a tar stream with "
+            f"SHA-256 {sent}, the jump box's copy on disk has SHA-256 {local.sha256}",
+            job=tracker.name,
+            host=tracker.where,
+            vm_sha256=sent,
+            local_sha256=local.sha256,
+            hint="Nothing was published: the partial backup is removed, and every job has "
+            "been unlocked. The bytes changed between the VM's tar and the jump box's disk: "
+            "check the network, and the jump box's disk and memory, then back up again.",
+        )
 
 
 def finish(run: Run) -> None:

@@ -115,6 +115,19 @@ class ScriptCall:
     marker: str = field(default_factory=lambda: secrets.token_hex(16), compare=False)
 
 
+class VmStream:
+    """What `Instance.stream_out` yields: a job's tar as it arrives from the VM (`read`),
+    and, once the context has ended without an error, `sha256`: the VM's own SHA-256 of
+    every byte it sent, computed beside the stream as the VM's tar wrote it."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self._source = source
+        self.sha256: str | None = None
+
+    def read(self, size: int = -1, /) -> bytes:
+        return self._source.read(size)
+
+
 @runtime_checkable
 class Instance(Protocol):
     """A VM as bbrx sees it: a director, or one instance of a deployment.
@@ -202,11 +215,14 @@ class Instance(Protocol):
         """Bytes under /var/vcap/store, bbr's work dir aside: an upper bound for a backup."""
         ...
 
-    def stream_out(self, job: str) -> AbstractContextManager[BinaryIO]:
+    def stream_out(self, job: str) -> AbstractContextManager[VmStream]:
         """A readable stream of an uncompressed tar of the job's artifact directory.
 
         Members are named `./file`, `./dir/file`. Leaving the context closes the stream
-        and raises `errors.TransportError` if the remote side failed.
+        and raises `errors.TransportError` if the remote side failed, or did not report
+        its digest. Left without an error, the stream's `sha256` is the SHA-256 (hex) of
+        the tar stream as the VM sent it, computed on the VM in the same pass as it sent
+        it. The transport only reports it: the caller compares it with its own copy.
         """
         ...
 

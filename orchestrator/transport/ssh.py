@@ -50,6 +50,7 @@ from orchestrator.transport.instance import (
     Job,
     ScriptCall,
     ScriptResult,
+    VmStream,
 )
 from orchestrator.transport.scriptio import (
     MARKER_VAR,
@@ -602,15 +603,16 @@ class SshInstance:
     # --- streams ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def stream_out(self, job: str) -> Iterator[BinaryIO]:
+    def stream_out(self, job: str) -> Iterator[VmStream]:
         directory = shlex.quote(self.artifact_directory(job))
         self.connect()
         with tempfile.TemporaryFile() as errors:
-            proc = self._start_stream(f"sudo -n tar -C {directory} -cf - .", "out", errors)
+            proc = self._start_stream(_pack_command(directory), "out", errors)
             stdout = cast(IO[bytes], proc.stdout)
             _enlarge_pipe(stdout)
+            stream = VmStream(cast(BinaryIO, stdout))
             try:
-                yield cast(BinaryIO, stdout)
+                yield stream
             except Exception as error:
                 # A stream cut short looks like a broken tar to the reader; when ssh itself
                 # failed, that failure is the news.
@@ -635,6 +637,7 @@ class SshInstance:
             self._end_stream(proc, job)
             if returncode != 0:
                 raise self._copy_failed(job, "from", returncode, errors)
+            stream.sha256 = self._vm_digest(job, "from", errors, "wrote")
 
     def stream_in(self, job: str, chunks: Iterator[bytes]) -> str:
         directory = shlex.quote(self.artifact_directory(job))
@@ -658,16 +661,21 @@ class SshInstance:
             self._end_stream(proc, job)
             if returncode != 0:
                 raise self._copy_failed(job, "to", returncode, errors)
-            errors.seek(0)
-            digest = _DIGEST_LINE.search(errors.read())
-            if digest is None:
-                raise TransportError(
-                    f"copying the artifact of job {job} to {self.address}: the VM did not "
-                    "report the SHA-256 of what its tar read",
-                    host=self.address,
-                    hint="Check that the director VM has GNU tar, tee and sha256sum.",
-                )
-            return digest.group(1).decode()
+            return self._vm_digest(job, "to", errors, "read")
+
+    def _vm_digest(self, job: str, way: str, errors: IO[bytes], did: str) -> str:
+        """The SHA-256 the VM's hash filter reported on stderr (its last line of the kind:
+        a script's output cannot come after it)."""
+        errors.seek(0)
+        digests = _DIGEST_LINE.findall(errors.read())
+        if not digests:
+            raise TransportError(
+                f"copying the artifact of job {job} {way} {self.address}: the VM did not "
+                f"report the SHA-256 of what its tar {did}",
+                host=self.address,
+                hint="Check that the director VM has GNU tar, tee, and openssl or sha256sum.",
+            )
+        return str(digests[-1].decode())
 
     def _start_stream(
         self, remote: str, direction: str, errors: IO[bytes]
@@ -774,6 +782,24 @@ _HASH_FILTER = (
     'exec 3>&1; d=$(tee /dev/fd/3 | $h) || exit 1; echo "bbrx-sha256 $d" >&2'
 )
 _DIGEST_LINE = re.compile(rb"^bbrx-sha256 ([0-9a-f]{64}) ", re.MULTILINE)
+
+
+# A backup's copy: the same, the other way round. tar runs it as its "compressor" (-I),
+# whose stdout is tar's archive (the ssh channel): tee copies tar's stream to that and to
+# the hash, in the one pass that sends it. tee writes the channel through its stdout
+# (any kind of file) and the hash through /dev/fd/4, a pipe, which Linux reopens.
+_HASH_OUT_FILTER = (
+    "if command -v openssl >/dev/null; then h='openssl dgst -sha256 -r'; else h=sha256sum; fi; "
+    "exec 3>&1; d=$( { tee /dev/fd/4 >&3 3>&-; } 4>&1 | $h 3>&- ) || exit 1; "
+    'echo "bbrx-sha256 $d" >&2'
+)
+
+
+def _pack_command(directory: str) -> str:
+    """The remote command of a backup's copy (`directory` already shell-quoted): the
+    job's directory as a tar on stdout, its SHA-256 on stderr once it has all been sent."""
+    hasher = "/bin/sh -c " + shlex.quote(_HASH_OUT_FILTER)
+    return f"sudo -n tar -C {directory} --use-compress-program={shlex.quote(hasher)} -cf - ."
 
 
 def _unpack_command(directory: str) -> str:
