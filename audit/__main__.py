@@ -128,22 +128,10 @@ def _follow(args: argparse.Namespace, reader: Reader) -> reviewer.ReviewOutcome:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handler)
-    flt = _run_filter(args)
-    if args.output is None:
-        return reviewer.export_and_follow(args.path, flt, args.format, sys.stdout, reader, stop)
-    try:
-        stream = args.output.open("x", encoding="utf-8", newline="")
-    except FileExistsError:
-        raise AuditError(f"{args.output} already exists: a follower writes a new file") from None
-    try:
-        with stream:
-            return reviewer.export_and_follow(
-                args.path, flt, args.format, stream, reader, stop, output=args.output
-            )
-    except BaseException:
-        if args.output.stat().st_size == 0:
-            args.output.unlink()  # nothing followed: let a retry write it
-        raise
+    with reviewer.follow_output(args.output) as stream:
+        return reviewer.export_and_follow(
+            args.path, _run_filter(args), args.format, stream, reader, stop, output=args.output
+        )
 
 
 def _command(args: argparse.Namespace) -> int:

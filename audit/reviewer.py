@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -186,6 +187,32 @@ def export_to_file(
     record = record_read(db, "export", reader, ok=True, detail=detail)
     line = f"exported {counts[0]} events of {counts[1]} runs ({flt.describe()}) to {output}"
     return ReviewOutcome(True, [line], record)
+
+
+@contextlib.contextmanager
+def follow_output(output: Path | None) -> Iterator[Any]:
+    """Where a follower writes: stdout, or a new file (removed again if the follow fails
+    before writing anything, so that a retry is not refused)."""
+    if output is None:
+        yield sys.stdout
+        return
+    try:
+        stream = output.open("x", encoding="utf-8", newline="")
+    except FileExistsError:
+        raise AuditError(
+            f"{output} already exists: a follower writes a new file",
+            hint="Give another --output, or follow to stdout and redirect it.",
+        ) from None
+    except OSError as error:
+        raise AuditError(f"cannot write {output}: {error.strerror}") from error
+    try:
+        with stream:
+            yield stream
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if output.stat().st_size == 0:
+                output.unlink()
+        raise
 
 
 def export_and_follow(
@@ -576,6 +603,7 @@ __all__ = [
     "export",
     "export_and_follow",
     "export_to_file",
+    "follow_output",
     "report",
     "select_runs",
     "verifications",

@@ -16,12 +16,10 @@ one library function and renders; `app.main` turns errors into exit codes.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -242,32 +240,6 @@ def _stop_on_signals() -> tuple[threading.Event, list[tuple[signal.Signals, Any]
     return stop, previous
 
 
-@contextlib.contextmanager
-def _follow_output(output: Path | None) -> Iterator[Any]:
-    """Where a follower writes: stdout, or a new file (removed again if the follow fails
-    before writing anything, so that a retry is not refused)."""
-    if output is None:
-        yield sys.stdout
-        return
-    try:
-        stream = output.open("x", encoding="utf-8", newline="")
-    except FileExistsError:
-        raise UsageError(
-            f"{output} already exists: a follower writes a new file",
-            hint="Give another --output, or follow to stdout and redirect it.",
-        ) from None
-    except OSError as error:
-        raise UsageError(f"cannot write {output}: {error.strerror}") from error
-    try:
-        with stream:
-            yield stream
-    except BaseException:
-        with contextlib.suppress(OSError):
-            if output.stat().st_size == 0:
-                output.unlink()
-        raise
-
-
 @audit_app.command("export")
 def audit_export(
     ctx: typer.Context,
@@ -303,7 +275,7 @@ def audit_export(
     if follow:
         stop, previous = _stop_on_signals()
         try:
-            with _follow_output(output) as stream:
+            with reviewer.follow_output(output) as stream:
                 outcome_ = reviewer.export_and_follow(
                     path, flt, fmt, stream, reader, stop, output=output
                 )
