@@ -421,6 +421,8 @@ class SimInstance:
                 self._end_transfer(proc, job, error)
                 raise
             sent.drain()  # what the reader left unread was sent all the same
+            if isinstance(source, _LocalCorrupter):
+                source.finish()
             stdout.close()
             returncode = proc.wait()
             self._end_transfer(proc, job)
@@ -630,51 +632,67 @@ class _VmSide:
 
 
 class _LocalCorrupter:
-    """The `corrupt-local` fault: the stream passes unchanged, and once a byte of file data
-    is in the jump box's copy (the reader asked for more after it), that byte is flipped in
-    the file, as a faulty disk, or another process writing there, would change it.
+    """The `corrupt-local` fault: the stream passes unchanged, and a byte of file data in
+    the jump box's copy is flipped once the copy holds it, as a faulty disk, or another
+    process writing there, would change it.
 
     The copy is the file this process has open under the artifact's name in a
     `.incomplete` backup directory. The byte is the one `corrupt` flips: offset 600,000,
-    or in a shorter stream the middle of its first non-empty file.
+    or in a shorter stream the middle of its first non-empty file. It is flipped at the
+    first read after the copy on disk has grown past it, or else (a stream shorter than
+    what the writer writes at once) by `finish`, once the writer has written it all.
     """
 
     def __init__(self, source: _Readable, copy_name: str) -> None:
         self._source = source
         self._copy_name = copy_name
-        self._given = 0
+        self._copy: Path | None = None
         self._head = bytearray()  # the stream up to the offset, to find a short one's
         self._done = False
 
     def read(self, size: int = -1, /) -> bytes:
-        # Asked for more: everything given so far is in the file (bbrx writes unbuffered).
-        if not self._done and self._given > CORRUPT_OFFSET:
+        if self._copy is None:
+            self._copy = _open_copy(self._copy_name)
+        if not self._done and self._copy is not None and _size(self._copy) > CORRUPT_OFFSET:
             self._flip(CORRUPT_OFFSET)
         data = self._source.read(size)
-        if not data and not self._done:
-            offset = _first_file_byte(self._head)
-            if offset is None:
-                log.warning("corrupt-local fault: the tar holds no file data; nothing changed")
-                self._done = True
-            else:
-                self._flip(offset)
         if len(self._head) <= CORRUPT_OFFSET:
             self._head += data[: CORRUPT_OFFSET + 1 - len(self._head)]
-        self._given += len(data)
         return data
+
+    def finish(self) -> None:
+        """The stream has ended and the writer is done with the copy."""
+        if self._done:
+            return
+        offset = CORRUPT_OFFSET if len(self._head) > CORRUPT_OFFSET else None
+        offset = offset if offset is not None else _first_file_byte(self._head)
+        if offset is None:
+            log.warning("corrupt-local fault: the tar holds no file data; nothing changed")
+            self._done = True
+            return
+        self._flip(offset)
 
     def _flip(self, offset: int) -> None:
         self._done = True
-        copy = _open_copy(self._copy_name)
-        if copy is None:
+        if self._copy is None:
             log.warning("corrupt-local fault: no open copy named %s here", self._copy_name)
             return
-        with open(copy, "r+b") as handle:
+        with open(self._copy, "r+b") as handle:
             handle.seek(offset)
             byte = handle.read(1)
+            if not byte:
+                log.warning("corrupt-local fault: %s holds no byte %d", self._copy, offset)
+                return
             handle.seek(offset)
             handle.write(bytes([byte[0] ^ 0x01]))
-        log.info("corrupt-local fault: flipped the byte at %d of %s", offset, copy)
+        log.info("corrupt-local fault: flipped the byte at %d of %s", offset, self._copy)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _open_copy(name: str) -> Path | None:

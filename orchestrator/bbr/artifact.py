@@ -17,9 +17,7 @@ not the bytes as they streamed past.
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import io
 import logging
 import os
 import queue
@@ -28,14 +26,15 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
 
 import yaml
 
-from orchestrator.bbr import safeyaml
+from orchestrator.bbr import localdisk, safeyaml
+from orchestrator.bbr.localdisk import Readable
 from orchestrator.bbr.tarstream import TarHasher, TarStreamError, UnsafeMemberError
 from orchestrator.errors import ArtifactCorruptError, ArtifactError
 
@@ -251,55 +250,49 @@ class ArtifactWriter:
         progress: Callable[[int], None] | None,
     ) -> Path:
         path = self.partial / filename
+        started = time.monotonic()
         try:
-            # Unbuffered: every chunk is in the file (the page cache) before the next is
-            # read, and nothing waits in this process's memory to be written later.
-            with open(path, "xb", buffering=0) as sink, _BackgroundSync(sink) as syncer:
-                started = time.monotonic()
-                for chunk in _chunks(stream, check):
-                    _write_all(sink, chunk)
-                    syncer.wrote(len(chunk))
-                    if progress is not None:
-                        progress(len(chunk))
-                streamed = time.monotonic()
-                os.fsync(sink.fileno())
+            size, direct = localdisk.write_new(path, stream, check, progress)
         except OSError as exc:
             raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from exc
         log.debug(
-            "Wrote %s in %.2f s, then %.2f s for its fsync",
+            "Wrote and synced %s (%d bytes%s) in %.2f s",
             path.name,
-            streamed - started,
-            time.monotonic() - streamed,
+            size,
+            ", direct I/O" if direct else "",
+            time.monotonic() - started,
         )
         return path
 
     def read_back(self, path: Path, job: str, check: Callable[[], None] | None = None) -> LocalTar:
-        """Read a written (and synced) tar once: the SHA-256 of the whole file and of every
-        file inside it, from what the kernel holds as the file's contents after the fsync.
+        """Read a written (and synced) tar once, from the disk (see `localdisk`): the
+        SHA-256 of the whole file and of every file inside it.
 
-        Two hashes of the same bytes, one in a thread of its own (hashlib releases the GIL),
-        so the read costs about one SHA-256 of the tar. A tar that does not parse, or holds
-        what a restore refuses, is reported by `LocalTar.checksums()`: the caller compares
-        the whole file's digest with the VM's first, as a copy that changed on its way may
-        well not parse.
+        Two hashes of the same bytes, the whole file's in a thread of its own (hashlib
+        releases the GIL), so the read costs about one SHA-256 of the tar. A tar that does
+        not parse, or holds what a restore refuses, is reported by `LocalTar.checksums()`:
+        the caller compares the whole file's digest with the VM's first, as a copy that
+        changed on its way may well not parse.
         """
         started = time.monotonic()
         hasher = TarHasher(strict=False)
-        whole = ThreadedDigest()
+        whole = hashlib.sha256()
         broken: TarStreamError | None = None
         try:
-            with open(path, "rb") as source:
-                for chunk in _chunks(source, check):
-                    whole.update(chunk)
+            with (
+                localdisk.read_chunks(path, check) as pieces,
+                ThreadPoolExecutor(1, thread_name_prefix="read-back") as pool,
+            ):
+                for piece in pieces:
+                    hashed = pool.submit(whole.update, piece)
                     if broken is None:
                         try:
-                            hasher.feed(chunk)
+                            hasher.feed(piece)
                         except TarStreamError as exc:
                             broken = exc
+                    hashed.result()  # the piece is reused once both hashes are done with it
         except OSError as exc:
             raise ArtifactError(f"cannot read back {path}: {exc.strerror or exc}") from exc
-        finally:
-            whole.close()
         digest = whole.hexdigest()
         try:
             checksums = hasher.finish() if broken is None else None
@@ -381,66 +374,6 @@ class LocalTar:
             raise self._problem
         assert self._checksums is not None
         return self._checksums
-
-
-class Readable(Protocol):
-    """What a tar is written from: a transport's stream (`VmStream`), or a file."""
-
-    def read(self, size: int = -1, /) -> bytes: ...
-
-
-def _write_all(sink: io.FileIO, chunk: bytes) -> None:
-    view = memoryview(chunk)
-    while view:
-        written = sink.write(view)
-        if not written:
-            raise OSError(errno.EIO, "a write to the file made no progress")
-        view = view[written:]
-
-
-class _BackgroundSync:
-    """Flushes a file to disk while it is still being written.
-
-    A backup must be on disk before it is published, but one fsync of a large tar at the
-    end would stall the run for as long as the disk takes to catch up. A thread flushes
-    every SYNC_EVERY bytes as they come, so the final fsync finds little left to do.
-    """
-
-    SYNC_EVERY = 64 << 20
-
-    def __init__(self, sink: io.FileIO) -> None:
-        self._sink = sink
-        self._pending = 0
-        self._wake = threading.Event()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> _BackgroundSync:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join()
-
-    def wrote(self, count: int) -> None:
-        self._pending += count
-        if self._pending >= self.SYNC_EVERY:
-            self._pending = 0
-            self._sink.flush()
-            self._wake.set()
-
-    def _loop(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            if self._stop:
-                return
-            try:
-                os.fdatasync(self._sink.fileno())
-            except (OSError, ValueError):
-                return  # the final fsync in the writer reports real trouble
 
 
 def check_free_space(directory: Path, needed: int) -> None:

@@ -127,6 +127,15 @@ class VmStream:
     def read(self, size: int = -1, /) -> bytes:
         return self._source.read(size)
 
+    def readinto(self, buffer: memoryview, /) -> int:
+        """Straight into the caller's buffer where the source can (an ssh pipe can)."""
+        readinto = getattr(self._source, "readinto", None)
+        if readinto is not None:
+            return int(readinto(buffer))
+        data = self._source.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
 
 @runtime_checkable
 class Instance(Protocol):

@@ -1,0 +1,302 @@
+"""How a backup's tar reaches the jump box's disk, and how it is read back from there.
+
+A tar is written with direct I/O (O_DIRECT) where the filesystem allows it: the bytes go
+from one page-aligned buffer of this process to the device, with no copy into the page
+cache and no dirty pages for the kernel to write back later. A backup is fsynced before
+it is published in any case, so the page cache's copy would only ever be written once
+and thrown away; on this project's machines the buffered write and its writeback cost
+about as much CPU as the SSH client's decryption. The tar's last bytes (a tar's length is
+a multiple of 512, not of the 4096 that direct I/O needs) are written through the page
+cache, and a filesystem that refuses direct I/O gets the whole file that way, flushed in
+the background as it grows (`_BackgroundSync`) so the final fsync has little left to do.
+
+The read-back that checks the copy (`read_chunks`) reads it with direct I/O too, so what
+it hashes came from the device after the fsync, not from memory that held the bytes on
+their way there. Dirty pages of the file (its tail, or a change another process wrote
+through the page cache) are written back by the kernel before a direct read of their
+range, so the read sees them as the disk now holds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+#: Offsets and lengths of direct I/O must be multiples of the device's logical block
+#: size: 4096 covers every one Linux has (512 and 4096).
+ALIGN = 4096
+#: One write per MiB from the stream (what the transports deliver per read); reads back
+#: in larger pieces, a few ahead of the hashing.
+WRITE_CHUNK = 1 << 20
+READ_CHUNK = 4 << 20
+READ_AHEAD = 3
+
+
+class Readable(Protocol):
+    """What a tar is written from: a transport's stream (`VmStream`), or a file."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """Anonymous memory: page-aligned, as direct I/O needs its buffers to be."""
+    return mmap.mmap(-1, size)
+
+
+def fill(stream: Readable, view: memoryview) -> int:
+    """Read from `stream` into `view` until it is full or the stream ends; the count."""
+    readinto = getattr(stream, "readinto", None)
+    filled = 0
+    while filled < len(view):
+        if readinto is not None:
+            count = readinto(view[filled:])
+        else:
+            data = stream.read(len(view) - filled)
+            count = len(data)
+            view[filled : filled + count] = data
+        if not count:
+            break
+        filled += count
+    return filled
+
+
+def write_new(
+    path: Path,
+    stream: Readable,
+    check: Callable[[], None] | None,
+    progress: Callable[[int], None] | None,
+) -> tuple[int, bool]:
+    """Create `path` (it must not exist) with everything `stream` gives, then fsync it.
+
+    Each WRITE_CHUNK is in the file before the next is read from the stream, so nothing
+    waits in this process's memory to be written later. `check` (the interruption test)
+    runs before each read. Returns the byte count and whether direct I/O was used.
+    Raises OSError.
+    """
+    buffer = aligned_buffer(WRITE_CHUNK)
+    view = memoryview(buffer)
+    try:
+        with _Sink(path) as sink:
+            while True:
+                if check is not None:
+                    check()
+                count = fill(stream, view)
+                if not count:
+                    break
+                sink.write(view[:count])
+                if progress is not None:
+                    progress(count)
+            sink.sync()
+            return sink.size, sink.started_direct
+    finally:
+        _free(buffer, view)
+
+
+class _Sink:
+    """A new file, written with direct I/O for as long as the filesystem and the
+    alignment allow, and through the page cache after that."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            self._fd = os.open(path, flags | os.O_DIRECT, 0o666)
+            self.direct = True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            log.debug("%s: the filesystem refuses direct I/O; writing through the cache", path)
+            self._fd = os.open(path, flags, 0o666)
+            self.direct = False
+        self.started_direct = self.direct
+        self._syncer: _BackgroundSync | None = None if self.direct else _BackgroundSync(self._fd)
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._syncer is not None:
+            self._syncer.stop()
+        os.close(self._fd)
+
+    def write(self, view: memoryview) -> None:
+        if self.direct:
+            aligned = len(view) - len(view) % ALIGN
+            if aligned:
+                try:
+                    self._write_all(view[:aligned])
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or self.size % ALIGN:
+                        raise
+                    # Accepted at open, refused at the first write (some FUSE and network
+                    # filesystems): the rest goes through the cache.
+                    log.debug("%s: direct writes refused; writing through the cache", self.path)
+                    self._buffered()
+                    self._write_all(view)
+                    return
+            if aligned == len(view):
+                return
+            view = view[aligned:]
+            # Only a stream's end is not a whole number of blocks: its last bytes go
+            # through the cache, and the fsync writes them.
+            self._buffered()
+        self._write_all(view)
+        if self._syncer is not None:
+            self._syncer.wrote(len(view))
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def _buffered(self) -> None:
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        self.direct = False
+        if self._syncer is None:
+            self._syncer = _BackgroundSync(self._fd)
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            written = os.write(self._fd, view)
+            if not written:
+                raise OSError(errno.EIO, "a write to the file made no progress")
+            self.size += written
+            view = view[written:]
+
+
+class _BackgroundSync:
+    """Flushes a file written through the page cache to disk while it is still being written.
+
+    A backup must be on disk before it is published, but one fsync of a large tar at the
+    end would stall the run for as long as the disk takes to catch up. A thread flushes
+    every SYNC_EVERY bytes as they come, so the final fsync finds little left to do.
+    """
+
+    SYNC_EVERY = 64 << 20
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending = 0
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def wrote(self, count: int) -> None:
+        self._pending += count
+        if self._pending >= self.SYNC_EVERY:
+            self._pending = 0
+            self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                os.fdatasync(self._fd)
+            except OSError:
+                return  # the writer's own fsync reports real trouble
+
+
+@contextlib.contextmanager
+def read_chunks(
+    path: Path, check: Callable[[], None] | None = None
+) -> Iterator[Iterator[memoryview]]:
+    """The file's bytes in READ_CHUNK pieces, read a few pieces ahead in a thread.
+
+    Direct reads where the filesystem allows them (see the module's docstring). Each
+    piece is valid until the next is asked for: a consumer that hands it to another
+    thread must be done with it by then. `check` runs before each piece. Raises OSError.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        fd = os.open(path, flags)
+    try:
+        ahead = _ReadAhead(fd)
+        try:
+            yield ahead.pieces(check)
+        finally:
+            ahead.stop()
+    finally:
+        os.close(fd)
+
+
+class _ReadAhead:
+    """A thread that reads a file into a ring of aligned buffers, ahead of its consumer."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffers = [aligned_buffer(READ_CHUNK) for _ in range(READ_AHEAD)]
+        self._views = [memoryview(buffer) for buffer in self._buffers]
+        self._free: queue.Queue[int | None] = queue.Queue()
+        self._full: queue.Queue[tuple[int, int] | OSError | None] = queue.Queue()
+        for index in range(READ_AHEAD):
+            self._free.put(index)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def pieces(self, check: Callable[[], None] | None) -> Iterator[memoryview]:
+        while True:
+            if check is not None:
+                check()
+            item = self._full.get()
+            if item is None:
+                return
+            if isinstance(item, OSError):
+                raise item
+            index, count = item
+            try:
+                yield self._views[index][:count]
+            finally:
+                self._free.put(index)
+
+    def stop(self) -> None:
+        self._free.put(None)
+        self._thread.join()
+        for buffer, view in zip(self._buffers, self._views, strict=True):
+            _free(buffer, view)
+
+    def _read(self) -> None:
+        offset = 0
+        while (index := self._free.get()) is not None:
+            try:
+                count = os.preadv(self._fd, [self._views[index]], offset)
+            except OSError as exc:
+                self._full.put(exc)
+                return
+            if count:
+                self._full.put((index, count))
+                offset += count
+            if count < READ_CHUNK:  # the end of the file
+                self._full.put(None)
+                return
+
+
+def _free(buffer: mmap.mmap, view: memoryview) -> None:
+    view.release()
+    # A slice still referenced somewhere keeps the memory exported: the mapping is then
+    # unmapped when the last reference goes, not now.
+    with contextlib.suppress(BufferError):
+        buffer.close()
