@@ -54,9 +54,10 @@ class TransportError(BbrxError):
 
 
 class CopyCorruptError(TransportError):
-    """A job's tar on the jump box is not what the VM sent: the SHA-256 the VM computed of
-    the stream, as its tar wrote it, differs from the SHA-256 of the copy on the jump box's
-    disk (read back after it was synced). A transfer failure: exit bit 1."""
+    """A job's tar on the jump box is not what the VM sent: the digest the VM computed of
+    the stream, as its tar wrote it (`digest_kind`: "tar" for the tar digest, "sha256"),
+    differs from the same digest of the copy on the jump box's disk (read back after it
+    was synced). A transfer failure: exit bit 1."""
 
     def __init__(
         self,
@@ -64,12 +65,14 @@ class CopyCorruptError(TransportError):
         *,
         job: str,
         host: str,
+        digest_kind: str,
         vm_sha256: str,
         local_sha256: str,
         hint: str | None = None,
     ) -> None:
         super().__init__(message, host=host, hint=hint)
         self.job = job
+        self.digest_kind = digest_kind
         self.vm_sha256 = vm_sha256
         self.local_sha256 = local_sha256
 
@@ -78,6 +81,7 @@ class CopyCorruptError(TransportError):
             **super().detail(),
             "job": self.job,
             "host": self.host,
+            "digest": self.digest_kind,
             "vm_sha256": self.vm_sha256,
             "local_sha256": self.local_sha256,
         }

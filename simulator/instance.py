@@ -31,6 +31,7 @@ from orchestrator.bbr.artifact import (
     custom_tar_name,
     tar_name,
 )
+from orchestrator.bbr.tardigest import TarDigest
 from orchestrator.errors import DiscoveryError, InterruptedRunError, TransportError
 from orchestrator.transport.instance import (
     IGNORED_JOBS,
@@ -41,6 +42,7 @@ from orchestrator.transport.instance import (
     Job,
     ScriptCall,
     ScriptResult,
+    SentDigest,
     VmStream,
 )
 from orchestrator.transport.scriptio import MARKER_VAR, ScriptOutput, warn_leftovers
@@ -435,7 +437,7 @@ class SimInstance:
                     f"tar exited {returncode}: {message or 'no message'}",
                     host=self.address,
                 )
-            stream.sha256 = sent.hexdigest()
+            stream.digest = SentDigest("tar", sent.hexdigest())
 
     def _local_copy_name(self, job: str) -> str:
         """The name bbrx gives this artifact's tar on the jump box."""
@@ -606,13 +608,14 @@ class _Readable(Protocol):
 
 
 class _VmSide:
-    """The VM's end of a backup's copy: its tar's stream, hashed as it leaves the VM (over
-    SSH, `tee` into `openssl dgst` on the VM does this; see transport.ssh._pack_command).
-    In a thread of its own, as the VM's hash runs on the VM's CPU, not the jump box's."""
+    """The VM's end of a backup's copy: its tar's stream, with its tar digest taken as it
+    leaves the VM (over SSH, python3 on the VM runs the same `TarDigest`; see
+    transport.ssh._pack_command). In a thread of its own, as the VM's hash runs on the
+    VM's CPU, not the jump box's."""
 
     def __init__(self, source: IO[bytes]) -> None:
         self._source = source
-        self._digest = ThreadedDigest()
+        self._digest = ThreadedDigest(TarDigest())
 
     def read(self, size: int = -1, /) -> bytes:
         data = self._source.read(size)

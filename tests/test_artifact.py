@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from orchestrator.bbr import artifact, safeyaml
+from orchestrator.bbr.tardigest import TarDigest
 from orchestrator.errors import ArtifactCorruptError, ArtifactError
 
 STARTED = datetime(2026, 5, 30, 15, 49, 2, tzinfo=UTC)
@@ -63,9 +64,9 @@ def test_stream_hashes_equal_an_independent_computation_and_bytes_are_kept(tmp_p
 
 
 def test_read_back_describes_the_copy_on_disk_not_the_stream(tmp_path):
-    """The whole tar's SHA-256 (what a backup compares with the VM's) and every file's come
-    from the file as it is after its fsync: a byte changed there after it was written shows
-    in both."""
+    """The tar digest (what a backup compares with the VM's), the whole tar's SHA-256 (for a
+    VM without python3) and every file's come from the file as it is after its fsync: a
+    byte changed there after it was written shows in all of them."""
     source = tmp_path / "job"
     source.mkdir()
     make_tree(source)
@@ -73,18 +74,28 @@ def test_read_back_describes_the_copy_on_disk_not_the_stream(tmp_path):
     writer = artifact.ArtifactWriter(tmp_path, "demo", STARTED, "run-1")
     writer.create()
     path = writer.write_job("bosh", "0", "director", io.BytesIO(raw))
-    assert writer.read_back(path, "director").sha256 == hashlib.sha256(raw).hexdigest()
+    good = writer.read_back(path, "director", whole=True)
+    assert good.sha256 == hashlib.sha256(raw).hexdigest()
+    assert good.tar_digest == tar_digest(raw)
+    assert writer.read_back(path, "director").sha256 is None  # only when asked for
 
     with open(path, "r+b") as handle:  # a byte of ./blobs/ab/cd's data, changed on disk
         offset = raw.index((source / "blobs/ab/cd").read_bytes()) + 4096
         handle.seek(offset)
         handle.write(bytes([raw[offset] ^ 1]))
-    local = writer.read_back(path, "director")
+    local = writer.read_back(path, "director", whole=True)
     assert local.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert local.sha256 != hashlib.sha256(raw).hexdigest()
+    assert local.tar_digest == tar_digest(path.read_bytes()) != good.tar_digest
     assert local.size == len(raw)
     changed = {k: v for k, v in local.checksums().items() if v != make_sums(source)[k]}
     assert list(changed) == ["./blobs/ab/cd"]
+
+
+def tar_digest(data: bytes) -> str:
+    digest = TarDigest()
+    digest.feed(data)
+    return digest.hexdigest()
 
 
 def make_sums(root: Path) -> dict[str, str]:

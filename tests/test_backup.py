@@ -3,7 +3,6 @@ which scripts ran in what order (from the VM's own call log), and audit rows."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 import stat
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from orchestrator.bbr.artifact import validate
+from orchestrator.bbr.tardigest import TarDigest
 from tests.conftest import wait_for
 
 ALL_JOBS = {"bbr-credhubdb", "blobstore", "director", "uaa"}
@@ -318,8 +318,8 @@ def test_a_corrupted_copy_fails_the_backup_and_publishes_nothing(target, out, fa
     assert result.code == 1, result
     found = re.search(
         rf"Error: the copy of bosh-0-blobstore\.tar \(job blobstore on bosh/0, "
-        rf"{re.escape(target.address)}\) is corrupted: the VM sent a tar stream with SHA-256 "
-        r"([0-9a-f]{64}), the jump box's copy on disk has SHA-256 ([0-9a-f]{64})\n"
+        rf"{re.escape(target.address)}\) is corrupted: the VM sent a tar stream with tar digest "
+        r"([0-9a-f]{64}), the jump box's copy on disk has tar digest ([0-9a-f]{64})\n"
         r"Nothing was published: the partial backup is removed, and every job has been "
         r"unlocked\. The bytes changed between the VM's tar and the jump box's disk: check "
         r"the network, and the jump box's disk and memory, then back up again\.",
@@ -353,16 +353,20 @@ def test_a_corrupted_copy_fails_the_backup_and_publishes_nothing(target, out, fa
 
 
 def test_each_tar_published_is_what_the_vm_says_it_sent(target, out):
-    """The VM's SHA-256 of each stream (the drain_ok row) is that of the tar on disk."""
+    """The VM's tar digest of each stream (the drain_ok row) is that of the tar on disk."""
     assert target.director("backup", "--artifact-path", str(out)).code == 0
     [artifact] = backups(out)
     rows = target.bbrx.audit_rows()
     sent = {
-        r["detail"]["artifact"]: r["detail"]["sha256"] for r in rows if r["trigger"] == "drain_ok"
+        r["detail"]["artifact"]: r["detail"]["tar_digest"]
+        for r in rows
+        if r["trigger"] == "drain_ok"
     }
-    on_disk = {
-        tar.name: hashlib.sha256(tar.read_bytes()).hexdigest() for tar in artifact.glob("*.tar")
-    }
+    on_disk = {}
+    for tar in artifact.glob("*.tar"):
+        digest = TarDigest()
+        digest.feed(tar.read_bytes())
+        on_disk[tar.name] = digest.hexdigest()
     assert sent == on_disk and len(on_disk) == 3
 
 

@@ -559,8 +559,8 @@ def test_a_fault_on_one_instance_of_three_leaves_every_instance_unlocked(
         # The job, the instance and both digests, and what to do.
         assert re.search(
             r"the copy of redis-2-redis-server\.tar \(job redis-server on redis/2, "
-            r"sim://demo/redis/redis/2\) is corrupted: the VM sent a tar stream with SHA-256 "
-            r"[0-9a-f]{64}, the jump box's copy on disk has SHA-256 [0-9a-f]{64}\n"
+            r"sim://demo/redis/redis/2\) is corrupted: the VM sent a tar stream with tar digest "
+            r"[0-9a-f]{64}, the jump box's copy on disk has tar digest [0-9a-f]{64}\n"
             r"Nothing was published",
             message,
         ), message

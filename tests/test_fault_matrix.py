@@ -341,8 +341,8 @@ def check_corruption_named(
         return
     found = re.search(
         rf"Error: the copy of bosh-0-{case.job}\.tar \(job {case.job} on bosh/0, "
-        rf"{re.escape(target.address)}\) is corrupted: the VM sent a tar stream with SHA-256 "
-        r"([0-9a-f]{64}), the jump box's copy on disk has SHA-256 ([0-9a-f]{64})\n"
+        rf"{re.escape(target.address)}\) is corrupted: the VM sent a tar stream with tar digest "
+        r"([0-9a-f]{64}), the jump box's copy on disk has tar digest ([0-9a-f]{64})\n"
         r"Nothing was published: the partial backup is removed",
         stderr,
     )

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.bbr.tardigest import TarDigest
 from orchestrator.errors import DiscoveryError, TargetError, TransportError
-from orchestrator.transport.instance import Instance, ScriptCall, ScriptResult
+from orchestrator.transport.instance import Instance, ScriptCall, ScriptResult, SentDigest
 from simulator.director import SimDirector, sim_root
 from simulator.instance import SimInstance
 
@@ -531,17 +532,23 @@ def test_stream_out_reports_the_vms_digest_of_what_it_sent(
 ) -> None:
     _backed_up(instance, "blobstore")
     with instance.stream_out("blobstore") as stream:
-        assert stream.sha256 is None  # known once the copy has ended
+        assert stream.digest is None  # known once the copy has ended
         received = stream.read()
-    assert stream.sha256 == hashlib.sha256(received).hexdigest()
+    assert stream.digest == SentDigest("tar", tar_digest(received))
 
     # corrupt: a byte changes after the VM hashed it, so the VM's digest is of the good tar.
     director.set_fault("blobstore", "transfer", "corrupt")
     with instance.stream_out("blobstore") as stream:
         corrupted = stream.read()
-    assert stream.sha256 == hashlib.sha256(received).hexdigest()
+    assert stream.digest == SentDigest("tar", tar_digest(received))
     assert len(corrupted) == len(received) and corrupted != received
     assert [i for i in range(len(received)) if corrupted[i] != received[i]] == [600_000]
+
+
+def tar_digest(data: bytes) -> str:
+    digest = TarDigest()
+    digest.feed(data)
+    return digest.hexdigest()
 
 
 def test_corrupt_local_changes_the_jump_box_copy_once_written(
@@ -552,13 +559,34 @@ def test_corrupt_local_changes_the_jump_box_copy_once_written(
     copy = tmp_path / "demo_20261201T000000Z.incomplete" / "bosh-0-blobstore.tar"
     copy.parent.mkdir()
     with instance.stream_out("blobstore") as stream, open(copy, "xb", buffering=0) as sink:
-        streamed = hashlib.sha256()
+        streamed = bytearray()
         while chunk := stream.read(1 << 20):
-            streamed.update(chunk)
+            streamed += chunk
             sink.write(chunk)
     # The stream itself was intact: the VM's digest is of what passed by.
-    assert stream.sha256 == streamed.hexdigest()
-    assert hashlib.sha256(copy.read_bytes()).hexdigest() != stream.sha256
+    assert stream.digest == SentDigest("tar", tar_digest(streamed))
+    on_disk = copy.read_bytes()
+    assert [i for i in range(len(streamed)) if on_disk[i] != streamed[i]] == [600_000]
+
+
+def test_corrupt_local_of_a_short_copy_waits_for_the_writer_to_finish(
+    director: SimDirector, instance: SimInstance, tmp_path: Path
+) -> None:
+    """A copy the writer writes only at its end (shorter than one of its writes): the byte
+    is changed once the stream is over, before the copy is read back: in its first file."""
+    _backed_up(instance, "director")
+    director.set_fault("director", "transfer", "corrupt-local")
+    copy = tmp_path / "demo_20261201T000000Z.incomplete" / "bosh-0-director.tar"
+    copy.parent.mkdir()
+    with open(copy, "xb", buffering=0) as sink, instance.stream_out("director") as stream:
+        streamed = stream.read()
+        assert stream.read() == b"" and len(streamed) < 600_000
+        sink.write(streamed)
+        assert copy.read_bytes() == streamed  # not yet: the stream has not ended
+    changed = [i for i, byte in enumerate(copy.read_bytes()) if byte != streamed[i]]
+    with tarfile.open(fileobj=io.BytesIO(streamed)) as tar:
+        first = next(m for m in tar.getmembers() if m.isfile() and m.size)
+    assert changed == [first.offset_data + first.size // 2]
 
 
 def test_stream_out_errors(instance: SimInstance) -> None:

@@ -35,6 +35,7 @@ import yaml
 
 from orchestrator.bbr import localdisk, safeyaml
 from orchestrator.bbr.localdisk import Readable
+from orchestrator.bbr.tardigest import TarDigest
 from orchestrator.bbr.tarstream import TarHasher, TarStreamError, UnsafeMemberError
 from orchestrator.errors import ArtifactCorruptError, ArtifactError
 
@@ -264,19 +265,26 @@ class ArtifactWriter:
         )
         return path
 
-    def read_back(self, path: Path, job: str, check: Callable[[], None] | None = None) -> LocalTar:
+    def read_back(
+        self,
+        path: Path,
+        job: str,
+        check: Callable[[], None] | None = None,
+        *,
+        whole: bool = False,
+    ) -> LocalTar:
         """Read a written (and synced) tar once, from the disk (see `localdisk`): the
-        SHA-256 of the whole file and of every file inside it.
+        SHA-256 of every file inside it and the tar digest of the whole (one SHA-256 pass
+        over the data, see `tardigest`), and with `whole` the SHA-256 of the whole file too
+        (in a thread of its own: hashlib releases the GIL), for a VM that reported that.
 
-        Two hashes of the same bytes, the whole file's in a thread of its own (hashlib
-        releases the GIL), so the read costs about one SHA-256 of the tar. A tar that does
-        not parse, or holds what a restore refuses, is reported by `LocalTar.checksums()`:
-        the caller compares the whole file's digest with the VM's first, as a copy that
+        A tar that does not parse, or holds what a restore refuses, is reported by
+        `LocalTar.checksums()`: the caller compares the digests first, as a copy that
         changed on its way may well not parse.
         """
         started = time.monotonic()
         hasher = TarHasher(strict=False)
-        whole = hashlib.sha256()
+        whole_sha = hashlib.sha256() if whole else None
         broken: TarStreamError | None = None
         try:
             with (
@@ -284,16 +292,19 @@ class ArtifactWriter:
                 ThreadPoolExecutor(1, thread_name_prefix="read-back") as pool,
             ):
                 for piece in pieces:
-                    hashed = pool.submit(whole.update, piece)
+                    hashed = pool.submit(whole_sha.update, piece) if whole_sha else None
                     if broken is None:
                         try:
-                            hasher.feed(piece)
+                            hasher.feed(piece)  # the tar digest first, whatever it raises
                         except TarStreamError as exc:
                             broken = exc
-                    hashed.result()  # the piece is reused once both hashes are done with it
+                    else:
+                        hasher.tar.feed(piece)  # the tar digest still covers every byte
+                    if hashed is not None:
+                        hashed.result()  # the piece is reused once both are done with it
         except OSError as exc:
             raise ArtifactError(f"cannot read back {path}: {exc.strerror or exc}") from exc
-        digest = whole.hexdigest()
+        digest = whole_sha.hexdigest() if whole_sha else None
         try:
             checksums = hasher.finish() if broken is None else None
         except TarStreamError as exc:
@@ -311,14 +322,16 @@ class ArtifactWriter:
                 "a checksum. Make the job's backup script write only those, then back up again "
                 "(every job has been unlocked).",
             )
+        tar_digest = hasher.tar.hexdigest()
         log.debug(
-            "Read back %s in %.2f s (%d bytes, SHA-256 %s)",
+            "Read back %s in %.2f s (%d bytes, tar digest %s%s)",
             path.name,
             time.monotonic() - started,
-            hasher.bytes,
-            digest,
+            hasher.tar.bytes,
+            tar_digest,
+            f", SHA-256 {digest}" if digest else "",
         )
-        return LocalTar(path, digest, hasher.bytes, checksums, problem)
+        return LocalTar(path, tar_digest, digest, hasher.tar.bytes, checksums, problem)
 
     def publish(self, finished: datetime, audit_head: dict[str, object]) -> Path:
         """Write metadata and the audit head, then rename to the final name."""
@@ -362,10 +375,15 @@ class LocalTar:
     """One job's tar as it is on the jump box's disk, read back after its fsync."""
 
     path: Path
-    sha256: str  # of the whole file
+    tar_digest: str  # see tardigest
+    sha256: str | None  # of the whole file, when read_back was asked for it
     size: int
     _checksums: Checksums | None
     _problem: ArtifactError | None
+
+    def digest(self, kind: str) -> str | None:
+        """Its digest of the kind a VM reported (`SentDigest.kind`)."""
+        return self.tar_digest if kind == "tar" else self.sha256
 
     def checksums(self) -> Checksums:
         """Every regular file's SHA-256, keyed `./path`; raises ArtifactError if the tar
@@ -721,18 +739,18 @@ class TarReader:
 
 
 class ThreadedDigest:
-    """SHA-256 of a stream, computed in a thread of its own.
+    """SHA-256 of a stream (or, given one, a `TarDigest`), computed in a thread of its own.
 
-    The reader hashes every file's data for the metadata and the whole stream for the
-    VM's digest: two passes of SHA-256 over the same bytes. hashlib releases the GIL on
-    large updates, so the second runs beside the first instead of after it. At most
+    A restore's reader hashes every file's data for the metadata and the whole stream for
+    the VM's digest: two passes of SHA-256 over the same bytes. hashlib releases the GIL
+    on large updates, so the second runs beside the first instead of after it. At most
     DEPTH chunks wait in the queue.
     """
 
     DEPTH = 8
 
-    def __init__(self) -> None:
-        self._digest = hashlib.sha256()
+    def __init__(self, digest: TarDigest | None = None) -> None:
+        self._digest: TarDigest | hashlib._Hash = digest or hashlib.sha256()
         self._queue: queue.Queue[bytes | None] = queue.Queue(self.DEPTH)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -751,7 +769,10 @@ class ThreadedDigest:
 
     def _run(self) -> None:
         while (chunk := self._queue.get()) is not None:
-            self._digest.update(chunk)
+            if isinstance(self._digest, TarDigest):
+                self._digest.feed(chunk)
+            else:
+                self._digest.update(chunk)
 
 
 def validate(directory: Path) -> Manifest:

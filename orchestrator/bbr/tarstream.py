@@ -1,10 +1,11 @@
 """SHA-256 of every file in a tar stream, and a check of every member, as chunks pass by.
 
 bbr downloads a tar and then reads it again to hash it. bbrx hashes the bytes on their
-way: `TarHasher.feed` takes the stream in whatever chunks arrive and hashes each regular
-file's data in place (memoryview slices, no copies). Headers are parsed by the standard
-library's `tarfile.TarInfo.frombuf`; GNU long names/links and pax headers are applied to
-the member they describe, as tar itself does.
+way: `TarHasher.feed` takes the stream in whatever chunks arrive; the tar digest under it
+(`tardigest.TarDigest`) hashes each regular file's data in place (memoryview slices, no
+copies), and the digest of the whole stream comes with it at no second pass. Headers are
+parsed by the standard library's `tarfile.TarInfo.frombuf`; GNU long names/links and pax
+headers are applied to the member they describe, as tar itself does.
 
 A restore feeds each chunk through the hasher *before* sending it to the VM's tar, so a
 member the hasher refuses never reaches the VM: tar cannot act on a header it has not
@@ -16,10 +17,10 @@ components are refused (`UnsafeMemberError`).
 
 from __future__ import annotations
 
-import hashlib
 import tarfile
 from collections.abc import Container
-from typing import Any
+
+from orchestrator.bbr.tardigest import TarDigest
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -71,11 +72,13 @@ class TarHasher:
         self.unsafe: list[UnsafeMemberError] = []
         self.checksums: dict[str, str] = {}
         self.bytes = 0
+        #: Hashes every file's data (checksums are taken from it) and the whole stream.
+        self.tar = TarDigest()
         self._header = bytearray()
         self._remaining = 0  # data bytes left in the current member
         self._padding = 0  # bytes up to the next 512-byte boundary
-        self._digest: Any = None
-        self._name: str | None = None
+        self._name: str | None = None  # of the regular file whose data is passing
+        self._data_offset = 0
         self._meta: bytearray | None = None  # data of a long-name or pax member
         self._meta_type = b""
         self._long_name: str | None = None
@@ -86,6 +89,8 @@ class TarHasher:
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> None:
         view = memoryview(chunk)
+        self.tar.feed(view)  # first: a member ending in this chunk has its checksum there
+        start = self.bytes
         self.bytes += len(view)
         position, end = 0, len(view)
         while position < end:
@@ -93,11 +98,8 @@ class TarHasher:
                 return  # record padding after the end-of-archive marker
             if self._remaining:
                 take = min(self._remaining, end - position)
-                piece = view[position : position + take]
-                if self._digest is not None:
-                    self._digest.update(piece)
-                elif self._meta is not None:
-                    self._meta += piece
+                if self._meta is not None:
+                    self._meta += view[position : position + take]
                 self._remaining -= take
                 position += take
                 if not self._remaining:
@@ -113,7 +115,7 @@ class TarHasher:
                 if len(self._header) == BLOCK:
                     block = bytes(self._header)
                     self._header.clear()
-                    self._on_header(block)
+                    self._on_header(block, start + position)
 
     def finish(self) -> dict[str, str]:
         """The checksums, once the stream has ended where a tar may end."""
@@ -121,7 +123,7 @@ class TarHasher:
             raise TarStreamError(f"the tar stream ended early (after {self.bytes} bytes)")
         return self.checksums
 
-    def _on_header(self, block: bytes) -> None:
+    def _on_header(self, block: bytes, data_offset: int) -> None:
         if block == _ZERO_BLOCK:
             self._zero_blocks += 1
             self.ended = self._zero_blocks >= 2
@@ -166,8 +168,8 @@ class TarHasher:
             if problem is not None:
                 self._refuse(UnsafeMemberError(_key(name), problem))  # raises when strict
             if info.type in _REGULAR:
-                self._digest = hashlib.sha256()
                 self._name = _key(name)
+                self._data_offset = data_offset
             elif info.type == tarfile.LNKTYPE and _key(link) in self.checksums:
                 # A hard link is the same file under a second name: on the VM, and to bbr,
                 # both names are files with the target's checksum.
@@ -181,8 +183,11 @@ class TarHasher:
         self.unsafe.append(error)
 
     def _member_done(self) -> None:
-        if self._digest is not None and self._name is not None:
-            self.checksums[self._name] = self._digest.hexdigest()
+        if self._name is not None:
+            checksum = self.tar.members.get(self._data_offset)
+            if checksum is None:  # the two readings of the headers disagree: not a tar
+                raise TarStreamError(f"a member whose size is unclear before byte {self.bytes}")
+            self.checksums[self._name] = checksum
         elif self._meta is not None:
             data = bytes(self._meta)
             if self._meta_type == tarfile.GNUTYPE_LONGNAME:
@@ -200,7 +205,7 @@ class TarHasher:
                                 "(global pax header)", f"setting {key!r} for every later member"
                             )
                         )
-        self._digest = self._name = self._meta = None
+        self._name = self._meta = None
 
 
 def _problem(

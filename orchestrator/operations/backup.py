@@ -31,7 +31,7 @@ from orchestrator.errors import (
     TransportError,
 )
 from orchestrator.operations import steps
-from orchestrator.transport.instance import instance_name
+from orchestrator.transport.instance import SentDigest, instance_name
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +169,12 @@ def drain(run: Run) -> steps.Step:
                     )
             progress.done(label)
             # The copy as it is on disk (read back after its fsync), against what the VM
-            # says it sent (its SHA-256 of the stream, computed beside the stream there).
-            local = writer.read_back(path, tracker.name, run.check_interrupt)
-            check_copy(tracker, label, stream.sha256, local)
+            # says it sent (its digest of the stream, computed beside the stream there).
+            sent = sent_digest(tracker, label, stream.digest)
+            local = writer.read_back(
+                path, tracker.name, run.check_interrupt, whole=sent.kind != "tar"
+            )
+            check_copy(tracker, label, sent, local)
             checksums = local.checksums()
             if custom:
                 writer.add_custom(name, checksums)
@@ -184,15 +187,17 @@ def drain(run: Run) -> steps.Step:
             "files": len(checksums),
             "bytes": sizes[tracker.label],
             "artifact": label,
-            "sha256": local.sha256,
+            # "tar_digest" from a VM with python3, "sha256" (of the whole tar) without
+            ("tar_digest" if sent.kind == "tar" else "sha256"): sent.hex,
         }
         tracker.trigger("drain_ok", detail=detail)
         log.info(
-            "Copied %s from %s (%d bytes; SHA-256 %s on the VM and on the jump box's disk)",
+            "Copied %s from %s (%d bytes; %s %s on the VM and on the jump box's disk)",
             label,
             tracker.where,
             local.size,
-            local.sha256,
+            sent.label,
+            sent.hex,
         )
         return None
 
@@ -216,28 +221,43 @@ def drain(run: Run) -> steps.Step:
     return "drained", {"artifact": str(run.artifact)}
 
 
-def check_copy(tracker: JobTracker, label: str, sent: str | None, local: LocalTar) -> None:
-    """The jump box's copy is what the VM sent, or the drain of this job fails."""
-    instance = tracker.instance
-    whose = f"job {tracker.name} on {instance_name(instance)}, {instance.address}"
-    if sent is None:  # the transport's contract says it cannot be; refuse all the same
+def sent_digest(tracker: JobTracker, label: str, sent: SentDigest | None) -> SentDigest:
+    """The VM's digest of what it sent: the transport's contract says there is one."""
+    if sent is None:
         raise TransportError(
-            f"the copy of {label} ({whose}) cannot be checked: the VM reported no SHA-256 of "
-            "what it sent",
+            f"the copy of {label} ({_whose(tracker)}) cannot be checked: the VM reported no "
+            "digest of what it sent",
             host=tracker.where,
         )
-    if sent != local.sha256:
+    return sent
+
+
+def check_copy(tracker: JobTracker, label: str, sent: SentDigest, local: LocalTar) -> None:
+    """The jump box's copy is what the VM sent, or the drain of this job fails."""
+    mine = local.digest(sent.kind)
+    if mine is None:  # read back without the kind the VM reported: a bug, refuse
+        raise TransportError(
+            f"the copy of {label} ({_whose(tracker)}) was not read back for a {sent.label}",
+            host=tracker.where,
+        )
+    if sent.hex != mine:
         raise CopyCorruptError(
-            f"the copy of {label} ({whose}) is corrupted: the VM sent a tar stream with "
-            f"SHA-256 {sent}, the jump box's copy on disk has SHA-256 {local.sha256}",
+            f"the copy of {label} ({_whose(tracker)}) is corrupted: the VM sent a tar stream "
+            f"with {sent.label} {sent.hex}, the jump box's copy on disk has {sent.label} {mine}",
             job=tracker.name,
             host=tracker.where,
-            vm_sha256=sent,
-            local_sha256=local.sha256,
+            digest_kind=sent.kind,
+            vm_sha256=sent.hex,
+            local_sha256=mine,
             hint="Nothing was published: the partial backup is removed, and every job has "
             "been unlocked. The bytes changed between the VM's tar and the jump box's disk: "
             "check the network, and the jump box's disk and memory, then back up again.",
         )
+
+
+def _whose(tracker: JobTracker) -> str:
+    instance = tracker.instance
+    return f"job {tracker.name} on {instance_name(instance)}, {instance.address}"
 
 
 def finish(run: Run) -> None:

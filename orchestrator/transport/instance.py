@@ -115,14 +115,31 @@ class ScriptCall:
     marker: str = field(default_factory=lambda: secrets.token_hex(16), compare=False)
 
 
+@dataclass(frozen=True)
+class SentDigest:
+    """What the VM says it sent, computed beside the stream as its tar wrote it.
+
+    kind "tar": the tar digest (`orchestrator.bbr.tardigest`), what a VM with python3
+    computes; "sha256": the SHA-256 of the stream's bytes, a VM's fallback without it
+    (`tee` into `openssl dgst` or `sha256sum`).
+    """
+
+    kind: str
+    hex: str
+
+    @property
+    def label(self) -> str:
+        return "tar digest" if self.kind == "tar" else "SHA-256"
+
+
 class VmStream:
     """What `Instance.stream_out` yields: a job's tar as it arrives from the VM (`read`),
-    and, once the context has ended without an error, `sha256`: the VM's own SHA-256 of
-    every byte it sent, computed beside the stream as the VM's tar wrote it."""
+    and, once the context has ended without an error, `digest`: the VM's own digest of
+    every byte it sent (`SentDigest`)."""
 
     def __init__(self, source: BinaryIO) -> None:
         self._source = source
-        self.sha256: str | None = None
+        self.digest: SentDigest | None = None
 
     def read(self, size: int = -1, /) -> bytes:
         return self._source.read(size)
@@ -229,9 +246,9 @@ class Instance(Protocol):
 
         Members are named `./file`, `./dir/file`. Leaving the context closes the stream
         and raises `errors.TransportError` if the remote side failed, or did not report
-        its digest. Left without an error, the stream's `sha256` is the SHA-256 (hex) of
-        the tar stream as the VM sent it, computed on the VM in the same pass as it sent
-        it. The transport only reports it: the caller compares it with its own copy.
+        its digest. Left without an error, the stream's `digest` is the VM's digest of the
+        tar stream as it sent it (`SentDigest`), computed on the VM in the same pass. The
+        transport only reports it: the caller compares it with its own copy.
         """
         ...
 

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
+from orchestrator.bbr import tardigest
 from orchestrator.errors import (
     DiscoveryError,
     InterruptedRunError,
@@ -50,6 +51,7 @@ from orchestrator.transport.instance import (
     Job,
     ScriptCall,
     ScriptResult,
+    SentDigest,
     VmStream,
 )
 from orchestrator.transport.scriptio import (
@@ -637,7 +639,7 @@ class SshInstance:
             self._end_stream(proc, job)
             if returncode != 0:
                 raise self._copy_failed(job, "from", returncode, errors)
-            stream.sha256 = self._vm_digest(job, "from", errors, "wrote")
+            stream.digest = self._sent_digest(job, errors)
 
     def stream_in(self, job: str, chunks: Iterator[bytes]) -> str:
         directory = shlex.quote(self.artifact_directory(job))
@@ -663,6 +665,15 @@ class SshInstance:
                 raise self._copy_failed(job, "to", returncode, errors)
             return self._vm_digest(job, "to", errors, "read")
 
+    def _sent_digest(self, job: str, errors: IO[bytes]) -> SentDigest:
+        """What the VM's filter reported of the stream it sent: the tar digest (python3),
+        or, from its shell fallback, the stream's SHA-256."""
+        errors.seek(0)
+        reported = errors.read()
+        if digests := _TAR_DIGEST_LINE.findall(reported):
+            return SentDigest("tar", digests[-1].decode())
+        return SentDigest("sha256", self._vm_digest(job, "from", errors, "wrote"))
+
     def _vm_digest(self, job: str, way: str, errors: IO[bytes], did: str) -> str:
         """The SHA-256 the VM's hash filter reported on stderr (its last line of the kind:
         a script's output cannot come after it)."""
@@ -673,7 +684,8 @@ class SshInstance:
                 f"copying the artifact of job {job} {way} {self.address}: the VM did not "
                 f"report the SHA-256 of what its tar {did}",
                 host=self.address,
-                hint="Check that the director VM has GNU tar, tee, and openssl or sha256sum.",
+                hint="Check that the director VM has GNU tar, and python3, or tee with openssl "
+                "or sha256sum.",
             )
         return str(digests[-1].decode())
 
@@ -784,9 +796,9 @@ _HASH_FILTER = (
 _DIGEST_LINE = re.compile(rb"^bbrx-sha256 ([0-9a-f]{64}) ", re.MULTILINE)
 
 
-# A backup's copy: the same, the other way round. tar runs it as its "compressor" (-I),
-# whose stdout is tar's archive (the ssh channel): tee copies tar's stream to that and to
-# the hash, in the one pass that sends it. tee writes the channel through its stdout
+# A backup's copy on a VM without python3 (see _TAR_DIGEST_FILTER): the same, the other way
+# round. tar runs it as its "compressor" (-I), whose stdout is tar's archive (the ssh
+# channel): tee copies tar's stream to that and to the hash, in the one pass that sends it. tee writes the channel through its stdout
 # (any kind of file) and the hash through /dev/fd/4, a pipe, which Linux reopens.
 _HASH_OUT_FILTER = (
     "if command -v openssl >/dev/null; then h='openssl dgst -sha256 -r'; else h=sha256sum; fi; "
@@ -795,11 +807,38 @@ _HASH_OUT_FILTER = (
 )
 
 
+# A backup's copy where the VM has python3 (a stemcell does: bosh-linux-stemcell-builder's
+# package list for Jammy has python3.10): the tar digest, one SHA-256 pass over each file's
+# data that also covers every other byte, computed by the module's own source, run as tar's
+# "compressor" in one process that copies the stream (see orchestrator.bbr.tardigest). The
+# jump box hashes each file once for `metadata` and gets the same digest from that pass.
+# Without python3 (or with one older than 3.4) the shell fallback above runs instead.
+_TAR_DIGEST_SOURCE = Path(tardigest.__file__).read_text(encoding="utf-8")
+_TAR_DIGEST_FILTER = (
+    'command -v python3 >/dev/null 2>&1 && exec python3 -E -s -c "$1" "$2"; eval "$2"'
+)
+_TAR_DIGEST_LINE = re.compile(rb"^bbrx-tar-sha256 ([0-9a-f]{64})$", re.MULTILINE)
+
+
+def pack_filter() -> str:
+    """The program a backup's tar runs as its `-I` filter on the VM: the stream passes
+    through, and its digest (tar digest, or SHA-256) is reported on stderr at the end."""
+    return " ".join(
+        [
+            "/bin/sh -c",
+            shlex.quote(_TAR_DIGEST_FILTER),
+            "sh",
+            shlex.quote(_TAR_DIGEST_SOURCE),
+            shlex.quote(_HASH_OUT_FILTER),
+        ]
+    )
+
+
 def _pack_command(directory: str) -> str:
     """The remote command of a backup's copy (`directory` already shell-quoted): the
-    job's directory as a tar on stdout, its SHA-256 on stderr once it has all been sent."""
-    hasher = "/bin/sh -c " + shlex.quote(_HASH_OUT_FILTER)
-    return f"sudo -n tar -C {directory} --use-compress-program={shlex.quote(hasher)} -cf - ."
+    job's directory as a tar on stdout, its digest on stderr once it has all been sent."""
+    hasher = shlex.quote(pack_filter())
+    return f"sudo -n tar -C {directory} --use-compress-program={hasher} -cf - ."
 
 
 def _unpack_command(directory: str) -> str:
