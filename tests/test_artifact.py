@@ -65,31 +65,66 @@ def test_stream_hashes_equal_an_independent_computation_and_bytes_are_kept(tmp_p
 
 def test_read_back_describes_the_copy_on_disk_not_the_stream(tmp_path):
     """The tar digest (what a backup compares with the VM's), the whole tar's SHA-256 (for a
-    VM without python3) and every file's come from the file as it is after its fsync: a
-    byte changed there after it was written shows in all of them."""
+    VM without python3) and every file's come from the file as it is on disk: a byte
+    changed there after it was written shows in all of them."""
     source = tmp_path / "job"
     source.mkdir()
     make_tree(source)
     raw = subprocess.run(["tar", "-C", str(source), "-cf", "-", "."], capture_output=True).stdout
     writer = artifact.ArtifactWriter(tmp_path, "demo", STARTED, "run-1")
     writer.create()
-    path = writer.write_job("bosh", "0", "director", io.BytesIO(raw))
-    good = writer.read_back(path, "director", whole=True)
-    assert good.sha256 == hashlib.sha256(raw).hexdigest()
+    good = writer.read_back(writer.write_job("bosh", "0", "director", io.BytesIO(raw)), "director")
     assert good.tar_digest == tar_digest(raw)
-    assert writer.read_back(path, "director").sha256 is None  # only when asked for
+    assert good.sha256 is None  # only when asked for
 
-    with open(path, "r+b") as handle:  # a byte of ./blobs/ab/cd's data, changed on disk
+    copy = writer.write_job("bosh", "0", "blobstore", io.BytesIO(raw))
+    with open(copy.path, "r+b") as handle:  # a byte of ./blobs/ab/cd's data, changed on disk
         offset = raw.index((source / "blobs/ab/cd").read_bytes()) + 4096
         handle.seek(offset)
         handle.write(bytes([raw[offset] ^ 1]))
-    local = writer.read_back(path, "director", whole=True)
-    assert local.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    local = writer.read_back(copy, "blobstore", whole=True)
+    assert local.sha256 == hashlib.sha256(copy.path.read_bytes()).hexdigest()
     assert local.sha256 != hashlib.sha256(raw).hexdigest()
-    assert local.tar_digest == tar_digest(path.read_bytes()) != good.tar_digest
+    assert local.tar_digest == tar_digest(copy.path.read_bytes()) != good.tar_digest
     assert local.size == len(raw)
     changed = {k: v for k, v in local.checksums().items() if v != make_sums(source)[k]}
     assert list(changed) == ["./blobs/ab/cd"]
+
+
+class ChangesTheCopy:
+    """A stream that, once its first MiB is in the file, changes a byte of it there (as the
+    simulator's corrupt-local fault does), while the rest is still to come."""
+
+    def __init__(self, data: bytes, copy: Path, offset: int) -> None:
+        self.data, self.copy, self.offset, self.given = data, copy, offset, 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self.given and self.given <= self.offset + (1 << 20) < self.given + size:
+            assert self.copy.stat().st_size > self.offset
+            with open(self.copy, "r+b") as handle:
+                handle.seek(self.offset)
+                handle.write(bytes([self.data[self.offset] ^ 1]))
+        chunk = self.data[self.given : self.given + size]
+        self.given += len(chunk)
+        return chunk
+
+
+def test_the_read_back_follows_the_writer_and_sees_a_change_made_behind_it(tmp_path):
+    """A large copy is read back while it is written, a MiB behind the writer: a change
+    to bytes already written (before the next write) is what the read-back sees."""
+    source = tmp_path / "job"
+    source.mkdir()
+    (source / "big").write_bytes(os.urandom(12 << 20))
+    raw = subprocess.run(["tar", "-C", str(source), "-cf", "-", "."], capture_output=True).stdout
+    writer = artifact.ArtifactWriter(tmp_path, "demo", STARTED, "run-1")
+    writer.create()
+    path = writer.partial / "bosh-0-director.tar"
+    copy = writer.write_job("bosh", "0", "director", ChangesTheCopy(raw, path, 600_000))
+    local = writer.read_back(copy, "director")
+    on_disk = path.read_bytes()
+    assert on_disk != raw and len(on_disk) == len(raw)
+    assert local.tar_digest == tar_digest(on_disk) != tar_digest(raw)
+    assert local.checksums()["./big"] != hashlib.sha256((source / "big").read_bytes()).hexdigest()
 
 
 def tar_digest(data: bytes) -> str:

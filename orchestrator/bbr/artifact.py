@@ -26,7 +26,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -198,7 +197,7 @@ class ArtifactWriter:
         stream: Readable,
         check: Callable[[], None] | None = None,
         progress: Callable[[int], None] | None = None,
-    ) -> Path:
+    ) -> PendingCopy:
         """Write one job's tar from `stream` and sync it; `read_back` then checks it."""
         return self._write_tar(tar_name(group, index, job), stream, check, progress)
 
@@ -208,7 +207,7 @@ class ArtifactWriter:
         stream: Readable,
         check: Callable[[], None] | None = None,
         progress: Callable[[int], None] | None = None,
-    ) -> Path:
+    ) -> PendingCopy:
         """Write a custom artifact (a `backup_one_restore_all` job's bootstrap copy)."""
         with self._lock:  # claimed here: of two groups draining at once, one gets the name
             taken = name in self._custom_claimed or (self.partial / custom_tar_name(name)).exists()
@@ -249,62 +248,56 @@ class ArtifactWriter:
         stream: Readable,
         check: Callable[[], None] | None,
         progress: Callable[[int], None] | None,
-    ) -> Path:
+    ) -> PendingCopy:
         path = self.partial / filename
         started = time.monotonic()
+        reading = _TarReading()
         try:
-            size, direct = localdisk.write_new(path, stream, check, progress)
+            readback = localdisk.write_new(path, stream, check, progress, reading.feed)
         except OSError as exc:
             raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from exc
         log.debug(
             "Wrote and synced %s (%d bytes%s) in %.2f s",
             path.name,
-            size,
-            ", direct I/O" if direct else "",
+            readback.size,
+            ", direct I/O" if readback.direct_write else "",
             time.monotonic() - started,
         )
-        return path
+        return PendingCopy(path, readback, reading)
 
     def read_back(
         self,
-        path: Path,
+        copy: PendingCopy,
         job: str,
         check: Callable[[], None] | None = None,
         *,
         whole: bool = False,
     ) -> LocalTar:
-        """Read a written (and synced) tar once, from the disk (see `localdisk`): the
-        SHA-256 of every file inside it and the tar digest of the whole (one SHA-256 pass
-        over the data, see `tardigest`), and with `whole` the SHA-256 of the whole file too
-        (in a thread of its own: hashlib releases the GIL), for a VM that reported that.
+        """Finish reading a written (and synced) tar back from the disk (see `localdisk`):
+        the SHA-256 of every file inside it and the tar digest of the whole, from one
+        SHA-256 pass over the data (see `tardigest`); with `whole`, for a VM that reported
+        the stream's SHA-256, also that of the whole file, in a second read.
 
         A tar that does not parse, or holds what a restore refuses, is reported by
         `LocalTar.checksums()`: the caller compares the digests first, as a copy that
         changed on its way may well not parse.
         """
+        path, reading = copy.path, copy.reading
         started = time.monotonic()
-        hasher = TarHasher(strict=False)
-        whole_sha = hashlib.sha256() if whole else None
-        broken: TarStreamError | None = None
+        digest = None
         try:
-            with (
-                localdisk.read_chunks(path, check) as pieces,
-                ThreadPoolExecutor(1, thread_name_prefix="read-back") as pool,
-            ):
-                for piece in pieces:
-                    hashed = pool.submit(whole_sha.update, piece) if whole_sha else None
-                    if broken is None:
-                        try:
-                            hasher.feed(piece)  # the tar digest first, whatever it raises
-                        except TarStreamError as exc:
-                            broken = exc
-                    else:
-                        hasher.tar.feed(piece)  # the tar digest still covers every byte
-                    if hashed is not None:
-                        hashed.result()  # the piece is reused once both are done with it
+            copy.readback.finish(check)
+            if whole:
+                whole_sha = hashlib.sha256()
+                with localdisk.read_chunks(path, check) as pieces:
+                    for piece in pieces:
+                        whole_sha.update(piece)
+                digest = whole_sha.hexdigest()
         except OSError as exc:
             raise ArtifactError(f"cannot read back {path}: {exc.strerror or exc}") from exc
-        digest = whole_sha.hexdigest() if whole_sha else None
+        finally:
+            copy.close()
+        hasher, broken = reading.hasher, reading.broken
         try:
             checksums = hasher.finish() if broken is None else None
         except TarStreamError as exc:
@@ -324,7 +317,7 @@ class ArtifactWriter:
             )
         tar_digest = hasher.tar.hexdigest()
         log.debug(
-            "Read back %s in %.2f s (%d bytes, tar digest %s%s)",
+            "Finished reading %s back in %.2f s (%d bytes, tar digest %s%s)",
             path.name,
             time.monotonic() - started,
             hasher.tar.bytes,
@@ -368,6 +361,37 @@ class ArtifactWriter:
             shutil.rmtree(self.partial, ignore_errors=True)
             log.info("Removed the incomplete backup %s", self.partial)
         self.created = False
+
+
+class _TarReading:
+    """The per-file hashing of a copy as it is read back from the disk, piece by piece.
+    Past a point where it stops being a tar, the tar digest still takes every byte."""
+
+    def __init__(self) -> None:
+        self.hasher = TarHasher(strict=False)
+        self.broken: TarStreamError | None = None
+
+    def feed(self, piece: memoryview) -> None:
+        if self.broken is None:
+            try:
+                self.hasher.feed(piece)  # the tar digest first, whatever it raises
+            except TarStreamError as exc:
+                self.broken = exc
+        else:
+            self.hasher.tar.feed(piece)
+
+
+@dataclass
+class PendingCopy:
+    """A job's tar written and synced, read back from the disk up to near its end:
+    `ArtifactWriter.read_back` reads the rest. `close` lets go of it unread."""
+
+    path: Path
+    readback: localdisk.ReadBack
+    reading: _TarReading
+
+    def close(self) -> None:
+        self.readback.close()
 
 
 @dataclass(frozen=True)

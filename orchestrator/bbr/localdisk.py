@@ -41,6 +41,9 @@ ALIGN = 4096
 WRITE_CHUNK = 1 << 20
 READ_CHUNK = 4 << 20
 READ_AHEAD = 3
+#: How far behind the writer the read-back follows. At least one write: a byte changed
+#: in the file right after the write that put it there is read as changed.
+FOLLOW_LAG = WRITE_CHUNK
 
 
 class Readable(Protocol):
@@ -76,31 +79,139 @@ def write_new(
     stream: Readable,
     check: Callable[[], None] | None,
     progress: Callable[[int], None] | None,
-) -> tuple[int, bool]:
-    """Create `path` (it must not exist) with everything `stream` gives, then fsync it.
+    consume: Callable[[memoryview], None],
+) -> ReadBack:
+    """Create `path` (it must not exist) with everything `stream` gives, fsync it, and read
+    it back from the disk as it grows: `consume` gets the file's bytes, in order, in a
+    thread of its own, each piece once the writer is at least FOLLOW_LAG past its end.
 
     Each WRITE_CHUNK is in the file before the next is read from the stream, so nothing
     waits in this process's memory to be written later. `check` (the interruption test)
-    runs before each read. Returns the byte count and whether direct I/O was used.
-    Raises OSError.
+    runs before each read. Returns the `ReadBack`, whose `finish` reads the rest: call it
+    once nothing may change the file any more in a way the check should see. Raises
+    OSError.
     """
     buffer = aligned_buffer(WRITE_CHUNK)
     view = memoryview(buffer)
     try:
         with _Sink(path) as sink:
+            follower = ReadBack(path, consume, direct=sink.direct)
+            try:
+                while True:
+                    if check is not None:
+                        check()
+                    count = fill(stream, view)
+                    if not count:
+                        break
+                    sink.write(view[:count])
+                    follower.written(sink.size)
+                    if progress is not None:
+                        progress(count)
+                sink.sync()
+            except BaseException:
+                follower.close()
+                raise
+            follower.direct_write = sink.started_direct
+            return follower
+    finally:
+        _free(buffer, view)
+
+
+class ReadBack:
+    """A file read back from the disk while it is being written, a FOLLOW_LAG behind the
+    writer (so a change made to the file right after a write is there to be read: the
+    simulator's `corrupt-local` fault, a faulty disk), and to its end by `finish`."""
+
+    def __init__(self, path: Path, consume: Callable[[memoryview], None], *, direct: bool) -> None:
+        self.path = path
+        self.direct_write = direct
+        self._consume = consume
+        self._fd = _open_for_reading(path)
+        self._buffer = aligned_buffer(READ_CHUNK)
+        self._view = memoryview(self._buffer)
+        self._offset = 0  # read back and consumed up to here
+        self._written = 0
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    @property
+    def size(self) -> int:
+        return self._written
+
+    def written(self, size: int) -> None:
+        with self._changed:
+            self._written = size
+            self._changed.notify()
+
+    def finish(self, check: Callable[[], None] | None = None) -> int:
+        """Read what is left, to the end of the file; the byte count. Raises OSError."""
+        self.stop()
+        try:
+            if self._error is not None:
+                raise self._error
             while True:
                 if check is not None:
                     check()
-                count = fill(stream, view)
+                count = self._read()
                 if not count:
-                    break
-                sink.write(view[:count])
-                if progress is not None:
-                    progress(count)
-            sink.sync()
-            return sink.size, sink.started_direct
-    finally:
-        _free(buffer, view)
+                    return self._offset
+        finally:
+            self._close()
+
+    def close(self) -> None:
+        """Stop following and let the file go, read to its end or not."""
+        self.stop()
+        self._close()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
+        self._thread.join()
+
+    def _follow(self) -> None:
+        try:
+            while True:
+                with self._changed:
+                    while not self._stopping and (
+                        self._written - FOLLOW_LAG - self._offset < READ_CHUNK
+                    ):
+                        self._changed.wait()
+                    if self._stopping:
+                        return
+                self._read()
+        except BaseException as exc:  # re-raised by finish
+            self._error = exc
+
+    def _read(self) -> int:
+        count = os.preadv(self._fd, [self._view], self._offset)
+        if count:
+            self._consume(self._view[:count])
+            self._offset += count
+        return count
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            _free(self._buffer, self._view)
+
+    def __del__(self) -> None:  # a copy abandoned on an error: its descriptor goes too
+        with contextlib.suppress(Exception):
+            self._close()
+
+
+def _open_for_reading(path: Path) -> int:
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return os.open(path, flags)
 
 
 class _Sink:

@@ -16,6 +16,7 @@ from orchestrator import __version__
 from orchestrator.bbr.artifact import (
     ArtifactWriter,
     LocalTar,
+    PendingCopy,
     check_free_space,
     custom_tar_name,
     tar_name,
@@ -158,21 +159,23 @@ def drain(run: Run) -> steps.Step:
         instance, name = tracker.instance, names[tracker.label]
         custom = name != tracker.name
         label = custom_tar_name(name) if custom else tar_name(instance.group, instance.index, name)
+        copy: PendingCopy | None = None
         try:
             advance = progress.start(label, sizes[tracker.label])
             with instance.stream_out(name) as stream:
                 if custom:
-                    path = writer.write_custom(name, stream, run.check_interrupt, advance)
+                    copy = writer.write_custom(name, stream, run.check_interrupt, advance)
                 else:
-                    path = writer.write_job(
+                    copy = writer.write_job(
                         instance.group, instance.index, name, stream, run.check_interrupt, advance
                     )
             progress.done(label)
-            # The copy as it is on disk (read back after its fsync), against what the VM
-            # says it sent (its digest of the stream, computed beside the stream there).
+            # The copy as it is on disk (read back from it as it was written, the rest
+            # after its fsync), against what the VM says it sent (its digest of the
+            # stream, computed beside the stream there).
             sent = sent_digest(tracker, label, stream.digest)
             local = writer.read_back(
-                path, tracker.name, run.check_interrupt, whole=sent.kind != "tar"
+                copy, tracker.name, run.check_interrupt, whole=sent.kind != "tar"
             )
             check_copy(tracker, label, sent, local)
             checksums = local.checksums()
@@ -183,6 +186,9 @@ def drain(run: Run) -> steps.Step:
         except BbrxError as error:
             tracker.trigger("drain_error", outcome="error", error=error)
             return error
+        finally:
+            if copy is not None:
+                copy.close()  # read to its end already, unless something failed
         detail = {
             "files": len(checksums),
             "bytes": sizes[tracker.label],

@@ -798,8 +798,9 @@ _DIGEST_LINE = re.compile(rb"^bbrx-sha256 ([0-9a-f]{64}) ", re.MULTILINE)
 
 # A backup's copy on a VM without python3 (see _TAR_DIGEST_FILTER): the same, the other way
 # round. tar runs it as its "compressor" (-I), whose stdout is tar's archive (the ssh
-# channel): tee copies tar's stream to that and to the hash, in the one pass that sends it. tee writes the channel through its stdout
-# (any kind of file) and the hash through /dev/fd/4, a pipe, which Linux reopens.
+# channel): tee copies tar's stream to that and to the hash, in the one pass that sends it.
+# tee writes the channel through its stdout (any kind of file) and the hash through
+# /dev/fd/4, a pipe, which Linux reopens.
 _HASH_OUT_FILTER = (
     "if command -v openssl >/dev/null; then h='openssl dgst -sha256 -r'; else h=sha256sum; fi; "
     "exec 3>&1; d=$( { tee /dev/fd/4 >&3 3>&-; } 4>&1 | $h 3>&- ) || exit 1; "
