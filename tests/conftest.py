@@ -233,7 +233,9 @@ def ssh_server(request, ssh_keys, tmp_path) -> Iterator[sshd.TestSshd]:
     request.getfixturevalue("vcap_mount_point")
     vm = SimDirector(tmp_path / "vm")
     vm.create()
-    server = sshd.TestSshd(ssh_keys, vm.root, tmp_path / "sshd").start()
+    # Parametrized indirectly with the commands the VM lacks, e.g. ("python3",).
+    without = getattr(request, "param", ())
+    server = sshd.TestSshd(ssh_keys, vm.root, tmp_path / "sshd", without=without).start()
     yield server
     server.stop()
 

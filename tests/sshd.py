@@ -115,6 +115,7 @@ esac
 """
 
 VCAP = Path("/var/vcap")
+SUDO_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # Debian's secure_path
 
 
 def available() -> str | None:
@@ -153,8 +154,12 @@ def free_port() -> int:
 class TestSshd:
     """One sshd, serving `vm_root/var/vcap` as /var/vcap, on a free loopback port."""
 
-    def __init__(self, keys: Keys, vm_root: Path, workdir: Path) -> None:
+    def __init__(
+        self, keys: Keys, vm_root: Path, workdir: Path, without: tuple[str, ...] = ()
+    ) -> None:
+        """`without`: commands the VM lacks (hidden under /dev/null in the namespace)."""
         self.keys = keys
+        self.without = without
         self.vm_root = vm_root
         self.workdir = workdir
         self.port = free_port()
@@ -193,8 +198,9 @@ class TestSshd:
         )
         shim.chmod(0o755)
         shutil.copy2(TAR, self.workdir / "real-tar")
+        hidden = "".join(f"mount --bind /dev/null {path} && " for path in self._hidden_paths())
         mounts = (
-            f"mount --bind {passwd} /etc/passwd && "
+            hidden + f"mount --bind {passwd} /etc/passwd && "
             f"mount --bind {shim} {TAR} && "
             "mount -t tmpfs tmpfs /run && mkdir -p /run/sshd && "
             f"mount --bind {self.vm_root / 'var/vcap'} {VCAP} && "
@@ -218,6 +224,17 @@ class TestSshd:
                     return self
             time.sleep(0.02)
         raise RuntimeError("sshd did not start listening")
+
+    def _hidden_paths(self) -> list[str]:
+        """The files sudo's PATH finds for each command the VM lacks: /dev/null, which is
+        not executable, is bound over each, so `command -v` finds none of them."""
+        found = set()
+        for command in self.without:
+            for directory in SUDO_PATH.split(":"):
+                candidate = Path(directory) / command
+                if candidate.exists():
+                    found.add(os.path.realpath(candidate))
+        return sorted(found)
 
     def _end_sessions(self) -> None:
         """Kill what still runs in this sshd's mount namespace (scripts a test left behind).

@@ -145,6 +145,33 @@ def test_200_mb_round_trip(target, tmp_path):
     assert target.vm.data_digest() == before
 
 
+@pytest.mark.parametrize("ssh_server", [("python3",), ("python3", "openssl")], indirect=True)
+def test_a_vm_without_python3_is_checked_by_the_streams_sha256(target, tmp_path, ssh_server):
+    """No python3 on the VM (nor openssl): its shell filter reports the SHA-256 of what its
+    tar sent, which the jump box checks against its copy's, read back once more for it."""
+    out = tmp_path / "backups"
+    out.mkdir()
+    result = target.director("backup", "--artifact-path", str(out))
+    assert result.code == 0, result
+    [artifact] = list(out.iterdir())
+    rows = [r for r in target.bbrx.audit_rows() if r["trigger"] == "drain_ok"]
+    assert {r["detail"]["artifact"]: r["detail"]["sha256"] for r in rows} == {
+        tar.name: hashlib.sha256(tar.read_bytes()).hexdigest() for tar in artifact.glob("*.tar")
+    }
+    assert all("tar_digest" not in r["detail"] for r in rows)
+
+    target.vm.set_fault("blobstore", "transfer", "corrupt")
+    again = tmp_path / "again"
+    again.mkdir()
+    failed = target.director("backup", "--artifact-path", str(again))
+    assert failed.code == 1, failed
+    assert "is corrupted: the VM sent a tar stream with SHA-256 " in failed.stderr
+    assert ", the jump box's copy on disk has SHA-256 " in failed.stderr
+    assert list(again.iterdir()) == []
+    [error] = [r for r in target.bbrx.audit_rows() if r["trigger"] == "drain_error"]
+    assert error["detail"]["digest"] == "sha256"
+
+
 def test_connection_killed_mid_drain(target, tmp_path, ssh_server):
     big_blob(target, 300 << 20)
     out = tmp_path / "backups"

@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
 
 from audit import AuditError
 from audit.render import printable
-from orchestrator import __version__, settings, simulation
+from orchestrator import __version__, settings
 from orchestrator.engine import machine
 from orchestrator.engine.fleet import deployment_target
 from orchestrator.engine.progress import progress_for
@@ -274,6 +274,13 @@ def merge_run_options(ctx: typer.Context, given: dict[str, Any], **target: objec
     )
 
 
+def _simulation() -> Any:
+    # Imported by `bbrx sim` alone: a run against a real director needs none of it.
+    from orchestrator import simulation
+
+    return simulation
+
+
 def set_verbosity(*, debug: bool, quiet: bool) -> None:
     if debug:
         logging.getLogger().setLevel(logging.DEBUG)
@@ -484,13 +491,13 @@ def sim_create(
     empty: Annotated[bool, typer.Option("--empty", help="Jobs and scripts, no data.")] = False,
 ) -> None:
     """Create a simulated director (with demo data unless --empty)."""
-    typer.echo(simulation.create(settings.bbrx_home(), name, empty=empty))
+    typer.echo(_simulation().create(settings.bbrx_home(), name, empty=empty))
 
 
 @sim_app.command("vms")
 def sim_vms(name: NameArgument) -> None:
     """Play `bosh vms`: the deployments and VMs the simulated director knows."""
-    typer.echo(simulation.vms(settings.bbrx_home(), name))
+    typer.echo(_simulation().vms(settings.bbrx_home(), name))
 
 
 DeploymentOption = Annotated[
@@ -502,7 +509,7 @@ DeploymentOption = Annotated[
 def sim_wipe(name: NameArgument, deployment: DeploymentOption = None) -> None:
     """The disaster: recreate the director VM empty (jobs there, data gone), or with
     --deployment, every VM of that deployment."""
-    typer.echo(simulation.wipe(settings.bbrx_home(), name, deployment=deployment))
+    typer.echo(_simulation().wipe(settings.bbrx_home(), name, deployment=deployment))
 
 
 @sim_app.command("deploy")
@@ -514,7 +521,7 @@ def sim_deploy(
     ],
 ) -> None:
     """Add or replace a deployment of the simulated director, from a BOSH manifest."""
-    typer.echo(simulation.deploy(settings.bbrx_home(), name, deployment, manifest))
+    typer.echo(_simulation().deploy(settings.bbrx_home(), name, deployment, manifest))
 
 
 @sim_app.command("delete-deployment")
@@ -523,19 +530,19 @@ def sim_delete_deployment(
     deployment: Annotated[str, typer.Argument(help="The deployment's name.")],
 ) -> None:
     """Remove a deployment and its VMs (refused while a run holds one of them)."""
-    typer.echo(simulation.delete_deployment(settings.bbrx_home(), name, deployment))
+    typer.echo(_simulation().delete_deployment(settings.bbrx_home(), name, deployment))
 
 
 @sim_app.command("destroy")
 def sim_destroy(name: NameArgument) -> None:
     """Remove a simulated director entirely."""
-    typer.echo(simulation.destroy(settings.bbrx_home(), name))
+    typer.echo(_simulation().destroy(settings.bbrx_home(), name))
 
 
 @sim_app.command("list")
 def sim_list() -> None:
     """The simulated directors under $BBRX_HOME/sim."""
-    typer.echo(simulation.listing(settings.bbrx_home()))
+    typer.echo(_simulation().listing(settings.bbrx_home()))
 
 
 @sim_app.command("fault")
@@ -557,7 +564,7 @@ def sim_fault(
     or with --deployment and --instance, one VM's of a deployment."""
     home = settings.bbrx_home()
     typer.echo(
-        simulation.fault(home, name, job, script, spec, deployment=deployment, instance=instance)
+        _simulation().fault(home, name, job, script, spec, deployment=deployment, instance=instance)
     )
 
 

@@ -22,11 +22,10 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from audit import reviewer
 from audit.query import MODE_CHOICES, OUTCOME_CHOICES, RunFilter
 from audit.reads import Reader
 from audit.render import printable
@@ -34,6 +33,18 @@ from orchestrator import settings
 from orchestrator.cli.app import AuditDbOption, Globals, _merge, audit_app
 from orchestrator.errors import AuditBrokenError, UsageError
 from orchestrator.state import review
+
+if TYPE_CHECKING:
+    from audit import reviewer
+
+
+def _reviewer() -> Any:
+    # Imported when a reviewer's command runs: a backup or a restore has no use for it
+    # (the report, the export formats, the evidence pack), and every run starts faster.
+    from audit import reviewer
+
+    return reviewer
+
 
 SinceOption = Annotated[
     str | None,
@@ -275,17 +286,17 @@ def audit_export(
     if follow:
         stop, previous = _stop_on_signals()
         try:
-            with reviewer.follow_output(output) as stream:
-                outcome_ = reviewer.export_and_follow(
+            with _reviewer().follow_output(output) as stream:
+                outcome_ = _reviewer().export_and_follow(
                     path, flt, fmt, stream, reader, stop, output=output
                 )
         finally:
             for signum, handler in previous:
                 signal.signal(signum, handler)
     elif output is None:
-        outcome_ = reviewer.export(path, flt, fmt, sys.stdout, reader)
+        outcome_ = _reviewer().export(path, flt, fmt, sys.stdout, reader)
     else:
-        outcome_ = reviewer.export_to_file(path, flt, fmt, output, reader)
+        outcome_ = _reviewer().export_to_file(path, flt, fmt, output, reader)
     _echo(outcome_.all_lines(), err=True)
 
 
@@ -319,7 +330,7 @@ def audit_report(
     if run is not None and not flt.empty:
         raise UsageError("give a RUN or filters, not both")
     path, reader = _context(ctx, audit_db, reason)
-    outcome_ = reviewer.report(
+    outcome_ = _reviewer().report(
         path,
         flt,
         output,
@@ -357,7 +368,7 @@ def audit_evidence(
     """
     flt = _filter(since, until, target, operator, operation, outcome, mode)
     path, reader = _context(ctx, audit_db, reason)
-    outcome_ = reviewer.evidence(
+    outcome_ = _reviewer().evidence(
         path, flt, output, reader, checkpoints=checkpoints, allowed_signers=allowed_signers
     )
     _finish(outcome_)
@@ -395,5 +406,5 @@ def audit_checkpoint(
     """
     path, reader = _context(ctx, audit_db, reason)
     signing = settings.checkpoint_signing(key, output)
-    outcome_ = reviewer.checkpoint(path, signing.key, signing.file, reader)
+    outcome_ = _reviewer().checkpoint(path, signing.key, signing.file, reader)
     _echo(outcome_.all_lines())

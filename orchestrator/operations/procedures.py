@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from audit import AuditError, AuditLog
-from audit.checkpoint import sign_checkpoint
 from orchestrator import settings
 from orchestrator.bosh.director import Director
 from orchestrator.engine.fleet import DeploymentFleet, Fleet
@@ -169,6 +168,8 @@ def _sign_checkpoint(request: Request, run_id: str) -> None:
     if signing is None:
         return
     try:
+        from audit.checkpoint import sign_checkpoint  # only with a configured key
+
         signed = sign_checkpoint(request.audit_db, signing.key, signing.file)
     except (AuditError, OSError) as error:
         # An OSError (a temp dir that cannot be made) must not turn a done run into an

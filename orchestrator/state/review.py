@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from audit import AuditLog, AuditRecord, reviewer
+from audit import AuditLog, AuditRecord
 from audit.query import RunFilter
 from audit.reads import Reader
 from audit.render import format_runs, format_timeline
@@ -29,6 +29,8 @@ def verify(
 ) -> list[str]:
     """Lines to show when the log (its checkpoints, an exported copy, the artifact's tie
     to it) is intact; raise otherwise, naming the first thing wrong."""
+    from audit import reviewer  # a reviewer's command: not every run's import
+
     outcome = reviewer.verify(
         audit_db,
         reader,
