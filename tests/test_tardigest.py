@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 
 from orchestrator.bbr import tardigest
 from orchestrator.bbr.tardigest import TarDigest
-from orchestrator.bbr.tarstream import TarHasher
+from orchestrator.bbr.tarstream import TarHasher, TarStreamError
 from orchestrator.transport.ssh import pack_filter
 
 SOURCE = Path(tardigest.__file__).read_text(encoding="utf-8")
@@ -52,11 +54,11 @@ def tar_of(root: Path, *options: str) -> bytes:
 
 
 def through_vm_filter(
-    root: Path, *options: str, env: dict[str, str] | None = None
+    root: Path, *options: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> tuple[bytes, str]:
     """The tar a backup's copy sends, and what its filter said on stderr."""
     command = ["tar", "-C", str(root), *options, f"--use-compress-program={pack_filter()}"]
-    proc = subprocess.run([*command, "-cf", "-", "."], capture_output=True, env=env)
+    proc = subprocess.run([*command, "-cf", "-", "."], capture_output=True, env=env, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout, proc.stderr.decode()
 
@@ -180,3 +182,53 @@ def test_a_vm_without_python3_reports_the_streams_sha256(tmp_path, hidden):
     assert sent == tar_of(root)
     assert TAR_LINE.findall(stderr) == []
     assert SHA_LINE.findall(stderr) == [hashlib.sha256(sent).hexdigest()]
+
+
+def test_modules_in_the_users_directory_are_not_run(tmp_path):
+    """python3 -c looks for modules in its working directory first: the filter runs from /,
+    so a hashlib.py in the bbr user's home does not run as root."""
+    root = make_tree(tmp_path / "job")
+    home = tmp_path / "home"
+    home.mkdir()
+    marker = tmp_path / "ran"
+    for module in ("hashlib", "tarfile", "os"):
+        (home / f"{module}.py").write_text(f"open({str(marker)!r}, 'a').write('{module}')\n")
+    sent, stderr = through_vm_filter(root, cwd=home)
+    assert not marker.exists()
+    assert TAR_LINE.findall(stderr) == [digest_of(sent)]
+
+
+def test_a_python3_without_its_standard_library_runs_the_shell_fallback(tmp_path):
+    """Debian's python3-minimal has no tarfile: the program hands the stream, unread, to
+    the shell filter, and the VM reports the stream's SHA-256."""
+    env = path_without(tmp_path, "python3")
+    fake = Path(env["PATH"]) / "python3"
+    real = os.path.realpath(sys.executable)
+    fake.write_text(
+        "#!/bin/sh\n"  # python3 -E -s -c SOURCE FALLBACK, with tarfile unimportable
+        'src="$4"; shift 4\n'
+        f'exec {real} -E -s -c "import sys; sys.modules[\'tarfile\'] = None\n$src" "$@"\n'
+    )
+    fake.chmod(0o755)
+    root = make_tree(tmp_path / "job")
+    sent, stderr = through_vm_filter(root, env=env)
+    assert sent == tar_of(root)
+    assert TAR_LINE.findall(stderr) == []
+    assert SHA_LINE.findall(stderr) == [hashlib.sha256(sent).hexdigest()]
+
+
+def test_a_pax_header_too_long_to_read_stops_the_framing(tmp_path):
+    """Past a pax header longer than the digest reads for a size, the rest of the stream is
+    hashed as it is, and the per-file reading refuses the tar rather than guess sizes."""
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("f")
+        info.size = 5
+        info.pax_headers = {"comment": "x" * (2 << 20)}
+        tar.addfile(info, io.BytesIO(b"hello"))
+    raw = data.getvalue()
+    hasher = TarHasher(strict=False)
+    with pytest.raises(TarStreamError, match="size is unclear"):
+        hasher.feed(raw)
+        hasher.finish()
+    assert hasher.tar.hexdigest() == digest_of(raw)

@@ -10,11 +10,15 @@ a multiple of 512, not of the 4096 that direct I/O needs) are written through th
 cache, and a filesystem that refuses direct I/O gets the whole file that way, flushed in
 the background as it grows (`_BackgroundSync`) so the final fsync has little left to do.
 
-The read-back that checks the copy (`read_chunks`) reads it with direct I/O too, so what
-it hashes came from the device after the fsync, not from memory that held the bytes on
-their way there. Dirty pages of the file (its tail, or a change another process wrote
-through the page cache) are written back by the kernel before a direct read of their
-range, so the read sees them as the disk now holds them.
+The read-back that checks the copy (`ReadBack`, and `read_chunks` for a second read)
+reads it with direct I/O too, so what it hashes came from the device, not from memory that
+held the bytes on their way there. It follows the writer: each READ_CHUNK is read once the
+writer is FOLLOW_LAG past its end (so 1 to 5 MiB behind it), and what is left once the
+file is synced and the stream has ended. Dirty pages of the file (its tail, or a change
+another process wrote through the page cache) are written back by the kernel before a
+direct read of their range, so the read sees them as the disk now holds them. A change
+to a piece after it was read is not seen: the price of not reading the whole tar again
+after the stream.
 """
 
 from __future__ import annotations
@@ -93,28 +97,29 @@ def write_new(
     """
     buffer = aligned_buffer(WRITE_CHUNK)
     view = memoryview(buffer)
+    follower: ReadBack | None = None
     try:
         with _Sink(path) as sink:
             follower = ReadBack(path, consume, direct=sink.direct)
-            try:
-                while True:
-                    if check is not None:
-                        check()
-                    count = fill(stream, view)
-                    if not count:
-                        break
-                    sink.write(view[:count])
-                    follower.written(sink.size)
-                    if progress is not None:
-                        progress(count)
-                sink.sync()
-            except BaseException:
-                follower.close()
-                raise
+            while True:
+                if check is not None:
+                    check()
+                count = fill(stream, view)
+                if not count:
+                    break
+                sink.write(view[:count])
+                follower.written(sink.size)
+                if progress is not None:
+                    progress(count)
+            sink.sync()
             follower.direct_write = sink.started_direct
-            return follower
+    except BaseException:
+        if follower is not None:  # its thread and descriptor go with the failed copy
+            follower.close()
+        raise
     finally:
         _free(buffer, view)
+    return follower
 
 
 class ReadBack:
@@ -155,8 +160,7 @@ class ReadBack:
             while True:
                 if check is not None:
                     check()
-                count = self._read()
-                if not count:
+                if self._read() < READ_CHUNK:  # the end: no read at an unaligned offset
                     return self._offset
         finally:
             self._close()
@@ -187,7 +191,7 @@ class ReadBack:
             self._error = exc
 
     def _read(self) -> int:
-        count = os.preadv(self._fd, [self._view], self._offset)
+        count = _pread(self._fd, self._view, self._offset)
         if count:
             self._consume(self._view[:count])
             self._offset += count
@@ -202,6 +206,19 @@ class ReadBack:
     def __del__(self) -> None:  # a copy abandoned on an error: its descriptor goes too
         with contextlib.suppress(Exception):
             self._close()
+
+
+def _pread(fd: int, view: memoryview, offset: int) -> int:
+    """One read at `offset`; a direct read the filesystem refuses once the file is open
+    (some FUSE and network filesystems accept O_DIRECT at open only) is made buffered."""
+    try:
+        return os.preadv(fd, [view], offset)
+    except OSError as exc:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if exc.errno != errno.EINVAL or not flags & os.O_DIRECT:
+            raise
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        return os.preadv(fd, [view], offset)
 
 
 def _open_for_reading(path: Path) -> int:
@@ -246,16 +263,17 @@ class _Sink:
         if self.direct:
             aligned = len(view) - len(view) % ALIGN
             if aligned:
+                before = self.size
                 try:
                     self._write_all(view[:aligned])
                 except OSError as exc:
-                    if exc.errno != errno.EINVAL or self.size % ALIGN:
+                    if exc.errno != errno.EINVAL:
                         raise
-                    # Accepted at open, refused at the first write (some FUSE and network
-                    # filesystems): the rest goes through the cache.
+                    # Accepted at open, refused at a write (some FUSE and network
+                    # filesystems): the rest goes through the cache, from where it stopped.
                     log.debug("%s: direct writes refused; writing through the cache", self.path)
                     self._buffered()
-                    self._write_all(view)
+                    self._write_all(view[self.size - before :])
                     return
             if aligned == len(view):
                 return
@@ -393,7 +411,7 @@ class _ReadAhead:
         offset = 0
         while (index := self._free.get()) is not None:
             try:
-                count = os.preadv(self._fd, [self._views[index]], offset)
+                count = _pread(self._fd, self._views[index], offset)
             except OSError as exc:
                 self._full.put(exc)
                 return

@@ -23,10 +23,16 @@ writes `bbrx-tar-sha256 <digest>` on standard error at the end; given an older P
 it runs its first argument with /bin/sh instead (the shell's fallback).
 """
 
-import hashlib
 import os
 import sys
-import tarfile
+
+try:
+    import hashlib
+    import tarfile
+except ImportError:  # a python3 without its standard library (Debian's python3-minimal)
+    if __name__ == "__main__":  # the VM's side: stdin is untouched yet, the shell can take it
+        os.execv("/bin/sh", ["sh", "-c", sys.argv[1]])
+    raise
 
 if False:  # for type checkers only (typing may be missing from a VM's python3)
     from typing import Any  # noqa: F401
@@ -36,24 +42,27 @@ _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
 _META = (b"L", b"K", b"x", b"g")
-_MAX_PAX = 1 << 20  # pax records kept to read a size from; a longer header is framed only
+_MAX_PAX = 1 << 20  # pax records read for a size; past a longer one the rest is framed raw
 
 
 class TarDigest:
     """Feed it a tar stream in any chunks; `hexdigest()` once it has ended.
 
-    `members` maps each regular file's data offset in the stream to the SHA-256 (hex) of
-    its data, for `TarHasher` to take its checksums from.
+    With `record`, `members` maps each regular file's data offset in the stream to its
+    size and the SHA-256 (hex) of its data, for `TarHasher` to take its checksums from
+    (and to remove as it does: a job of a million files would hold them all otherwise).
     """
 
-    def __init__(self):
-        # type: () -> None
-        self.members = {}  # type: dict[int, str]
+    def __init__(self, record=True):
+        # type: (bool) -> None
+        self.record = record
+        self.members = {}  # type: dict[int, tuple[int, str]]
         self.bytes = 0
         self._frame = hashlib.sha256(VERSION)
         self._header = bytearray()
         self._remaining = 0
         self._padding = 0
+        self._file_size = 0
         self._file = None  # type: Any  # the SHA-256 of the regular file whose data is passing
         self._file_offset = 0
         self._pax = None  # type: bytearray | None  # the data of a pax header, read for its size record
@@ -77,7 +86,7 @@ class TarDigest:
                     self._file.update(piece)
                 else:
                     self._frame.update(piece)
-                    if self._pax is not None and len(self._pax) < _MAX_PAX:
+                    if self._pax is not None:
                         self._pax += piece
                 self._remaining -= take
                 position += take
@@ -134,7 +143,11 @@ class TarDigest:
         if kind in _REGULAR:
             self._file = hashlib.sha256()
             self._file_offset = data_offset
+            self._file_size = size
         elif kind == b"x":
+            if size > _MAX_PAX:  # its size record could not be read: no framing past it
+                self._rest_framed = True
+                return
             self._pax = bytearray()
         if not size:
             self._member_done()
@@ -143,7 +156,8 @@ class TarDigest:
         if self._file is not None:
             digest = self._file.digest()
             self._frame.update(digest)
-            self.members[self._file_offset] = self._file.hexdigest()
+            if self.record:
+                self.members[self._file_offset] = (self._file_size, self._file.hexdigest())
             self._file = None
         elif self._pax is not None:
             self._pax_size = _pax_size(bytes(self._pax))
@@ -183,7 +197,7 @@ def _copy_and_digest():
             fcntl.fcntl(fd, 1031, 1 << 20)
         except Exception:  # not a pipe, or not allowed: the default size works too
             pass
-    digest = TarDigest()
+    digest = TarDigest(record=False)
     buffer = bytearray(1 << 20)
     view = memoryview(buffer)
     while True:

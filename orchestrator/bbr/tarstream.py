@@ -79,6 +79,7 @@ class TarHasher:
         self._padding = 0  # bytes up to the next 512-byte boundary
         self._name: str | None = None  # of the regular file whose data is passing
         self._data_offset = 0
+        self._size = 0
         self._meta: bytearray | None = None  # data of a long-name or pax member
         self._meta_type = b""
         self._long_name: str | None = None
@@ -170,6 +171,7 @@ class TarHasher:
             if info.type in _REGULAR:
                 self._name = _key(name)
                 self._data_offset = data_offset
+                self._size = size
             elif info.type == tarfile.LNKTYPE and _key(link) in self.checksums:
                 # A hard link is the same file under a second name: on the VM, and to bbr,
                 # both names are files with the target's checksum.
@@ -184,10 +186,11 @@ class TarHasher:
 
     def _member_done(self) -> None:
         if self._name is not None:
-            checksum = self.tar.members.get(self._data_offset)
-            if checksum is None:  # the two readings of the headers disagree: not a tar
+            member = self.tar.members.pop(self._data_offset, None)
+            if member is None or member[0] != self._size:
+                # The two readings of the headers disagree: not a tar either can vouch for.
                 raise TarStreamError(f"a member whose size is unclear before byte {self.bytes}")
-            self.checksums[self._name] = checksum
+            self.checksums[self._name] = member[1]
         elif self._meta is not None:
             data = bytes(self._meta)
             if self._meta_type == tarfile.GNUTYPE_LONGNAME:

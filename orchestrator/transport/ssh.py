@@ -839,8 +839,11 @@ _HASH_OUT_FILTER = (
 # jump box hashes each file once for `metadata` and gets the same digest from that pass.
 # Without python3 (or with one older than 3.4) the shell fallback above runs instead.
 _TAR_DIGEST_SOURCE = Path(tardigest.__file__).read_text(encoding="utf-8")
+# `cd /`: python3 -c puts the working directory first on its module path, and a
+# hashlib.py left in the bbr user's home must not run as root. (-I would do it too, but a
+# python3 older than 3.4 refuses -I before the program could fall back.)
 _TAR_DIGEST_FILTER = (
-    'command -v python3 >/dev/null 2>&1 && exec python3 -E -s -c "$1" "$2"; eval "$2"'
+    'cd / && command -v python3 >/dev/null 2>&1 && exec python3 -E -s -c "$1" "$2"; eval "$2"'
 )
 _TAR_DIGEST_LINE = re.compile(rb"^bbrx-tar-sha256 ([0-9a-f]{64})$", re.MULTILINE)
 
