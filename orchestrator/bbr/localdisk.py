@@ -221,14 +221,20 @@ def _pread(fd: int, view: memoryview, offset: int) -> int:
         return os.preadv(fd, [view], offset)
 
 
-def _open_for_reading(path: Path) -> int:
-    flags = os.O_RDONLY | os.O_CLOEXEC
+def _open_direct(path: Path, flags: int) -> tuple[int, bool]:
+    """Open with O_DIRECT, or without it where the filesystem refuses it at open; the
+    descriptor, and whether it is direct."""
     try:
-        return os.open(path, flags | os.O_DIRECT)
+        return os.open(path, flags | os.O_CLOEXEC | os.O_DIRECT, 0o666), True
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        return os.open(path, flags)
+        log.debug("%s: the filesystem refuses direct I/O; going through the cache", path)
+        return os.open(path, flags | os.O_CLOEXEC, 0o666), False
+
+
+def _open_for_reading(path: Path) -> int:
+    return _open_direct(path, os.O_RDONLY)[0]
 
 
 class _Sink:
@@ -238,16 +244,7 @@ class _Sink:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.size = 0
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            self._fd = os.open(path, flags | os.O_DIRECT, 0o666)
-            self.direct = True
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            log.debug("%s: the filesystem refuses direct I/O; writing through the cache", path)
-            self._fd = os.open(path, flags, 0o666)
-            self.direct = False
+        self._fd, self.direct = _open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         self.started_direct = self.direct
         self._syncer: _BackgroundSync | None = None if self.direct else _BackgroundSync(self._fd)
 
@@ -355,13 +352,7 @@ def read_chunks(
     piece is valid until the next is asked for: a consumer that hands it to another
     thread must be done with it by then. `check` runs before each piece. Raises OSError.
     """
-    flags = os.O_RDONLY | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags | os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        fd = os.open(path, flags)
+    fd = _open_for_reading(path)
     try:
         ahead = _ReadAhead(fd)
         try:
