@@ -11,7 +11,8 @@ It times, interleaved over several rounds:
   (c) both again for a job of many small files,
   (d) `bbrx director restore` against the raw reverse pipeline (a file read in 1 MiB chunks,
       hashed, piped into ssh 'sudo tar -C DIR -x'),
-and prints the medians, the ratios raw/bbrx (1.0 = as fast as the raw pipeline; higher is
+each started once the disk has written back what the one before left (see settle), and
+prints the medians, the ratios raw/bbrx (1.0 = as fast as the raw pipeline; higher is
 better for bbrx) and bbrx's peak RSS. The machines are shared and noisy: quote medians.
 """
 
@@ -85,7 +86,15 @@ def ssh_command(server: sshd.TestSshd, remote: str) -> list[str]:
     ]  # fmt: skip
 
 
+def settle() -> None:
+    """Write back what the last timed command left dirty, before the next is timed. The raw
+    pipeline does not sync its 1 GiB, nor does the VM's tar after a restore: unsettled, the
+    kernel writes it back during the next measurement, which then pays for it."""
+    os.sync()
+
+
 def raw_backup(server: sshd.TestSshd, out: Path) -> float:
+    settle()
     start = time.perf_counter()
     proc = subprocess.Popen(
         ssh_command(server, f"sudo tar -C /var/vcap/store/bbr-backup/{JOB} -c ."),
@@ -102,6 +111,7 @@ def raw_backup(server: sshd.TestSshd, out: Path) -> float:
 
 
 def raw_restore(server: sshd.TestSshd, tar: Path) -> float:
+    settle()
     start = time.perf_counter()
     target = f"/var/vcap/store/bbr-backup/{JOB}"
     proc = subprocess.Popen(
@@ -128,6 +138,7 @@ def bbrx(server: sshd.TestSshd, home: Path, *args: str) -> tuple[float, int]:
         "--known-hosts", str(server.known_hosts), *args,
     ]  # fmt: skip
     env = dict(os.environ, BBRX_HOME=str(home))
+    settle()
     start = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     elapsed = time.perf_counter() - start

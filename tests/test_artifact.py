@@ -1,11 +1,14 @@
 """The artifact format: bbr's layout and metadata schema, one-pass checksums, safe publish."""
 
+import errno
 import hashlib
 import io
+import json
 import os
 import re
 import stat
 import subprocess
+import sys
 import tarfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,26 +95,29 @@ def test_read_back_describes_the_copy_on_disk_not_the_stream(tmp_path):
 
 
 class ChangesTheCopy:
-    """A stream that, once its first MiB is in the file, changes a byte of it there (as the
-    simulator's corrupt-local fault does), while the rest is still to come."""
+    """A stream that, at its first read after the copy on disk holds the byte at `offset`,
+    changes that byte there (as the simulator's corrupt-local fault does), while the rest
+    is still to come."""
 
     def __init__(self, data: bytes, copy: Path, offset: int) -> None:
         self.data, self.copy, self.offset, self.given = data, copy, offset, 0
+        self.changed_at: int | None = None  # how much of the stream had been read by then
 
     def read(self, size: int = -1) -> bytes:
-        if self.given and self.given <= self.offset + (1 << 20) < self.given + size:
-            assert self.copy.stat().st_size > self.offset
+        written = self.copy.stat().st_size if self.copy.exists() else 0
+        if self.changed_at is None and written > self.offset:
             with open(self.copy, "r+b") as handle:
                 handle.seek(self.offset)
                 handle.write(bytes([self.data[self.offset] ^ 1]))
+            self.changed_at = self.given
         chunk = self.data[self.given : self.given + size]
         self.given += len(chunk)
         return chunk
 
 
 def test_the_read_back_follows_the_writer_and_sees_a_change_made_behind_it(tmp_path):
-    """A large copy is read back while it is written, a MiB behind the writer: a change
-    to bytes already written (before the next write) is what the read-back sees."""
+    """A large copy is read back while it is written, behind the writer: a change to bytes
+    already written, made while the stream goes on, is what the read-back sees."""
     source = tmp_path / "job"
     source.mkdir()
     (source / "big").write_bytes(os.urandom(12 << 20))
@@ -119,7 +125,9 @@ def test_the_read_back_follows_the_writer_and_sees_a_change_made_behind_it(tmp_p
     writer = artifact.ArtifactWriter(tmp_path, "demo", STARTED, "run-1")
     writer.create()
     path = writer.partial / "bosh-0-director.tar"
-    copy = writer.write_job("bosh", "0", "director", ChangesTheCopy(raw, path, 600_000))
+    stream = ChangesTheCopy(raw, path, 600_000)
+    copy = writer.write_job("bosh", "0", "director", stream)
+    assert stream.changed_at is not None and stream.changed_at < len(raw) // 2  # mid-stream
     local = writer.read_back(copy, "director")
     on_disk = path.read_bytes()
     assert on_disk != raw and len(on_disk) == len(raw)
@@ -340,3 +348,33 @@ def test_one_pass_reader_checks_as_it_streams(tmp_path):
     assert reader.digest == hashlib.sha256(sent).hexdigest()
     assert sent == (final / "bosh-0-director.tar").read_bytes()
     assert reader.verify() == job.checksums
+
+
+FILLS_A_SMALL_DISK = """
+import errno, io, json, os, sys, threading
+from pathlib import Path
+from orchestrator.bbr import localdisk
+path = Path(sys.argv[1]) / "bosh-0-director.tar"
+try:
+    localdisk.write_new(path, io.BytesIO(os.urandom(12 << 20)), None, None, lambda piece: None)
+    error = None
+except OSError as exc:
+    error = exc.errno
+print(json.dumps({"errno": error, "threads": threading.active_count(), "exists": path.exists()}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
+def test_a_disk_that_fills_during_the_copy_fails_it_with_the_writers_error(tmp_path):
+    """The writing thread's error (here a real ENOSPC from a 4 MiB tmpfs, in a mount
+    namespace of its own) is what the copy raises, and no thread of it is left running."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    script = f'mount -t tmpfs -o size=4m tmpfs {disk} && exec "$0" -c "$1" {disk}'
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+         sys.executable, FILLS_A_SMALL_DISK],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"errno": errno.ENOSPC, "threads": 1, "exists": True}

@@ -3,15 +3,21 @@ the simulator commands a trainee uses."""
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import pytest
 
+import orchestrator
 from orchestrator.engine.machine import MACHINES
 
 
 def test_version(bbrx):
+    # One version: the package's, which the build puts in the installed metadata too.
+    installed = importlib.metadata.version("bbrx")
+    assert installed == orchestrator.__version__
     result = bbrx("version")
     assert result.code == 0
-    assert result.stdout.startswith("bbrx version ")
+    assert result.stdout.strip() == f"bbrx version {installed}"
 
 
 @pytest.mark.parametrize(

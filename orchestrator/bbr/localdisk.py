@@ -13,7 +13,7 @@ the background as it grows (`_BackgroundSync`) so the final fsync has little lef
 The read-back that checks the copy (`ReadBack`, and `read_chunks` for a second read)
 reads it with direct I/O too, so what it hashes came from the device, not from memory that
 held the bytes on their way there. It follows the writer: each READ_CHUNK is read once the
-writer is FOLLOW_LAG past its end (so 1 to 5 MiB behind it), and what is left once the
+writer is FOLLOW_LAG past its end (so 3 to 7 MiB behind it), and what is left once the
 file is synced and the stream has ended. Dirty pages of the file (its tail, or a change
 another process wrote through the page cache) are written back by the kernel before a
 direct read of their range, so the read sees them as the disk now holds them. A change
@@ -40,14 +40,18 @@ log = logging.getLogger(__name__)
 #: Offsets and lengths of direct I/O must be multiples of the device's logical block
 #: size: 4096 covers every one Linux has (512 and 4096).
 ALIGN = 4096
-#: One write per MiB from the stream (what the transports deliver per read); reads back
-#: in larger pieces, a few ahead of the hashing.
+#: One write per MiB from the stream (what the transports deliver per read), the next ones
+#: filled while one is written (a direct write waits for the device); reads back in larger
+#: pieces, a few ahead of the hashing.
 WRITE_CHUNK = 1 << 20
+WRITE_BUFFERS = 3
 READ_CHUNK = 4 << 20
 READ_AHEAD = 3
-#: How far behind the writer the read-back follows. At least one write: a byte changed
-#: in the file right after the write that put it there is read as changed.
-FOLLOW_LAG = WRITE_CHUNK
+#: How far behind the writer the read-back follows: as far as the stream can be ahead of
+#: the file. A byte changed in the file by the stream's first read after the file holds
+#: it (the simulator's `corrupt-local`) is then read as changed, however the writing thread
+#: is scheduled: by then at most WRITE_BUFFERS - 1 more chunks can have been written.
+FOLLOW_LAG = WRITE_CHUNK * WRITE_BUFFERS
 
 
 class Readable(Protocol):
@@ -89,37 +93,108 @@ def write_new(
     it back from the disk as it grows: `consume` gets the file's bytes, in order, in a
     thread of its own, each piece once the writer is at least FOLLOW_LAG past its end.
 
-    Each WRITE_CHUNK is in the file before the next is read from the stream, so nothing
-    waits in this process's memory to be written later. `check` (the interruption test)
-    runs before each read. Returns the `ReadBack`, whose `finish` reads the rest: call it
-    once nothing may change the file any more in a way the check should see. Raises
-    OSError.
+    The stream is read into one WRITE_CHUNK while a thread writes the ones before it
+    (`_WriteBehind`): a direct write waits for the device, and the stream must not wait
+    with it. At most WRITE_BUFFERS chunks are in this process's memory, not yet in the
+    file. `check` (the interruption test) runs before each read, and while a free buffer
+    is awaited. Returns the `ReadBack`, whose `finish` reads the rest: call it once nothing
+    may change the file any more in a way the check should see. Raises OSError.
     """
-    buffer = aligned_buffer(WRITE_CHUNK)
-    view = memoryview(buffer)
     follower: ReadBack | None = None
     try:
         with _Sink(path) as sink:
             follower = ReadBack(path, consume, direct=sink.direct)
-            while True:
-                if check is not None:
-                    check()
-                count = fill(stream, view)
-                if not count:
-                    break
-                sink.write(view[:count])
-                follower.written(sink.size)
-                if progress is not None:
-                    progress(count)
+            behind = _WriteBehind(sink, follower)
+            try:
+                while True:
+                    if check is not None:
+                        check()
+                    index, view = behind.take(check)
+                    count = fill(stream, view)
+                    behind.give(index, count)
+                    if not count:
+                        break
+                    if progress is not None:
+                        progress(count)
+                behind.finish()
+            finally:
+                behind.close()
             sink.sync()
             follower.direct_write = sink.started_direct
     except BaseException:
         if follower is not None:  # its thread and descriptor go with the failed copy
             follower.close()
         raise
-    finally:
-        _free(buffer, view)
     return follower
+
+
+class _WriteBehind:
+    """A thread that writes the chunks the stream filled, in order, to a `_Sink`, and tells
+    the read-back how far the file has grown."""
+
+    #: How often a wait for a free buffer runs the interruption test.
+    POLL = 0.5
+
+    def __init__(self, sink: _Sink, follower: ReadBack) -> None:
+        self._sink = sink
+        self._follower = follower
+        self._buffers = [aligned_buffer(WRITE_CHUNK) for _ in range(WRITE_BUFFERS)]
+        self._views = [memoryview(buffer) for buffer in self._buffers]
+        self._free: queue.Queue[int | None] = queue.Queue()
+        self._full: queue.Queue[tuple[int, int] | None] = queue.Queue()
+        for index in range(WRITE_BUFFERS):
+            self._free.put(index)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write, daemon=True)
+        self._thread.start()
+
+    def take(self, check: Callable[[], None] | None) -> tuple[int, memoryview]:
+        """A free buffer to fill. Raises what the writing thread met, or what `check` does."""
+        while True:
+            try:
+                index = self._free.get(timeout=self.POLL)
+            except queue.Empty:
+                if check is not None:
+                    check()
+                continue
+            if index is None:
+                assert self._error is not None
+                raise self._error
+            return index, self._views[index]
+
+    def give(self, index: int, count: int) -> None:
+        """Hand a buffer back, with `count` bytes to write (none: it goes back to the free)."""
+        if count:
+            self._full.put((index, count))
+        else:
+            self._free.put(index)
+
+    def finish(self) -> None:
+        """Wait until every chunk given is in the file. Raises what the writing thread met."""
+        self._full.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Stop writing (after the chunk being written, if any) and free the buffers."""
+        if self._thread.is_alive():
+            self._full.put(None)
+            self._thread.join()
+        for buffer, view in zip(self._buffers, self._views, strict=True):
+            _free(buffer, view)
+
+    def _write(self) -> None:
+        while (item := self._full.get()) is not None:
+            index, count = item
+            try:
+                self._sink.write(self._views[index][:count])
+                self._follower.written(self._sink.size)
+            except BaseException as exc:  # raised in the stream's thread by take or finish
+                self._error = exc
+                self._free.put(None)
+                return
+            self._free.put(index)
 
 
 class ReadBack:
