@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from orchestrator.errors import TargetError
 
-FAULT_GRAMMAR = "fail [EXIT_CODE [MESSAGE...]] | hang | sleep SECONDS"
+FAULT_GRAMMAR = "[call N] fail [EXIT_CODE [MESSAGE...]] | hang | sleep SECONDS"
+# A fault that fires at one moment: `call N SPEC` acts on the Nth call of the script (or
+# the Nth copy, for a transfer fault) after it was set, and lets every other call be.
+# The count is kept beside the fault file (`.SCRIPT.calls`), and restarts when it is set.
+_CALL = re.compile(r"^call (\d{1,4}) (\S.*)$")
 
 # Not a script: a fault on the copy of a job's artifact between the VM and the jump box
 # (a dropped connection), applied by SimInstance.stream_out / stream_in.
 TRANSFER = "transfer"
 TRANSFER_GRAMMAR = (
-    "fail [MESSAGE...] (the connection drops mid-copy) | corrupt (one byte changes in flight,"
-    " after the VM hashed it) | corrupt-local (a backup's copy changes on the jump box's disk"
-    " after bbrx wrote it) | sleep SECONDS (the copy starts that much later: a slow link)"
+    "[call N] fail [MESSAGE...] (the connection drops mid-copy) | corrupt (one byte changes in"
+    " flight, after the VM hashed it) | corrupt-local (a backup's copy changes on the jump"
+    " box's disk after bbrx wrote it) | sleep SECONDS (the copy starts that much later:"
+    " a slow link)"
 )
 _TRANSFER_FAIL = re.compile(r"^fail(?: (\S.*))?$")
 # Between the VM's read (and digest) and the jump box: the link, a pipe, the copy.
@@ -25,8 +31,43 @@ CORRUPT_LOCAL = "corrupt-local"
 _SLEEP = re.compile(r"^sleep (\d+(?:\.\d+)?)$")
 
 
+def split_call(normalised: str) -> tuple[int | None, str]:
+    """(N, SPEC) of a `call N SPEC` fault; (None, the spec) of one that acts on every call."""
+    match = _CALL.match(normalised)
+    return (int(match.group(1)), match.group(2)) if match else (None, normalised)
+
+
+def calls_file(fault_file: Path) -> Path:
+    """Where the calls of a `call N` fault are counted."""
+    return fault_file.with_name(f".{fault_file.name}.calls")
+
+
+def fires_now(fault_file: Path) -> str | None:
+    """The spec a fault file gives this call of its script or copy: None when there is no
+    fault, or it is a `call N` fault and this is not the Nth call (which is counted)."""
+    try:
+        normalised = " ".join(fault_file.read_text().split())
+    except FileNotFoundError:
+        return None
+    number, spec = split_call(normalised)
+    if number is None:
+        return spec or None
+    counter = calls_file(fault_file)
+    try:
+        done = int(counter.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        done = 0
+    counter.write_text(f"{done + 1}\n")
+    return spec if done + 1 == number else None
+
+
 def validate_transfer_fault(spec: str) -> str:
-    normalised = " ".join(spec.split())
+    number, rest = split_call(" ".join(spec.split()))
+    if number is not None:
+        if number < 1:
+            raise TargetError(f"invalid transfer fault {spec!r}: calls are counted from 1")
+        return f"call {number} {validate_transfer_fault(rest)}"
+    normalised = rest
     if normalised not in (CORRUPT, CORRUPT_LOCAL) and not (
         _TRANSFER_FAIL.match(normalised) or _SLEEP.match(normalised)
     ):
@@ -53,6 +94,11 @@ def validate_fault(spec: str) -> str:
     normalised = " ".join(spec.split())
     if "\n" in spec.strip() or not normalised:
         raise TargetError(f"invalid fault {spec!r}: expected {FAULT_GRAMMAR}")
+    number, rest = split_call(normalised)
+    if number is not None:
+        if number < 1:
+            raise TargetError(f"invalid fault {spec!r}: calls are counted from 1")
+        return f"call {number} {validate_fault(rest)}"
     if normalised == "hang" or _SLEEP.match(normalised):
         return normalised
     match = _FAIL.match(normalised)

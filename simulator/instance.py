@@ -51,6 +51,7 @@ from simulator.faults import (
     CORRUPT,
     CORRUPT_LOCAL,
     TRANSFER,
+    fires_now,
     transfer_delay,
     transfer_failure_message,
 )
@@ -527,8 +528,8 @@ class SimInstance:
             ) from error
 
     def _transfer_fault(self, job: str) -> str | None:
-        path = self.root / FAULTS_DIR / self._fault_job(job) / TRANSFER
-        return path.read_text().strip() if path.is_file() else None
+        """The transfer fault that acts on this copy (a `call N` fault counts it)."""
+        return fires_now(self.root / FAULTS_DIR / self._fault_job(job) / TRANSFER)
 
     def _fault_job(self, name: str) -> str:
         """The job whose faults apply to the copy of artifact `name`: the job itself, or

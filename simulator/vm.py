@@ -18,7 +18,7 @@ from pathlib import Path
 from orchestrator.errors import TargetError
 from orchestrator.transport.instance import SCRIPT_NAMES
 from simulator.calllog import CALL_LOG, ScriptCallRecord, parse_call_log
-from simulator.faults import TRANSFER, validate_fault, validate_transfer_fault
+from simulator.faults import TRANSFER, calls_file, validate_fault, validate_transfer_fault
 from simulator.releases import install_job, install_lib
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class SimVm:
             normalised = validate_fault(spec)
         path = self.root / FAULTS_DIR / job / script
         path.parent.mkdir(parents=True, exist_ok=True)
+        calls_file(path).unlink(missing_ok=True)  # a `call N` fault counts from now
         path.write_text(normalised + "\n")
         log.info("fault set on %s %s/%s: %s", self.address, job, script, normalised)
 
@@ -161,6 +162,7 @@ class SimVm:
             target = target / job
             if script is not None:
                 target.joinpath(script).unlink(missing_ok=True)
+                calls_file(target / script).unlink(missing_ok=True)
                 return
         shutil.rmtree(target, ignore_errors=True)
 
@@ -170,7 +172,7 @@ class SimVm:
         result: dict[tuple[str, str], str] = {}
         if faults_dir.is_dir():
             for path in sorted(faults_dir.glob("*/*")):
-                if path.is_file():
+                if path.is_file() and not path.name.startswith("."):  # not a call count
                     result[(path.parent.name, path.name)] = path.read_text().strip()
         return result
 

@@ -53,6 +53,14 @@ fi
 fault=/var/vcap/sys/run/bbr-sim/faults/$job/transfer
 [[ -f $fault ]] || exec "$real" "$@"
 read -r word rest <"$fault"
+if [[ $word == call ]]; then  # `call N SPEC`: the Nth copy only (simulator/faults.py)
+  calls_file="${fault%/*}/.transfer.calls"; calls=0
+  [[ -f $calls_file ]] && read -r calls <"$calls_file"
+  calls=$((calls + 1)); echo "$calls" >"$calls_file"
+  read -r n spec <<<"$rest"
+  (( calls == n )) || exec "$real" "$@"
+  read -r word rest <<<"$spec"
+fi
 export LC_ALL=C
 # Passes the stream through with the byte at offset $1 changed.
 flip() {

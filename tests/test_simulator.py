@@ -405,6 +405,49 @@ def test_fail_fault_exits_with_code_and_message(
     assert director.faults() == {}
 
 
+def test_a_call_n_fault_acts_on_that_call_only(
+    director: SimDirector, instance: SimInstance
+) -> None:
+    """`call 2 fail 4 second time`: the first call runs clean, the second fails, the third
+    is clean again; setting the fault anew restarts the count. A copy counts the same way."""
+    director.set_fault("director", "pre-backup-lock", "call  2   fail 4 second time")
+    assert director.faults() == {("director", "pre-backup-lock"): "call 2 fail 4 second time"}
+    run_ok(instance, "director", "pre-backup-lock")
+    result = run(instance, "director", "pre-backup-lock")
+    assert (result.exit_code, result.stderr.strip()) == (4, "second time")
+    run_ok(instance, "director", "pre-backup-lock")
+    director.set_fault("director", "pre-backup-lock", "call 1 fail 5")
+    assert run(instance, "director", "pre-backup-lock").exit_code == 5
+    run_ok(instance, "director", "pre-backup-lock")
+
+    director.set_fault("blobstore", "transfer", "call 2 fail link down")
+    backup_all(instance)  # the first copy
+    run_ok(instance, "blobstore", "pre-backup-lock")
+    instance.make_artifact_directory("blobstore")
+    run_ok(instance, "blobstore", "backup", **artifact_env(instance, "blobstore"))
+    for copy in (2, 3):
+        if copy == 2:
+            with (
+                pytest.raises(TransportError, match="link down"),
+                instance.stream_out("blobstore") as stream,
+            ):
+                while stream.read(1 << 16):
+                    pass
+        else:
+            with instance.stream_out("blobstore") as stream:
+                assert stream.read()
+    assert director.faults() == {
+        ("director", "pre-backup-lock"): "call 1 fail 5",
+        ("blobstore", "transfer"): "call 2 fail link down",
+    }
+
+
+@pytest.mark.parametrize("spec", ["call 0 fail", "call 2", "call x fail", "call 1 explode"])
+def test_a_call_fault_must_name_a_call_and_a_fault(director: SimDirector, spec: str) -> None:
+    with pytest.raises(TargetError, match="invalid fault"):
+        director.set_fault("director", "backup", spec)
+
+
 def test_sleep_fault_delays_then_runs(director: SimDirector, instance: SimInstance) -> None:
     director.set_fault("uaa", "pre-backup-lock", "sleep 0.3")
     result = run_ok(instance, "uaa", "pre-backup-lock")

@@ -60,6 +60,15 @@ sim_apply_fault() {
   IFS= read -r line <"$fault_file" || true
   local -a words=()
   read -r -a words <<<"$line" || true
+  if [[ ${words[0]:-} == call ]]; then
+    # `call N SPEC`: SPEC on the Nth call since the fault was set, every other call clean.
+    local calls_file="${fault_file%/*}/.$SIM_SCRIPT.calls" calls=0
+    [[ -f $calls_file ]] && IFS= read -r calls <"$calls_file"
+    calls=$((${calls:-0} + 1))
+    printf '%s\n' "$calls" >"$calls_file"
+    (( calls == ${words[1]:-0} )) || return 0
+    words=("${words[@]:2}")
+  fi
   case "${words[0]:-}" in
     "") ;;
     fail)
