@@ -49,8 +49,17 @@ def create(home: Path, name: str, *, empty: bool = False) -> str:
     )
 
 
+def _in_training(home: Path, name: str, action: str, **detail: object) -> None:
+    """A trainee's action on their session's director goes in the session's audit rows."""
+    from orchestrator.training.session import record_sim
+
+    record_sim(home, name, action, detail)
+
+
 def vms(home: Path, name: str) -> str:
-    return _director(home, name).render_vms()
+    answer = _director(home, name).render_vms()
+    _in_training(home, name, "vms")
+    return answer
 
 
 def wipe(home: Path, name: str, deployment: str | None = None) -> str:
@@ -59,6 +68,7 @@ def wipe(home: Path, name: str, deployment: str | None = None) -> str:
         return wipe_deployment(home, name, deployment)
     director = _director(home, name)
     director.wipe()
+    _in_training(home, name, "wipe")
     return (
         f"sim://{name} was recreated empty: its jobs and scripts are there, its data is gone.\n"
         f"Restore it with: bbrx director --host sim://{name} restore --artifact-path BACKUP_DIR"
@@ -121,8 +131,10 @@ def fault(
     vm = director if deployment is None else find_vm(director, deployment, instance or "")
     if spec is None:
         vm.clear_faults(job, script)
+        _in_training(home, name, "fault", job=job, script=script, spec=None, vm=vm.address)
         return f"Cleared the fault of {job}/{script} on {vm.address}"
     vm.set_fault(job, script, spec)
+    _in_training(home, name, "fault", job=job, script=script, spec=spec, vm=vm.address)
     return f"{job}/{script} on {vm.address} will now: {spec}"
 
 

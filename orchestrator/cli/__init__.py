@@ -5,7 +5,7 @@ in bbrx where errors become exit codes; `deployment.py` adds `bbrx deployment`, 
 `audit.py` the reviewers' `bbrx audit ...`.
 """
 
-from orchestrator.cli import audit, deployment
+from orchestrator.cli import audit, deployment, train
 from orchestrator.cli.app import app, main
 
-__all__ = ["app", "audit", "deployment", "main"]
+__all__ = ["app", "audit", "deployment", "main", "train"]

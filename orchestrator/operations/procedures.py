@@ -156,9 +156,21 @@ def run_on(request: Request, instance: Instance | Fleet) -> Outcome:
             finally:
                 run.journal.release()
     _sign_checkpoint(request, outcome.run_id)
+    if request.target.simulated:
+        _training_events(request, run.target, outcome)
     if outcome.errors:
         raise RunFailed(operation, outcome.errors, outcome.run_id, outcome=outcome)
     return outcome
+
+
+def _training_events(request: Request, target: str, outcome: Outcome) -> None:
+    """What a training scenario makes happen once this run is over (the director's loss
+    after the trainee's backup, say): done now, and said on the log."""
+    from orchestrator.training.session import after_run  # sim runs only
+
+    succeeded = outcome.state == "succeeded" and not outcome.errors
+    for message in after_run(request.home, target, request.operation, succeeded):
+        log.warning("Training scenario: %s", message)
 
 
 def _sign_checkpoint(request: Request, run_id: str) -> None:
@@ -219,6 +231,12 @@ def _drive(request: Request, run: Run) -> Outcome:
     if request.unsafe_lock_free:
         start["unsafe_lock_free"] = True
     start["max_parallel"] = run.max_parallel
+    if request.target.simulated:
+        from orchestrator.training.session import SESSION_KEY, tie  # sim runs only
+
+        session = tie(request.home, run.target)
+        if session is not None:  # the run is part of a trainee's session: its debrief reads it
+            start[SESSION_KEY] = session
     here = (artifact_path or Path.cwd()).resolve()
     operation = request.operation
     if operation == "backup":

@@ -1,0 +1,329 @@
+"""Training scenarios: YAML files, their schema, and the plan a seed draws from one.
+
+A scenario says what the trainee is told (`brief`), the world a session starts from
+(`world`), the faults armed in it (`faults`) and the events the scenario itself makes
+happen (`events`, e.g. the director's loss once a backup is done), the procedure it expects
+(`procedure`), the goal (`goal`), the `hints`, a time budget and a reference `solution`.
+Every error names the file and the key at fault. Choices (`job: [a, b]`, `call: [1, 2]`)
+are drawn by `plan` from a seed: the same scenario and seed give the same plan.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import TargetError, UsageError
+from simulator.faults import TRANSFER, validate_fault, validate_transfer_fault
+
+#: The operations a procedure, a goal or an event may name; `vms` is `bbrx sim vms`.
+STEPS = ("backup-cleanup", "pre-backup-check", "backup", "restore", "restore-cleanup", "vms")
+RUN_STEPS = STEPS[:-1]
+#: What a scenario's event may do once its trigger has happened.
+EVENT_ACTIONS = ("wipe",)
+SCRIPTS = (
+    "pre-backup-lock",
+    "backup",
+    "post-backup-unlock",
+    "pre-restore-lock",
+    "restore",
+    "post-restore-unlock",
+    "metadata",
+    TRANSFER,
+)
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+KEYS = (
+    "id",
+    "title",
+    "brief",
+    "time_budget",
+    "world",
+    "faults",
+    "events",
+    "procedure",
+    "goal",
+    "hints",
+    "solution",
+)
+REQUIRED = ("id", "title", "brief", "time_budget", "world", "procedure", "goal", "solution")
+MAX_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault to arm: `jobs` and `calls` are the choices a seed picks one of."""
+
+    jobs: tuple[str, ...]
+    script: str
+    spec: str
+    calls: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Event:
+    """What the scenario does once the trainee's first successful `after` run is over."""
+
+    after: str
+    action: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Hint:
+    text: str
+    cost: int
+
+
+@dataclass(frozen=True)
+class World:
+    director: str
+    leftover_work_dir: bool = False
+
+
+@dataclass(frozen=True)
+class Scenario:
+    id: str
+    title: str
+    brief: str
+    time_budget: int
+    world: World
+    procedure: tuple[str, ...]
+    goal: tuple[str, ...]
+    solution: tuple[str, ...]
+    faults: tuple[Fault, ...] = ()
+    events: tuple[Event, ...] = ()
+    hints: tuple[Hint, ...] = ()
+    source: str = ""
+
+    @property
+    def target(self) -> str:
+        return f"sim://{self.world.director}"
+
+
+@dataclass(frozen=True)
+class ArmedFault:
+    """A fault as a session arms it: one job, one script, the spec with its call."""
+
+    job: str
+    script: str
+    spec: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"job": self.job, "script": self.script, "spec": self.spec}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a seed drew from a scenario."""
+
+    seed: int
+    faults: tuple[ArmedFault, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "faults": [f.as_dict() for f in self.faults]}
+
+
+def plan(scenario: Scenario, seed: int) -> Plan:
+    """The faults a session of `scenario` arms with `seed`: the same for the same seed."""
+    chooser = random.Random(f"{scenario.id}:{seed}")
+    armed = []
+    for fault in scenario.faults:
+        job = chooser.choice(fault.jobs)
+        spec = fault.spec
+        if fault.calls:
+            spec = f"call {chooser.choice(fault.calls)} {spec}"
+        armed.append(ArmedFault(job, fault.script, spec))
+    return Plan(seed, tuple(armed))
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def shipped() -> list[Scenario]:
+    """The scenarios that come with bbrx, by id."""
+    folder = resources.files(__package__) / "scenarios"
+    found = []
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith((".yml", ".yaml")):
+            found.append(parse(entry.read_text(encoding="utf-8"), f"scenarios/{entry.name}"))
+    return sorted(found, key=lambda s: s.id)
+
+
+def find(reference: str) -> Scenario:
+    """A shipped scenario by id, or a scenario file by path."""
+    for scenario in shipped():
+        if scenario.id == reference:
+            return scenario
+    path = Path(reference).expanduser()
+    if path.suffix in (".yml", ".yaml") or path.exists():
+        return load(path)
+    ids = ", ".join(s.id for s in shipped())
+    raise UsageError(
+        f"no training scenario {reference!r}",
+        hint=f"Shipped scenarios: {ids} (see: bbrx train list), or give a scenario file's path.",
+    )
+
+
+def load(path: Path) -> Scenario:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_BYTES + 1)
+    except OSError as error:
+        raise UsageError(f"cannot read scenario file {path}: {error.strerror}") from error
+    if len(data) > MAX_BYTES:
+        raise UsageError(f"scenario file {path} is over {MAX_BYTES // 1024} KiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"scenario file {path} is not UTF-8 text") from error
+    return parse(text, str(path))
+
+
+def parse(text: str, source: str) -> Scenario:
+    """A scenario from YAML text; UsageError naming `source` and the key at fault."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"scenario {source} is not valid YAML{where}") from error
+    return _Reader(source).scenario(document)
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> UsageError:
+        return UsageError(
+            f"scenario {self.source}: {key}: {problem}",
+            hint="See the README's 'Training' section for the scenario schema.",
+        )
+
+    def mapping(self, value: Any, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, "must be a mapping")
+        unknown = sorted(str(k) for k in value if k not in allowed)
+        if unknown:
+            raise self.fail(
+                key, f"unknown key(s) {', '.join(unknown)} (allowed: {', '.join(allowed)})"
+            )
+        return value
+
+    def text(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, "must be a non-empty string")
+        return value.strip()
+
+    def name(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not _NAME.match(value):
+            raise self.fail(key, "must be a name of lowercase letters, digits and dashes")
+        return value
+
+    def number(self, value: Any, key: str, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(key, f"must be a whole number from {low} to {high}")
+        return value
+
+    def items(self, value: Any, key: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.fail(key, "must be a list")
+        return value
+
+    def step(self, value: Any, key: str, allowed: tuple[str, ...] = STEPS) -> str:
+        if value not in allowed:
+            raise self.fail(key, f"must be one of {', '.join(allowed)}")
+        return str(value)
+
+    def scenario(self, document: Any) -> Scenario:
+        top = self.mapping(document, "(top level)", KEYS)
+        for key in REQUIRED:
+            if key not in top:
+                raise self.fail(key, "is required")
+        world = self.mapping(top["world"], "world", ("director", "leftover_work_dir"))
+        if "director" not in world:
+            raise self.fail("world.director", "is required")
+        leftover = world.get("leftover_work_dir", False)
+        if not isinstance(leftover, bool):
+            raise self.fail("world.leftover_work_dir", "must be true or false")
+        procedure = self.items(top["procedure"], "procedure")
+        goal = self.items(top["goal"], "goal")
+        solution = self.items(top["solution"], "solution")
+        for key, value in (("procedure", procedure), ("goal", goal), ("solution", solution)):
+            if not value:
+                raise self.fail(key, "must list at least one step")
+        return Scenario(
+            id=self.name(top["id"], "id"),
+            title=self.text(top["title"], "title"),
+            brief=self.text(top["brief"], "brief"),
+            time_budget=self.number(top["time_budget"], "time_budget", 60, 24 * 3600),
+            world=World(self.name(world["director"], "world.director"), leftover),
+            procedure=tuple(self.step(v, f"procedure[{i}]") for i, v in enumerate(procedure)),
+            goal=tuple(self.step(v, f"goal[{i}]") for i, v in enumerate(goal)),
+            solution=tuple(self.text(v, f"solution[{i}]") for i, v in enumerate(solution)),
+            faults=tuple(
+                self.fault(v, f"faults[{i}]")
+                for i, v in enumerate(self.items(top.get("faults"), "faults"))
+            ),
+            events=tuple(
+                self.event(v, f"events[{i}]")
+                for i, v in enumerate(self.items(top.get("events"), "events"))
+            ),
+            hints=tuple(
+                self.hint(v, f"hints[{i}]")
+                for i, v in enumerate(self.items(top.get("hints"), "hints"))
+            ),
+            source=self.source,
+        )
+
+    def fault(self, value: Any, key: str) -> Fault:
+        fault = self.mapping(value, key, ("job", "script", "spec", "call"))
+        for required in ("job", "script", "spec"):
+            if required not in fault:
+                raise self.fail(f"{key}.{required}", "is required")
+        jobs = fault["job"] if isinstance(fault["job"], list) else [fault["job"]]
+        if not jobs:
+            raise self.fail(f"{key}.job", "must name a job, or list the jobs to choose from")
+        names = tuple(self.name(job, f"{key}.job") for job in jobs)
+        script = self.step(fault["script"], f"{key}.script", SCRIPTS)
+        spec = self.text(fault["spec"], f"{key}.spec")
+        try:
+            spec = validate_transfer_fault(spec) if script == TRANSFER else validate_fault(spec)
+        except TargetError as error:  # the fault grammar's own words
+            raise self.fail(f"{key}.spec", error.message) from error
+        if spec.startswith("call "):
+            raise self.fail(f"{key}.spec", "give the call as `call:`, not in the spec")
+        calls = fault.get("call", [])
+        calls = calls if isinstance(calls, list) else [calls]
+        numbers = tuple(self.number(c, f"{key}.call", 1, 100) for c in calls)
+        return Fault(names, script, spec, numbers)
+
+    def event(self, value: Any, key: str) -> Event:
+        event = self.mapping(value, key, ("after", "action", "message"))
+        for required in ("after", "action", "message"):
+            if required not in event:
+                raise self.fail(f"{key}.{required}", "is required")
+        return Event(
+            after=self.step(event["after"], f"{key}.after", RUN_STEPS),
+            action=self.step(event["action"], f"{key}.action", EVENT_ACTIONS),
+            message=self.text(event["message"], f"{key}.message"),
+        )
+
+    def hint(self, value: Any, key: str) -> Hint:
+        if isinstance(value, str):
+            return Hint(self.text(value, key), 5)
+        hint = self.mapping(value, key, ("text", "cost"))
+        if "text" not in hint:
+            raise self.fail(f"{key}.text", "is required")
+        return Hint(
+            self.text(hint["text"], f"{key}.text"),
+            self.number(hint.get("cost", 5), f"{key}.cost", 0, 100),
+        )

@@ -1,0 +1,331 @@
+"""Training: scenarios solved end to end with the commands a trainee would type (real
+`bbrx` processes on the simulator), a session that breaks the rules, the scenario schema's
+errors, and the seeds' determinism. Every verdict is read from the debrief, which reads the
+audit log alone."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from audit import AuditLog
+from orchestrator.errors import UsageError
+from orchestrator.training import scenario as scenarios
+from tests.conftest import Bbrx
+
+SHIPPED = [s.id for s in scenarios.shipped()]
+
+
+@pytest.fixture
+def trainee(tmp_path: Path) -> Bbrx:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "backups").mkdir()
+    return Bbrx(home)
+
+
+def ok(result) -> str:
+    assert result.code == 0, result
+    return result.stdout
+
+
+def start(trainee: Bbrx, scenario: str, seed: int = 1) -> str:
+    out = ok(trainee("train", "start", scenario, "--seed", str(seed)))
+    [session] = re.findall(r"^Training session (\S+):", out, re.M)
+    return session
+
+
+def director(trainee: Bbrx, target: str, *args: str):
+    return trainee("director", "--host", target, *args)
+
+
+def published(trainee: Bbrx, name: str) -> list[Path]:
+    return sorted(p for p in (trainee.home / "backups").iterdir() if p.name.startswith(name))
+
+
+def debrief(trainee: Bbrx, *args: str) -> dict:
+    return json.loads(ok(trainee("train", "debrief", *args, "--json")))
+
+
+def test_list_names_every_shipped_scenario(trainee: Bbrx) -> None:
+    out = ok(trainee("train", "list"))
+    for scenario_id in SHIPPED:
+        assert scenario_id in out
+    assert len(SHIPPED) >= 5
+
+
+def test_the_director_disaster_recovery_solved_by_the_runbook(trainee: Bbrx, tmp_path) -> None:
+    """The seed runbook, whole: backup-cleanup, pre-backup-check, backup, backup-cleanup;
+    the scenario loses the director; restore, restore-cleanup, vms. A clean debrief."""
+    session = start(trainee, "director-disaster-recovery")
+    dr = "sim://dr-drill"
+    ok(director(trainee, dr, "backup-cleanup"))
+    ok(director(trainee, dr, "pre-backup-check"))
+    backup = director(trainee, dr, "backup", "--artifact-path", str(trainee.home / "backups"))
+    assert backup.code == 0, backup
+    assert "Training scenario: The director sim://dr-drill has failed" in backup.stderr
+    ok(director(trainee, dr, "backup-cleanup"))
+    assert "No deployments" in ok(trainee("sim", "vms", "dr-drill"))  # the director is lost
+    [artifact] = published(trainee, "dr-drill_")
+    ok(director(trainee, dr, "restore", "--artifact-path", str(artifact)))
+    ok(director(trainee, dr, "restore-cleanup"))
+    assert "No deployments" not in ok(trainee("sim", "vms", "dr-drill"))
+    assert "reached" in ok(trainee("train", "status"))
+
+    report = debrief(trainee)
+    assert report["session"] == session
+    assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
+    assert report["score"] == 100 and report["hints"] == 0
+    assert report["time_to_recover"] is not None and report["time_to_recover"] > 0
+    steps = [(a["step"], a["outcome"], a["by"]) for a in report["timeline"]]
+    assert steps == [
+        ("start", "ok", "trainee"),
+        ("backup-cleanup", "succeeded", "trainee"),
+        ("pre-backup-check", "succeeded", "trainee"),
+        ("backup", "succeeded", "trainee"),
+        ("wipe", "ok", "scenario"),
+        ("backup-cleanup", "succeeded", "trainee"),
+        ("vms", "ok", "trainee"),
+        ("restore", "succeeded", "trainee"),
+        ("restore-cleanup", "succeeded", "trainee"),
+        ("vms", "ok", "trainee"),
+    ]
+    # Every row of the session is a sim row, tied to it; the terminal and HTML agree.
+    with AuditLog(trainee.audit_db, readonly=True) as audit:
+        rows = list(audit.rows())
+    assert {r["mode"] for r in rows} == {"sim"}
+    page = tmp_path / "debrief.html"
+    text = ok(trainee("train", "debrief", session, "--html", str(page)))
+    assert "Score: 100/100" in text and "Out of order: nothing" in text
+    assert "<span id='score'>100</span>" in page.read_text()
+    ok(trainee("train", "reset"))
+    assert not (trainee.home / "sim/dr-drill").exists()
+
+
+def test_a_session_that_breaks_the_runbook_is_debriefed_with_what_was_out_of_order(
+    trainee: Bbrx,
+) -> None:
+    """No pre-backup-check before the backup, no cleanup after it, no restore-cleanup, and a
+    hint: each is named in the debrief, and the score says what each cost."""
+    start(trainee, "director-disaster-recovery")
+    dr = "sim://dr-drill"
+    ok(director(trainee, dr, "backup", "--artifact-path", str(trainee.home / "backups")))
+    assert "costs 5 points" in ok(trainee("train", "hint"))
+    [artifact] = published(trainee, "dr-drill_")
+    ok(director(trainee, dr, "restore", "--artifact-path", str(artifact)))
+    report = debrief(trainee)
+    assert report["goal_reached"] is False
+    assert any(
+        "backup (run" in o and "without a successful pre-backup-check" in o for o in report["order"]
+    )
+    assert any("restore (run" in o and "without a restore-cleanup" in o for o in report["order"])
+    assert any("procedure step 1 (backup-cleanup) was not done" in o for o in report["order"])
+    assert report["hints"] == 1 and report["hint_cost"] == 5
+    penalties = len(report["order"]) * 10 + 5 + 40
+    assert report["score"] == max(0, 100 - penalties)
+    text = ok(trainee("train", "debrief"))
+    assert "without a restore-cleanup after it" in text and "NOT reached" in text
+
+
+def test_a_backup_corrupted_in_transit_is_caught_and_taken_again(trainee: Bbrx) -> None:
+    start(trainee, "corrupted-in-transit", seed=3)
+    target = "sim://dr-transit"
+    backups = str(trainee.home / "backups")
+    ok(director(trainee, target, "pre-backup-check"))
+    failed = director(trainee, target, "backup", "--artifact-path", backups)
+    assert failed.code == 1 and "is corrupted: the VM sent" in failed.stderr, failed
+    assert published(trainee, "dr-transit") == []  # nothing published
+    ok(director(trainee, target, "pre-backup-check"))
+    ok(director(trainee, target, "backup", "--artifact-path", backups))
+    assert len(published(trainee, "dr-transit_")) == 1
+    report = debrief(trainee)
+    assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
+    assert [a["outcome"] for a in report["timeline"] if a["step"] == "backup"] == [
+        "failed",
+        "succeeded",
+    ]
+
+
+def test_a_leftover_work_dir_is_cleaned_up_by_the_runbook(trainee: Bbrx) -> None:
+    start(trainee, "leftover-work-dir")
+    target = "sim://dr-leftover"
+    refused = director(trainee, target, "pre-backup-check")
+    assert refused.code == 1 and "bbr-backup already exists" in refused.stderr, refused
+    ok(director(trainee, target, "backup-cleanup"))
+    ok(director(trainee, target, "pre-backup-check"))
+    ok(director(trainee, target, "backup", "--artifact-path", str(trainee.home / "backups")))
+    report = debrief(trainee)
+    assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
+
+
+def test_an_unlock_failure_is_cleaned_up_before_the_backup_is_taken_again(trainee: Bbrx) -> None:
+    start(trainee, "unlock-failure", seed=5)
+    target = "sim://dr-unlock"
+    backups = str(trainee.home / "backups")
+    ok(director(trainee, target, "pre-backup-check"))
+    failed = director(trainee, target, "backup", "--artifact-path", backups)
+    assert failed.code != 0 and "could not release the lock" in failed.stderr, failed
+    ok(director(trainee, target, "backup-cleanup"))
+    ok(director(trainee, target, "pre-backup-check"))
+    ok(director(trainee, target, "backup", "--artifact-path", backups))
+    report = debrief(trainee)
+    assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
+
+
+def test_a_hanging_lock_script_is_bounded_by_the_lock_timeout(trainee: Bbrx) -> None:
+    start(trainee, "lock-hangs", seed=2)
+    target = "sim://dr-hang"
+    backups = str(trainee.home / "backups")
+    ok(director(trainee, target, "pre-backup-check"))
+    timed_out = trainee(
+        "director", "--host", target, "--lock-timeout", "1", "backup", "--artifact-path", backups
+    )
+    assert timed_out.code != 0 and "timed out" in timed_out.stderr.lower(), timed_out
+    ok(director(trainee, target, "pre-backup-check"))
+    ok(director(trainee, target, "backup", "--artifact-path", backups))
+    report = debrief(trainee)
+    assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
+
+
+def test_a_job_left_locked_is_a_safety_violation(trainee: Bbrx) -> None:
+    """The unlock fails and the trainee walks away: the debrief says what is still locked."""
+    start(trainee, "unlock-failure", seed=5)
+    target = "sim://dr-unlock"
+    ok(director(trainee, target, "pre-backup-check"))
+    director(trainee, target, "backup", "--artifact-path", str(trainee.home / "backups"))
+    report = debrief(trainee)
+    assert report["goal_reached"] is False
+    [unsafe] = report["safety"]
+    assert "locked, and no cleanup unlocked them" in unsafe
+
+
+def test_hints_run_out_and_a_second_session_waits_for_the_first(trainee: Bbrx) -> None:
+    start(trainee, "leftover-work-dir")
+    assert "Hint 1 of 2" in ok(trainee("train", "hint"))
+    assert "Hint 2 of 2" in ok(trainee("train", "hint"))
+    done = trainee("train", "hint")
+    assert done.code == 1 and "no more hints" in done.stderr
+    again = trainee("train", "start", "lock-hangs")
+    assert again.code == 1 and "is still running" in again.stderr
+    ok(trainee("train", "reset"))
+    none = trainee("train", "status")
+    assert none.code == 1 and "no training session is running" in none.stderr
+
+
+def test_start_leaves_a_director_the_trainee_made_alone(trainee: Bbrx) -> None:
+    ok(trainee("sim", "create", "dr-drill"))
+    refused = trainee("train", "start", "director-disaster-recovery")
+    assert refused.code == 1 and "was not made for training" in refused.stderr
+    assert (trainee.home / "sim/dr-drill").exists()
+
+
+def test_a_live_run_is_not_debriefed(trainee: Bbrx) -> None:
+    with AuditLog(trainee.audit_db) as audit:
+        audit.append(
+            run_id="20261201T000000Z-abcdef", operation="backup", target="10.0.0.6:22",
+            mode="live", operator="op", origin_host="jump", reason=None, from_state="ready",
+            to_state="discovering", trigger="start", tool_version="bbrx test",
+        )  # fmt: skip
+    refused = trainee("train", "debrief", "20261201T000000Z-abcdef")
+    assert refused.code == 1 and "is a live run" in refused.stderr, refused
+
+
+@pytest.mark.parametrize("scenario_id", SHIPPED)
+def test_the_same_seed_draws_the_same_faults(scenario_id: str) -> None:
+    scenario = scenarios.find(scenario_id)
+    plans = {seed: scenarios.plan(scenario, seed) for seed in range(100)}
+    assert all(scenarios.plan(scenario, seed) == plans[seed] for seed in range(100))
+    if any(len(f.jobs) > 1 for f in scenario.faults):
+        assert len({p.faults for p in plans.values()}) > 1  # the seed does choose
+
+
+def test_two_sessions_of_one_scenario_and_seed_give_the_same_events(trainee: Bbrx) -> None:
+    """Driven by the same commands, the same scenario and seed log the same events (times,
+    ids and paths aside): each run's own, and each job's within a run (jobs of one lock
+    level run at once, so their rows interleave as the scheduler has it)."""
+
+    def session(seed: int) -> list[tuple]:
+        start(trainee, "corrupted-in-transit", seed=seed)
+        for _ in range(2):
+            director(
+                trainee,
+                "sim://dr-transit",
+                "backup",
+                "--artifact-path",
+                str(trainee.home / "backups"),
+            )
+        with AuditLog(trainee.audit_db, readonly=True) as audit:
+            rows = list(audit.rows())
+        ok(trainee("train", "reset"))
+        mark = max(i for i, r in enumerate(rows) if r["operation"] == "train-start")
+        runs: dict[str, list[tuple]] = {}
+        for r in rows[mark:]:
+            event = (r["operation"], r["trigger"], r["script"], r["outcome"], r["to_state"])
+            runs.setdefault(r["run_id"], []).append((r["job"] or "", event))
+        return [
+            (run[0][1][0], {job: [e for j, e in run if j == job] for job, _ in run})
+            for run in runs.values()
+        ]
+
+    for seed in (11, 12):
+        assert session(seed) == session(seed)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("id: x\n: [", "is not valid YAML"),
+        ("- a list\n", "(top level): must be a mapping"),
+        ("id: x\ntitle: t\n", "brief: is required"),
+    ],
+)
+def test_a_malformed_scenario_is_refused_naming_the_file_and_key(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)) as caught:
+        scenarios.parse(text, "my.yml")
+    assert "scenario my.yml" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (("id", "Bad Name"), "id: must be a name"),
+        (("time_budget", "5"), "time_budget"),
+        (("surprise", "1"), "unknown key(s) surprise"),
+        (("procedure", "[backup, dance]"), "procedure[1]"),
+        (("faults", "[{job: uaa, script: backup, spec: explode}]"), "faults[0].spec"),
+        (("faults", "[{job: uaa, script: nap, spec: hang}]"), "faults[0].script"),
+        (("faults", "[{job: uaa, script: backup, spec: hang, call: 0}]"), "faults[0].call"),
+        (("hints", "[{cost: 3}]"), "hints[0].text"),
+        (("events", "[{after: backup, action: explode, message: m}]"), "events[0].action"),
+    ],
+)
+def test_each_scenario_key_is_checked(change: tuple[str, str], key: str, tmp_path) -> None:
+    good = (Path(scenarios.__file__).parent / "scenarios/leftover-work-dir.yml").read_text()
+    name, value = change
+    document = yaml.safe_load(good)
+    document[name] = yaml.safe_load(value)
+    path = tmp_path / "custom.yml"
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(UsageError, match=re.escape(key)) as caught:
+        scenarios.load(path)
+    assert str(path) in caught.value.message
+
+
+def test_the_readme_documents_the_schema_the_commands_and_the_scenarios() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Training\n", 1)[1].split("\n## ", 1)[0]
+    for key in (*scenarios.KEYS, "director", "leftover_work_dir", "job", "script", "spec", "call"):
+        assert f"`{key}`" in section, key
+    for step in scenarios.STEPS:
+        assert f"`{step}`" in section, step
+    for scenario_id in SHIPPED:
+        assert f"`{scenario_id}`" in section, scenario_id
+    from orchestrator.cli.train import train_app
+
+    for command in train_app.registered_commands:
+        if command.name != "help":
+            assert f"bbrx train {command.name}" in section, command.name
