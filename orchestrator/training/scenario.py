@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import TargetError, UsageError
+from orchestrator.transport.instance import SCRIPT_NAMES
 from simulator.faults import TRANSFER, validate_fault, validate_transfer_fault
 
 #: The operations a procedure, a goal or an event may name; `vms` is `bbrx sim vms`.
@@ -27,16 +28,7 @@ STEPS = ("backup-cleanup", "pre-backup-check", "backup", "restore", "restore-cle
 RUN_STEPS = STEPS[:-1]
 #: What a scenario's event may do once its trigger has happened.
 EVENT_ACTIONS = ("wipe",)
-SCRIPTS = (
-    "pre-backup-lock",
-    "backup",
-    "post-backup-unlock",
-    "pre-restore-lock",
-    "restore",
-    "post-restore-unlock",
-    "metadata",
-    TRANSFER,
-)
+SCRIPTS = (*SCRIPT_NAMES, TRANSFER)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 KEYS = (
     "id",

@@ -23,6 +23,7 @@ from typing import Any
 
 from audit import AuditError, AuditLog
 from orchestrator import __version__
+from orchestrator.engine.run import new_run_id
 from orchestrator.errors import UsageError
 from orchestrator.training.scenario import Scenario, find, plan
 from simulator.director import SimDirector, sim_root
@@ -89,7 +90,7 @@ def _record(session: Session, operation: str, detail: dict[str, Any], *, ok: boo
     """One row for a session action, in the session's audit log."""
     with AuditLog(Path(session.audit_db)) as audit:
         audit.append(
-            run_id=new_session_id(),
+            run_id=new_run_id(),
             operation=operation,
             target=session.target,
             mode=MODE,
@@ -103,11 +104,6 @@ def _record(session: Session, operation: str, detail: dict[str, Any], *, ok: boo
             detail={SESSION_KEY: session.id, **detail},
             tool_version=f"bbrx {__version__}",
         )
-
-
-def new_session_id(now: datetime | None = None) -> str:
-    now = now or datetime.now(UTC)
-    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 # --- the trainee's commands ------------------------------------------------------------
@@ -152,7 +148,7 @@ def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator
     for fault in drawn.faults:
         director.set_fault(fault.job, fault.script, fault.spec)
     session = Session(
-        id=new_session_id(),
+        id=new_run_id(),
         scenario=reference,
         seed=seed,
         director=scenario.world.director,
