@@ -318,7 +318,8 @@ def test_each_scenario_key_is_checked(change: tuple[str, str], key: str, tmp_pat
 def test_the_readme_documents_the_schema_the_commands_and_the_scenarios() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("## Training\n", 1)[1].split("\n## ", 1)[0]
-    for key in (*scenarios.KEYS, "director", "leftover_work_dir", "job", "script", "spec", "call"):
+    world = ("director", "leftover_work_dir", "lost", "backups", "of", "name", "corrupt")
+    for key in (*scenarios.KEYS, *world, "job", "script", "spec", "call"):
         assert f"`{key}`" in section, key
     for step in scenarios.STEPS:
         assert f"`{step}`" in section, step
@@ -329,3 +330,46 @@ def test_the_readme_documents_the_schema_the_commands_and_the_scenarios() -> Non
     for command in train_app.registered_commands:
         if command.name != "help":
             assert f"bbrx train {command.name}" in section, command.name
+
+
+def test_the_right_backup_is_found_and_restored(trainee: Bbrx) -> None:
+    """The newest backup of the director is corrupted (refused before anything is locked),
+    a backup of another director hides under its name: the trainee restores the right one."""
+    out = ok(trainee("train", "start", "wrong-backup"))
+    folder = Path(re.search(r"^The backups you have: (\S+)$", out, re.M).group(1))
+    target = "sim://dr-restore"
+    refused = director(
+        trainee, target, "restore", "--artifact-path", str(folder / "dr-restore_20261201T020000Z")
+    )
+    assert refused.code == 1 and "Backup is corrupted" in refused.stderr, refused
+    tied = ok(trainee("audit", "verify", "--artifact", str(folder / "dr-restore_20261201T030000Z")))
+    [run] = re.findall(r"is tied to run (\S+)", tied)
+    [line] = [line for line in ok(trainee("audit", "runs")).splitlines() if line.startswith(run)]
+    assert "sim://dr-other" in line
+    ok(
+        director(
+            trainee,
+            target,
+            "restore",
+            "--artifact-path",
+            str(folder / "dr-restore_20261130T020000Z"),
+        )
+    )
+    ok(director(trainee, target, "restore-cleanup"))
+    ok(trainee("sim", "vms", "dr-restore"))
+    report = debrief(trainee)
+    assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
+
+
+def test_restoring_another_directors_backup_is_unsafe(trainee: Bbrx) -> None:
+    out = ok(trainee("train", "start", "wrong-backup"))
+    folder = Path(re.search(r"^The backups you have: (\S+)$", out, re.M).group(1))
+    target = "sim://dr-restore"
+    wrong = folder / "dr-restore_20261201T030000Z"
+    ok(director(trainee, target, "restore", "--artifact-path", str(wrong)))  # bbr allows it
+    ok(director(trainee, target, "restore-cleanup"))
+    ok(trainee("sim", "vms", "dr-restore"))
+    report = debrief(trainee)
+    [unsafe] = report["safety"]
+    assert f"of {wrong}, a backup of sim://dr-other, onto sim://dr-restore" in unsafe
+    assert report["score"] == 75

@@ -56,7 +56,10 @@ def train_start(
     session, chosen = started.session, started.scenario
     typer.echo(f"Training session {session.id}: {chosen.title}")
     typer.echo(f"Scenario {chosen.id}, seed {session.seed} (the same seed gives the same faults)")
-    typer.echo(f"Time budget: {chosen.time_budget // 60} min. Your director: {session.target}\n")
+    typer.echo(f"Time budget: {chosen.time_budget // 60} min. Your director: {session.target}")
+    if started.backups is not None:
+        typer.echo(f"The backups you have: {started.backups}")
+    typer.echo("")
     typer.echo(chosen.brief)
     typer.echo(
         "\nUse the ordinary commands: bbrx director --host "

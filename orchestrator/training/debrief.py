@@ -213,6 +213,10 @@ def _score(
     for index, action in enumerate(runs):
         if action.step != "restore":
             continue
+        if action.outcome != "succeeded" and not any(
+            r["to_state"] == "locking" for r in by_run[action.run_id]
+        ):
+            continue  # refused before it locked anything: there is nothing to clean up
         later = runs[index + 1 :]
         following = next(
             (a for a in later if a.step in ("restore", "restore-cleanup", "backup")), None
@@ -267,17 +271,24 @@ def _score(
                     f"{_clock(action)} {action.step} (run {action.run_id}) left "
                     f"{', '.join(locked)} locked, and no cleanup unlocked them"
                 )
-    made = set()
+    # The backups this session knows: the world's (of which director) and the trainee's.
+    made = {b.get("path"): b.get("of") for b in _detail(start).get("backups") or []}
     for action in runs:
+        first = by_run[action.run_id][0]
         for row in by_run[action.run_id]:
             if action.step == "backup" and row["trigger"] == "drained":
-                made.add(_detail(row).get("artifact"))
+                made[_detail(row).get("artifact")] = first["target"]
         if action.step == "restore" and action.outcome == "succeeded":
-            path = _detail(by_run[action.run_id][0]).get("artifact_path")
+            path = _detail(first).get("artifact_path")
             if path not in made:
                 safety.append(
                     f"{_clock(action)} restore (run {action.run_id}) of {path}, a backup this "
                     "session did not make and check"
+                )
+            elif made[path] != first["target"]:
+                safety.append(
+                    f"{_clock(action)} restore (run {action.run_id}) of {path}, a backup of "
+                    f"{made[path]}, onto {first['target']}"
                 )
 
     # Recovery, hints, goal.

@@ -73,9 +73,20 @@ class Hint:
 
 
 @dataclass(frozen=True)
+class WorldBackup:
+    """A backup the world starts with: made by a real run when the session starts."""
+
+    of: str  # the simulated director it is a backup of
+    name: str  # its directory's name under the session's backups folder
+    corrupt: bool = False  # a byte of one of its tars changed after it was published
+
+
+@dataclass(frozen=True)
 class World:
     director: str
     leftover_work_dir: bool = False
+    lost: bool = False  # the director starts wiped: its disaster has happened
+    backups: tuple[WorldBackup, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -240,12 +251,19 @@ class _Reader:
         for key in REQUIRED:
             if key not in top:
                 raise self.fail(key, "is required")
-        world = self.mapping(top["world"], "world", ("director", "leftover_work_dir"))
+        world = self.mapping(
+            top["world"], "world", ("director", "leftover_work_dir", "lost", "backups")
+        )
         if "director" not in world:
             raise self.fail("world.director", "is required")
-        leftover = world.get("leftover_work_dir", False)
-        if not isinstance(leftover, bool):
-            raise self.fail("world.leftover_work_dir", "must be true or false")
+        leftover = self.flag(world.get("leftover_work_dir", False), "world.leftover_work_dir")
+        lost = self.flag(world.get("lost", False), "world.lost")
+        backups = tuple(
+            self.backup(v, f"world.backups[{i}]")
+            for i, v in enumerate(self.items(world.get("backups"), "world.backups"))
+        )
+        if len({b.name for b in backups}) != len(backups):
+            raise self.fail("world.backups", "two backups have the same name")
         procedure = self.items(top["procedure"], "procedure")
         goal = self.items(top["goal"], "goal")
         solution = self.items(top["solution"], "solution")
@@ -257,7 +275,7 @@ class _Reader:
             title=self.text(top["title"], "title"),
             brief=self.text(top["brief"], "brief"),
             time_budget=self.number(top["time_budget"], "time_budget", 60, 24 * 3600),
-            world=World(self.name(world["director"], "world.director"), leftover),
+            world=World(self.name(world["director"], "world.director"), leftover, lost, backups),
             procedure=tuple(self.step(v, f"procedure[{i}]") for i, v in enumerate(procedure)),
             goal=tuple(self.step(v, f"goal[{i}]") for i, v in enumerate(goal)),
             solution=tuple(self.text(v, f"solution[{i}]") for i, v in enumerate(solution)),
@@ -274,6 +292,25 @@ class _Reader:
                 for i, v in enumerate(self.items(top.get("hints"), "hints"))
             ),
             source=self.source,
+        )
+
+    def flag(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, "must be true or false")
+        return value
+
+    def backup(self, value: Any, key: str) -> WorldBackup:
+        backup = self.mapping(value, key, ("of", "name", "corrupt"))
+        for required in ("of", "name"):
+            if required not in backup:
+                raise self.fail(f"{key}.{required}", "is required")
+        name = backup["name"]
+        if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", name):
+            raise self.fail(f"{key}.name", "must be a plain directory name")
+        return WorldBackup(
+            self.name(backup["of"], f"{key}.of"),
+            name,
+            self.flag(backup.get("corrupt", False), f"{key}.corrupt"),
         )
 
     def fault(self, value: Any, key: str) -> Fault:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -114,6 +115,7 @@ class Started:
     session: Session
     scenario: Scenario
     faults: list[dict[str, str]]
+    backups: Path | None  # where the world's backups are, if it has any
 
 
 def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator: str) -> Started:
@@ -145,6 +147,9 @@ def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator
         leftover = director.root / WORK_DIR / "blobstore"
         leftover.mkdir(parents=True)
         (leftover / "partial.tar").write_bytes(b"left by a run that was killed\n")
+    backups = _make_backups(home, audit_db, scenario, operator)
+    if scenario.world.lost:
+        director.wipe()
     for fault in drawn.faults:
         director.set_fault(fault.job, fault.script, fault.spec)
     session = Session(
@@ -168,13 +173,83 @@ def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator
                 else str(Path(reference).resolve()),
                 "seed": seed,
                 "plan": drawn.as_dict()["faults"],
+                "backups": backups,
             },
         )
     except AuditError:
         director.destroy()
         raise
     _save(home, session)
-    return Started(session, scenario, drawn.as_dict()["faults"])
+    return Started(
+        session, scenario, drawn.as_dict()["faults"], backups_folder(home) if backups else None
+    )
+
+
+def backups_folder(home: Path) -> Path:
+    """Where a session's world keeps the backups it starts with."""
+    return home / "train" / "backups"
+
+
+def _make_backups(
+    home: Path, audit_db: Path, scenario: Scenario, operator: str
+) -> list[dict[str, Any]]:
+    """The backups the world starts with, each made by a real backup run of its director
+    (another director is made for it, and removed after). Those runs are in the audit log
+    as what they are, before the session: no trainee ran them."""
+    from orchestrator.engine.run import Identity
+    from orchestrator.operations.procedures import Request, run_director
+    from orchestrator.transport.targets import parse_host
+
+    folder = backups_folder(home)
+    if scenario.world.backups:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    made = []
+    for backup in scenario.world.backups:
+        other = SimDirector(sim_root(home, backup.of))
+        if backup.of != scenario.world.director:
+            if other.exists() and not (other.root / MARKER).exists():
+                raise UsageError(
+                    f"sim://{backup.of} exists and was not made for training",
+                    hint=f"The scenario needs that name: remove it (bbrx sim destroy {backup.of}).",
+                )
+            if not other.exists():
+                other.create()
+                (other.root / MARKER).write_text(f"{scenario.id}\n")
+        staging = folder / f".making-{backup.name}"
+        staging.mkdir()
+        outcome = run_director(
+            Request(
+                operation="backup",
+                target=parse_host(f"sim://{backup.of}"),
+                identity=Identity(operator, reason=f"training world of {scenario.id}"),
+                audit_db=audit_db,
+                home=home,
+                artifact_path=staging,
+            )
+        )
+        assert outcome.artifact is not None
+        path = folder / backup.name
+        outcome.artifact.rename(path)
+        staging.rmdir()
+        if backup.corrupt:
+            _corrupt(path)
+        if backup.of != scenario.world.director:
+            other.destroy()
+        made.append({"path": str(path), "of": f"sim://{backup.of}", "corrupt": backup.corrupt})
+    return made
+
+
+def _corrupt(backup: Path) -> None:
+    """A byte of file data in the backup's largest tar, changed: its checksum no longer
+    matches `metadata`, so a restore refuses it before it locks anything."""
+    tar = max(backup.glob("*.tar"), key=lambda p: p.stat().st_size)
+    offset = min(600_000, tar.stat().st_size // 2)
+    with tar.open("r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x01]))
 
 
 def _require(home: Path) -> tuple[Session, Scenario]:
