@@ -319,6 +319,7 @@ def test_the_readme_documents_the_schema_the_commands_and_the_scenarios() -> Non
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("## Training\n", 1)[1].split("\n## ", 1)[0]
     world = ("director", "leftover_work_dir", "lost", "backups", "of", "name", "corrupt")
+    world += ("killed_backup", "deployment", "job", "instance")
     for key in (*scenarios.KEYS, *world, "job", "script", "spec", "call"):
         assert f"`{key}`" in section, key
     for step in scenarios.STEPS:
@@ -373,3 +374,43 @@ def test_restoring_another_directors_backup_is_unsafe(trainee: Bbrx) -> None:
     [unsafe] = report["safety"]
     assert f"of {wrong}, a backup of sim://dr-other, onto sim://dr-restore" in unsafe
     assert report["score"] == 75
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+
+
+def test_a_killed_deployment_backup_is_recovered_by_the_matching_cleanup(trainee: Bbrx) -> None:
+    """The world starts with a real bbrx backup of redis SIGKILLed mid-backup: its locks held
+    and a backup script still running on one VM. The trainee reads status, runs the
+    deployment's backup-cleanup (which ends that script), checks and backs up."""
+    start(trainee, "killed-deployment-backup", seed=4)
+    session = json.loads((trainee.home / "train/session.json").read_text())
+    [pid] = session["left_running"]
+    assert alive(pid)
+    deployment = ("deployment", "--target", "sim://dr-killed", "--deployment", "redis")
+    status = ok(trainee("status", "--target", "sim://dr-killed", "--deployment", "redis"))
+    assert "interrupted" in status and "backup-cleanup" in status
+    ok(trainee(*deployment, "backup-cleanup"))
+    assert not alive(pid)
+    ok(trainee(*deployment, "pre-backup-check"))
+    ok(trainee(*deployment, "backup", "--artifact-path", str(trainee.home / "backups")))
+    report = debrief(trainee)
+    assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
+
+
+def test_the_wrong_cleanup_after_a_killed_backup_is_out_of_order(trainee: Bbrx) -> None:
+    start(trainee, "killed-deployment-backup", seed=4)
+    session = json.loads((trainee.home / "train/session.json").read_text())
+    deployment = ("deployment", "--target", "sim://dr-killed", "--deployment", "redis")
+    trainee(*deployment, "restore-cleanup")
+    report = debrief(trainee)
+    assert any(
+        "restore-cleanup after the interrupted backup" in o and "is backup-cleanup" in o
+        for o in report["order"]
+    ), report["order"]
+    ok(trainee("train", "reset"))  # ends the script the killed run left, too
+    assert not any(alive(pid) for pid in session["left_running"])

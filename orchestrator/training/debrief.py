@@ -225,7 +225,10 @@ def _score(
             order.append(
                 f"{_clock(action)} restore (run {action.run_id}) without a restore-cleanup after it"
             )
+    # The world's killed run, if there is one, is the run the first cleanup is for.
     last = None
+    if _detail(start).get("killed_instance"):
+        last = Action(start["ts"], "scenario", "backup", "interrupted", "(the killed run)")
     for action in runs:
         if action.step.endswith("-cleanup") and last is not None and last.outcome != "succeeded":
             wanted = f"{last.step}-cleanup" if last.step in ("backup", "restore") else None

@@ -82,11 +82,22 @@ class WorldBackup:
 
 
 @dataclass(frozen=True)
+class KilledBackup:
+    """A bbrx backup of a deployment, killed (SIGKILL) while one instance's backup script
+    ran: the world starts with its locks held, its work dirs left, its run unfinished."""
+
+    deployment: str
+    job: str
+    instances: tuple[str, ...]  # GROUP/INDEX: the seed picks the one whose script hangs
+
+
+@dataclass(frozen=True)
 class World:
     director: str
     leftover_work_dir: bool = False
     lost: bool = False  # the director starts wiped: its disaster has happened
     backups: tuple[WorldBackup, ...] = ()
+    killed_backup: KilledBackup | None = None
 
 
 @dataclass(frozen=True)
@@ -127,9 +138,14 @@ class Plan:
 
     seed: int
     faults: tuple[ArmedFault, ...] = field(default_factory=tuple)
+    killed_instance: str | None = None  # whose backup script hangs when the run is killed
 
     def as_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "faults": [f.as_dict() for f in self.faults]}
+        return {
+            "seed": self.seed,
+            "faults": [f.as_dict() for f in self.faults],
+            "killed_instance": self.killed_instance,
+        }
 
 
 def plan(scenario: Scenario, seed: int) -> Plan:
@@ -142,7 +158,8 @@ def plan(scenario: Scenario, seed: int) -> Plan:
         if fault.calls:
             spec = f"call {chooser.choice(fault.calls)} {spec}"
         armed.append(ArmedFault(job, fault.script, spec))
-    return Plan(seed, tuple(armed))
+    killed = scenario.world.killed_backup
+    return Plan(seed, tuple(armed), chooser.choice(killed.instances) if killed else None)
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -252,7 +269,9 @@ class _Reader:
             if key not in top:
                 raise self.fail(key, "is required")
         world = self.mapping(
-            top["world"], "world", ("director", "leftover_work_dir", "lost", "backups")
+            top["world"],
+            "world",
+            ("director", "leftover_work_dir", "lost", "backups", "killed_backup"),
         )
         if "director" not in world:
             raise self.fail("world.director", "is required")
@@ -275,7 +294,13 @@ class _Reader:
             title=self.text(top["title"], "title"),
             brief=self.text(top["brief"], "brief"),
             time_budget=self.number(top["time_budget"], "time_budget", 60, 24 * 3600),
-            world=World(self.name(world["director"], "world.director"), leftover, lost, backups),
+            world=World(
+                self.name(world["director"], "world.director"),
+                leftover,
+                lost,
+                backups,
+                self.killed(world["killed_backup"]) if "killed_backup" in world else None,
+            ),
             procedure=tuple(self.step(v, f"procedure[{i}]") for i, v in enumerate(procedure)),
             goal=tuple(self.step(v, f"goal[{i}]") for i, v in enumerate(goal)),
             solution=tuple(self.text(v, f"solution[{i}]") for i, v in enumerate(solution)),
@@ -311,6 +336,28 @@ class _Reader:
             self.name(backup["of"], f"{key}.of"),
             name,
             self.flag(backup.get("corrupt", False), f"{key}.corrupt"),
+        )
+
+    def killed(self, value: Any) -> KilledBackup:
+        key = "world.killed_backup"
+        killed = self.mapping(value, key, ("deployment", "job", "instance"))
+        for required in ("deployment", "job", "instance"):
+            if required not in killed:
+                raise self.fail(f"{key}.{required}", "is required")
+        given = killed["instance"] if isinstance(killed["instance"], list) else [killed["instance"]]
+        instances = []
+        for instance in given:
+            if not isinstance(instance, str) or not re.match(
+                r"^[a-z0-9][a-z0-9_-]*/\d+$", instance
+            ):
+                raise self.fail(f"{key}.instance", "must be GROUP/INDEX (or a list of them)")
+            instances.append(instance)
+        if not instances:
+            raise self.fail(f"{key}.instance", "must name an instance")
+        return KilledBackup(
+            self.name(killed["deployment"], f"{key}.deployment"),
+            self.name(killed["job"], f"{key}.job"),
+            tuple(instances),
         )
 
     def fault(self, value: Any, key: str) -> Fault:

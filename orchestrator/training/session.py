@@ -11,12 +11,17 @@ runs on the director carry the same key on their first row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +31,7 @@ from audit import AuditError, AuditLog
 from orchestrator import __version__
 from orchestrator.engine.run import new_run_id
 from orchestrator.errors import UsageError
-from orchestrator.training.scenario import Scenario, find, plan
+from orchestrator.training.scenario import KilledBackup, Scenario, find, plan
 from simulator.director import SimDirector, sim_root
 from simulator.vm import WORK_DIR
 
@@ -48,6 +53,9 @@ class Session:
     operator: str
     hints_used: int = 0
     fired: tuple[int, ...] = ()
+    # Scripts the world's killed run left running on the simulated VMs (their pids), for
+    # `train reset` to end if the trainee's cleanup did not.
+    left_running: tuple[int, ...] = ()
 
     @property
     def target(self) -> str:
@@ -68,6 +76,7 @@ def current(home: Path) -> Session | None:
     try:
         data = json.loads(path.read_text())
         data["fired"] = tuple(data.get("fired", ()))
+        data["left_running"] = tuple(data.get("left_running", ()))
         return Session(**data)
     except FileNotFoundError:
         return None
@@ -81,7 +90,9 @@ def current(home: Path) -> Session | None:
 def _save(home: Path, session: Session) -> None:
     path = _session_file(home)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = dict(session.__dict__, fired=list(session.fired))
+    data = dict(
+        session.__dict__, fired=list(session.fired), left_running=list(session.left_running)
+    )
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(temporary, path)
@@ -150,6 +161,11 @@ def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator
     backups = _make_backups(home, audit_db, scenario, operator)
     if scenario.world.lost:
         director.wipe()
+    left_running: list[int] = []
+    if scenario.world.killed_backup is not None and drawn.killed_instance is not None:
+        left_running = _kill_a_backup(
+            home, audit_db, director, scenario.world.killed_backup, drawn.killed_instance
+        )
     for fault in drawn.faults:
         director.set_fault(fault.job, fault.script, fault.spec)
     session = Session(
@@ -160,6 +176,7 @@ def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator
         started=datetime.now(UTC).isoformat(),
         audit_db=str(audit_db.resolve()),
         operator=operator,
+        left_running=tuple(left_running),
     )
     try:
         _record(
@@ -173,6 +190,7 @@ def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator
                 else str(Path(reference).resolve()),
                 "seed": seed,
                 "plan": drawn.as_dict()["faults"],
+                "killed_instance": drawn.killed_instance,
                 "backups": backups,
             },
         )
@@ -240,6 +258,65 @@ def _make_backups(
     return made
 
 
+def _kill_a_backup(
+    home: Path, audit_db: Path, director: SimDirector, killed: KilledBackup, instance: str
+) -> list[int]:
+    """Start a real bbrx backup of the deployment, with `instance`'s backup script of the job
+    hanging, and SIGKILL it once that script runs: what an operator's killed run leaves.
+    Returns the pids of the scripts it left running."""
+    from simulator.deploy import find_vm
+
+    vm = find_vm(director, killed.deployment, instance)
+    vm.set_fault(killed.job, "backup", "hang")
+    staging = home / "train" / "killed-run"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    command = [
+        sys.executable, "-m", "orchestrator", "deployment", "--target", f"sim://{director.root.name}",
+        "--deployment", killed.deployment, "backup", "--artifact-path", str(staging),
+    ]  # fmt: skip
+    env = dict(os.environ, BBRX_HOME=str(home), BBRX_AUDIT_DB=str(audit_db))
+    proc = subprocess.Popen(
+        command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _hanging(vm, killed.job):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise UsageError(
+                    f"could not set up the scenario: the backup of {killed.deployment} ended "
+                    "before its hanging script ran",
+                    hint="Run bbrx train reset, then start the scenario again.",
+                )
+            time.sleep(0.05)
+        time.sleep(0.5)  # its "hanging" line is out: a dead bbrx's pipe must not end it
+    finally:
+        proc.kill()  # the process we started, by its pid
+        proc.wait()
+    vm.clear_faults(killed.job, "backup")
+    return [
+        c.pid for c in vm.calls() if (c.job, c.script, c.event) == (killed.job, "backup", "start")
+    ]
+
+
+def _hanging(vm: Any, job: str) -> bool:
+    return any((c.job, c.script, c.event) == (job, "backup", "start") for c in vm.calls())
+
+
+def _end_script(pid: int, root: Path) -> None:
+    """End a script the world's killed run left, if it still runs and is still that script
+    (its command line names the session's director): a pid may have been reused."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if str(root).encode() not in command:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
 def _corrupt(backup: Path) -> None:
     """A byte of file data in the backup's largest tar, changed: its checksum no longer
     matches `metadata`, so a restore refuses it before it locks anything."""
@@ -282,6 +359,8 @@ def reset(home: Path) -> Session:
     """End the session: its director is removed; its rows stay in the audit log."""
     session, _ = _require(home)
     director = SimDirector(sim_root(home, session.director))
+    for pid in session.left_running:
+        _end_script(pid, director.root)
     if director.exists() and (director.root / MARKER).exists():
         director.destroy()
     _record(session, "train-reset", {})
@@ -292,13 +371,20 @@ def reset(home: Path) -> Session:
 # --- hooks the runs and the sim commands call ------------------------------------------
 
 
+def _ours(session: Session | None, target: str) -> bool:
+    """Whether `target` is the session's director or one of its deployments."""
+    return session is not None and (
+        target == session.target or target.startswith(f"{session.target}/")
+    )
+
+
 def tie(home: Path, target: str) -> str | None:
-    """The running session's id when `target` is its director, else None."""
+    """The running session's id when `target` is its director (or a deployment of it)."""
     try:
         session = current(home)
     except UsageError:
         return None
-    return session.id if session is not None and session.target == target else None
+    return session.id if session is not None and _ours(session, target) else None
 
 
 def record_sim(home: Path, name: str, action: str, detail: dict[str, Any]) -> None:
@@ -313,7 +399,7 @@ def after_run(home: Path, target: str, operation: str, succeeded: bool) -> list[
     """The scenario's events that a run just set off (the director's loss once the first
     backup is done, say): each done now, recorded, and its message returned."""
     session = current(home)
-    if session is None or session.target != target or not succeeded:
+    if session is None or not _ours(session, target) or not succeeded:
         return []
     scenario = find(session.scenario)
     messages = []
