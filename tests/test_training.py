@@ -15,6 +15,7 @@ import yaml
 from audit import AuditLog
 from orchestrator.errors import UsageError
 from orchestrator.training import scenario as scenarios
+from tests.browser import NOT_INSTALLED, Browser, chromium_path
 from tests.conftest import Bbrx
 
 SHIPPED = [s.id for s in scenarios.shipped()]
@@ -414,3 +415,59 @@ def test_the_wrong_cleanup_after_a_killed_backup_is_out_of_order(trainee: Bbrx) 
     ), report["order"]
     ok(trainee("train", "reset"))  # ends the script the killed run left, too
     assert not any(alive(pid) for pid in session["left_running"])
+
+
+def test_the_html_debrief_reads_the_same_in_a_browser_and_runs_nothing(
+    trainee: Bbrx, tmp_path: Path
+) -> None:
+    """Headless Chromium opens the page: the score, the violations and the timeline are
+    what the JSON says; a trainee's name made of markup stays text; nothing is fetched."""
+    if chromium_path() is None:
+        pytest.skip(NOT_INSTALLED)
+    hostile = "<img src=x onerror=document.title='owned'>"
+    ok(trainee("train", "start", "director-disaster-recovery", "--operator", hostile))
+    ok(
+        director(
+            trainee, "sim://dr-drill", "backup", "--artifact-path", str(trainee.home / "backups")
+        )
+    )
+    report = debrief(trainee)
+    page = tmp_path / "debrief.html"
+    ok(trainee("train", "debrief", "--html", str(page)))
+    with Browser() as browser:
+        browser.send("Network.enable")
+        browser.take_events("Network.requestWillBeSent")
+        browser.open(page.as_uri())
+        seen = browser.evaluate(
+            """({score: document.getElementById('score').innerText,
+                 order: [...document.querySelectorAll('#order li')].map(e => e.innerText),
+                 rows: document.querySelectorAll('table tr').length - 1,
+                 text: document.body.innerText, title: document.title,
+                 images: document.images.length})"""
+        )
+        requested = [e["request"]["url"] for e in browser.take_events("Network.requestWillBeSent")]
+    assert seen["score"] == str(report["score"])
+    assert seen["order"] == report["order"] and seen["rows"] == len(report["timeline"])
+    assert hostile in seen["text"] and seen["images"] == 0 and seen["title"] != "owned"
+    assert requested == [page.as_uri()]
+
+
+def test_for_100_seeds_two_starts_arm_the_same_world(tmp_path: Path) -> None:
+    """The faults a start arms on the simulated director (the files the scripts read) and
+    the plan its train-start row records are the same for the same seed, start after start;
+    and the seeds do not all draw the same world."""
+    from orchestrator.training.session import reset, start
+
+    home = tmp_path / "home"
+    worlds: dict[int, list[tuple]] = {}
+    for seed in range(100):
+        for _ in range(2):
+            start(home, home / "audit.db", "unlock-failure", seed, "trainee@test")
+            faults = home / "sim/dr-unlock/var/vcap/sys/run/bbr-sim/faults"
+            armed = sorted((p.parent.name, p.name, p.read_text()) for p in faults.glob("*/*"))
+            with AuditLog(home / "audit.db", readonly=True) as audit:
+                [*_, row] = [r for r in audit.rows() if r["operation"] == "train-start"]
+            world = [armed, json.loads(row["detail"])["plan"]]
+            assert worlds.setdefault(seed, world) == world, seed
+            reset(home)
+    assert len({json.dumps(w) for w in worlds.values()}) > 1
