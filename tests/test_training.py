@@ -471,3 +471,45 @@ def test_for_100_seeds_two_starts_arm_the_same_world(tmp_path: Path) -> None:
             assert worlds.setdefault(seed, world) == world, seed
             reset(home)
     assert len({json.dumps(w) for w in worlds.values()}) > 1
+
+
+def test_a_scenario_fault_on_one_instance_of_a_deployment(tmp_path: Path) -> None:
+    """A scenario file (loaded from a path) arms a fault on the one VM of redis the seed
+    picks, and only there; its plan names that instance."""
+    from orchestrator.training.session import reset, start
+    from simulator.deploy import find_vm
+    from simulator.director import SimDirector, sim_root
+
+    good = (Path(scenarios.__file__).parent / "scenarios/leftover-work-dir.yml").read_text()
+    document = yaml.safe_load(good)
+    document["faults"] = [
+        {
+            "job": "redis-server",
+            "script": "backup",
+            "spec": "fail 3 disk full",
+            "deployment": "redis",
+            "instance": ["redis/0", "redis/1", "redis/2"],
+        }
+    ]
+    path = tmp_path / "one-vm.yml"
+    path.write_text(yaml.safe_dump(document))
+    home = tmp_path / "home"
+    picked = set()
+    for seed in range(6):
+        started = start(home, home / "audit.db", str(path), seed, "trainee@test")
+        [fault] = started.faults
+        director = SimDirector(sim_root(home, "dr-leftover"))
+        armed = {
+            i: find_vm(director, "redis", i).faults() for i in ("redis/0", "redis/1", "redis/2")
+        }
+        assert armed == {
+            i: ({("redis-server", "backup"): "fail 3 disk full"} if i == fault["instance"] else {})
+            for i in armed
+        }
+        picked.add(fault["instance"])
+        reset(home)
+    assert len(picked) > 1
+    document["faults"][0].pop("deployment")
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(UsageError, match=r"faults\[0\]: deployment and instance go together"):
+        scenarios.load(path)

@@ -30,6 +30,7 @@ RUN_STEPS = STEPS[:-1]
 EVENT_ACTIONS = ("wipe",)
 SCRIPTS = (*SCRIPT_NAMES, TRANSFER)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_INSTANCE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}/\d{1,6}$")
 KEYS = (
     "id",
     "title",
@@ -55,6 +56,9 @@ class Fault:
     script: str
     spec: str
     calls: tuple[int, ...] = ()
+    # On one VM of a deployment (GROUP/INDEX, one of `instances`), not on the director.
+    deployment: str | None = None
+    instances: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,9 +131,14 @@ class ArmedFault:
     job: str
     script: str
     spec: str
+    deployment: str | None = None
+    instance: str | None = None
 
-    def as_dict(self) -> dict[str, str]:
-        return {"job": self.job, "script": self.script, "spec": self.spec}
+    def as_dict(self) -> dict[str, str | None]:
+        where = (
+            {"deployment": self.deployment, "instance": self.instance} if self.deployment else {}
+        )
+        return {"job": self.job, "script": self.script, "spec": self.spec, **where}
 
 
 @dataclass(frozen=True)
@@ -157,7 +166,8 @@ def plan(scenario: Scenario, seed: int) -> Plan:
         spec = fault.spec
         if fault.calls:
             spec = f"call {chooser.choice(fault.calls)} {spec}"
-        armed.append(ArmedFault(job, fault.script, spec))
+        instance = chooser.choice(fault.instances) if fault.instances else None
+        armed.append(ArmedFault(job, fault.script, spec, fault.deployment, instance))
     killed = scenario.world.killed_backup
     return Plan(seed, tuple(armed), chooser.choice(killed.instances) if killed else None)
 
@@ -344,24 +354,16 @@ class _Reader:
         for required in ("deployment", "job", "instance"):
             if required not in killed:
                 raise self.fail(f"{key}.{required}", "is required")
-        given = killed["instance"] if isinstance(killed["instance"], list) else [killed["instance"]]
-        instances = []
-        for instance in given:
-            if not isinstance(instance, str) or not re.match(
-                r"^[a-z0-9][a-z0-9_-]*/\d+$", instance
-            ):
-                raise self.fail(f"{key}.instance", "must be GROUP/INDEX (or a list of them)")
-            instances.append(instance)
-        if not instances:
-            raise self.fail(f"{key}.instance", "must name an instance")
         return KilledBackup(
             self.name(killed["deployment"], f"{key}.deployment"),
             self.name(killed["job"], f"{key}.job"),
-            tuple(instances),
+            self.instances(killed["instance"], f"{key}.instance"),
         )
 
     def fault(self, value: Any, key: str) -> Fault:
-        fault = self.mapping(value, key, ("job", "script", "spec", "call"))
+        fault = self.mapping(
+            value, key, ("job", "script", "spec", "call", "deployment", "instance")
+        )
         for required in ("job", "script", "spec"):
             if required not in fault:
                 raise self.fail(f"{key}.{required}", "is required")
@@ -380,7 +382,23 @@ class _Reader:
         calls = fault.get("call", [])
         calls = calls if isinstance(calls, list) else [calls]
         numbers = tuple(self.number(c, f"{key}.call", 1, 100) for c in calls)
-        return Fault(names, script, spec, numbers)
+        if ("deployment" in fault) != ("instance" in fault):
+            raise self.fail(key, "deployment and instance go together (a deployment's VM)")
+        if "deployment" not in fault:
+            return Fault(names, script, spec, numbers)
+        deployment = self.name(fault["deployment"], f"{key}.deployment")
+        instances = self.instances(fault["instance"], f"{key}.instance")
+        return Fault(names, script, spec, numbers, deployment, instances)
+
+    def instances(self, value: Any, key: str) -> tuple[str, ...]:
+        """GROUP/INDEX, or a list of them (the seed picks one)."""
+        given = value if isinstance(value, list) else [value]
+        for instance in given:
+            if not isinstance(instance, str) or not _INSTANCE.match(instance):
+                raise self.fail(key, "must be GROUP/INDEX (or a list of them)")
+        if not given:
+            raise self.fail(key, "must name an instance")
+        return tuple(given)
 
     def event(self, value: Any, key: str) -> Event:
         event = self.mapping(value, key, ("after", "action", "message"))

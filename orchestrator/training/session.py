@@ -167,7 +167,12 @@ def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator
             home, audit_db, director, scenario.world.killed_backup, drawn.killed_instance
         )
     for fault in drawn.faults:
-        director.set_fault(fault.job, fault.script, fault.spec)
+        vm: Any = director
+        if fault.deployment is not None and fault.instance is not None:
+            from simulator.deploy import find_vm
+
+            vm = find_vm(director, fault.deployment, fault.instance)
+        vm.set_fault(fault.job, fault.script, fault.spec)
     session = Session(
         id=new_run_id(),
         scenario=reference,
