@@ -374,7 +374,9 @@ def test_restoring_another_directors_backup_is_unsafe(trainee: Bbrx) -> None:
     report = debrief(trainee)
     [unsafe] = report["safety"]
     assert f"of {wrong}, a backup of sim://dr-other, onto sim://dr-restore" in unsafe
-    assert report["score"] == 75
+    assert report["goal_reached"] is False  # an unsafe restore is no recovery
+    assert report["score"] == 100 - 25 - 40
+    assert "not reached yet" in ok(trainee("train", "status"))
 
 
 def alive(pid: int) -> bool:
@@ -452,15 +454,16 @@ def test_the_html_debrief_reads_the_same_in_a_browser_and_runs_nothing(
     assert requested == [page.as_uri()]
 
 
-def test_for_100_seeds_two_starts_arm_the_same_world(tmp_path: Path) -> None:
+def test_two_starts_with_one_seed_arm_the_same_world(tmp_path: Path) -> None:
     """The faults a start arms on the simulated director (the files the scripts read) and
-    the plan its train-start row records are the same for the same seed, start after start;
+    the plan its train-start row records are the same for the same seed, start after start
+    (the plan itself is checked for 100 seeds above: a start costs a director's creation);
     and the seeds do not all draw the same world."""
     from orchestrator.training.session import reset, start
 
     home = tmp_path / "home"
     worlds: dict[int, list[tuple]] = {}
-    for seed in range(100):
+    for seed in range(12):
         for _ in range(2):
             start(home, home / "audit.db", "unlock-failure", seed, "trainee@test")
             faults = home / "sim/dr-unlock/var/vcap/sys/run/bbr-sim/faults"
@@ -513,3 +516,41 @@ def test_a_scenario_fault_on_one_instance_of_a_deployment(tmp_path: Path) -> Non
     path.write_text(yaml.safe_dump(document))
     with pytest.raises(UsageError, match=r"faults\[0\]: deployment and instance go together"):
         scenarios.load(path)
+
+
+def test_the_wrong_target_does_not_solve_the_killed_deployment_backup(trainee: Bbrx) -> None:
+    """Cleaning up and backing up the director, not the deployment the killed run left:
+    out of order, the killed run's locks unsafe, the goal not reached."""
+    start(trainee, "killed-deployment-backup", seed=4)
+    for step in ("backup-cleanup", "pre-backup-check"):
+        ok(director(trainee, "sim://dr-killed", step))
+    ok(
+        director(
+            trainee, "sim://dr-killed", "backup", "--artifact-path", str(trainee.home / "backups")
+        )
+    )
+    report = debrief(trainee)
+    assert report["goal_reached"] is False
+    assert (
+        len([o for o in report["order"] if "this scenario is about sim://dr-killed/redis" in o])
+        == 3
+    )
+    assert any("the killed run's jobs on sim://dr-killed/redis" in s for s in report["safety"])
+    ok(trainee("train", "reset"))
+
+
+def test_a_damaged_session_file_fails_no_run_and_reset_removes_it(trainee: Bbrx) -> None:
+    start(trainee, "leftover-work-dir")
+    session_file = trainee.home / "train/session.json"
+    session_file.write_text('{"id": 5}')
+    ok(trainee("sim", "create", "mine"))
+    ok(director(trainee, "sim://mine", "pre-backup-check"))  # a warning, not a failure
+    status = trainee("train", "status")
+    assert (
+        status.code == 1 and f"the training session file {session_file} is damaged" in status.stderr
+    )
+    reset = trainee("train", "reset")
+    assert reset.code == 1 and "removed it" in reset.stderr, reset
+    assert not session_file.exists()
+    none = trainee("train", "status")
+    assert "no training session is running" in none.stderr

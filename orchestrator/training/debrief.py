@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ from audit import AuditLog
 from audit.schema import TERMINAL_STATES
 from orchestrator.errors import UsageError
 from orchestrator.state.recovery import maybe_locked
-from orchestrator.training.scenario import Scenario, find
+from orchestrator.training.scenario import RUN_STEPS, Scenario, find
 from orchestrator.training.session import SESSION_KEY
 
 ORDER_PENALTY = 10
@@ -39,6 +40,57 @@ class Action:
     outcome: str  # a run's final state (or `unfinished`), else ok
     run_id: str
     note: str = ""
+    target: str = ""
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What the debrief scores against: the scenario as the session's train-start row
+    recorded it (so an edited or removed scenario file changes no old debrief)."""
+
+    id: str
+    title: str
+    time_budget: int
+    procedure: tuple[str, ...]
+    goal: tuple[str, ...]
+    solution: tuple[str, ...]
+    focus: str  # the target the goal is about: the director, or one of its deployments
+
+    @classmethod
+    def of(cls, scenario: Scenario) -> Rules:
+        return cls(
+            scenario.id,
+            scenario.title,
+            scenario.time_budget,
+            scenario.procedure,
+            scenario.goal,
+            scenario.solution,
+            scenario.focus,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rules(start: dict[str, Any]) -> Rules:
+    recorded = _detail(start).get("rules")
+    if isinstance(recorded, dict):
+        try:
+            return Rules(
+                id=str(recorded["id"]),
+                title=str(recorded["title"]),
+                time_budget=int(recorded["time_budget"]),
+                procedure=tuple(map(str, recorded["procedure"])),
+                goal=tuple(map(str, recorded["goal"])),
+                solution=tuple(map(str, recorded["solution"])),
+                focus=str(recorded["focus"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise UsageError(
+                f"the train-start row (seq {start['seq']}) records its scenario badly: {error!r}"
+            ) from error
+    detail = _detail(start)  # a session of an earlier bbrx: read the scenario again
+    return Rules.of(find(str(detail.get("scenario_source") or detail["scenario"])))
 
 
 @dataclass
@@ -133,14 +185,13 @@ def debrief(audit_db: Path, session_id: str | None = None) -> Debrief:
             f"no training session {session_id} in {audit_db}",
             hint="The sessions are the train-start rows: bbrx audit runs --operation train-start",
         )
-    start_detail = _detail(start)
-    scenario = find(str(start_detail.get("scenario_source") or start_detail["scenario"]))
+    rules = _rules(start)
     mine = _session_rows(rows, session_id)
     if any(r["mode"] != "sim" for r in mine):
         raise UsageError(
             f"session {session_id} has rows that are not sim: it is not a training run"
         )
-    return _score(scenario, start, mine, session_id)
+    return _score(rules, start, mine, session_id)
 
 
 def _session_rows(rows: list[dict[str, Any]], session_id: str) -> list[dict[str, Any]]:
@@ -171,7 +222,7 @@ def _timeline(rows: list[dict[str, Any]]) -> tuple[list[Action], dict[str, list[
                 note = f"hint {detail.get('hint')} (costs {detail.get('cost')})"
             elif step == "fault":
                 note = str(detail.get("spec") or "mended")
-            actions.append(Action(first["ts"], by, step, "ok", run_id, note))
+            actions.append(Action(first["ts"], by, step, "ok", run_id, note, first["target"]))
             continue
         final = next((r for r in reversed(run_rows) if r["job"] is None), first)
         outcome = final["to_state"] if final["to_state"] in TERMINAL_STATES else "unfinished"
@@ -181,22 +232,27 @@ def _timeline(rows: list[dict[str, Any]]) -> tuple[list[Action], dict[str, list[
             if r["outcome"] in ("error", "refused") and _detail(r).get("message")
         ]
         note = str(errors[0])[:200] if errors else ""
-        actions.append(Action(first["ts"], "trainee", operation, outcome, run_id, note))
+        actions.append(
+            Action(first["ts"], "trainee", operation, outcome, run_id, note, first["target"])
+        )
     actions.sort(key=lambda a: a.at)
     return actions, by_run
 
 
 def _score(
-    scenario: Scenario, start: dict[str, Any], rows: list[dict[str, Any]], session_id: str
+    scenario: Rules, start: dict[str, Any], rows: list[dict[str, Any]], session_id: str
 ) -> Debrief:
     actions, by_run = _timeline(rows)
-    runs = [
-        a
-        for a in actions
-        if a.step in ("backup-cleanup", "pre-backup-check", "backup", "restore", "restore-cleanup")
-    ]
     order: list[str] = []
     safety: list[str] = []
+    every_run = [a for a in actions if a.step in RUN_STEPS]
+    for action in every_run:
+        if action.target != scenario.focus:
+            order.append(
+                f"{_clock(action)} {action.step} (run {action.run_id}) on {action.target}: "
+                f"this scenario is about {scenario.focus}"
+            )
+    runs = [a for a in every_run if a.target == scenario.focus]
 
     # The runbook's rules, whatever the scenario.
     checked = False
@@ -248,6 +304,7 @@ def _score(
         step for step in ("pre-backup-check", "restore-cleanup") if any(step in o for o in order)
     }
     steps = [a for a in actions if a.by == "trainee" and (a in runs or a.step == "vms")]
+    unsafe_runs: set[str] = set()
     cursor = 0
     for number, wanted in enumerate(scenario.procedure):
         found = next((i for i in range(cursor, len(steps)) if steps[i].step == wanted), None)
@@ -284,15 +341,24 @@ def _score(
         if action.step == "restore" and action.outcome == "succeeded":
             path = _detail(first).get("artifact_path")
             if path not in made:
+                unsafe_runs.add(action.run_id)
                 safety.append(
                     f"{_clock(action)} restore (run {action.run_id}) of {path}, a backup this "
                     "session did not make and check"
                 )
             elif made[path] != first["target"]:
+                unsafe_runs.add(action.run_id)
                 safety.append(
                     f"{_clock(action)} restore (run {action.run_id}) of {path}, a backup of "
                     f"{made[path]}, onto {first['target']}"
                 )
+    if _detail(start).get("killed_instance") and not any(
+        a.step == "backup-cleanup" and a.outcome == "succeeded" for a in runs
+    ):
+        safety.append(
+            f"the killed run's jobs on {scenario.focus} were left as it left them: no "
+            "backup-cleanup of it succeeded"
+        )
 
     # Recovery, hints, goal.
     disasters = [a for a in actions if a.step == "wipe"]
@@ -312,11 +378,15 @@ def _score(
     pending = list(scenario.goal)
     for action in steps:
         done = action.step == "vms" or action.outcome == "succeeded"
+        done = done and action.run_id not in unsafe_runs  # an unsafe restore is no recovery
         if pending and action.at >= since and action.step == pending[0] and done:
             pending.pop(0)
     goal_reached = not pending
-    ends = [r["ts"] for r in rows]
-    elapsed = _seconds(start["ts"], max(ends))
+    # The clock stops at the end of the trainee's last run or sim action: a hint, a look
+    # at the status or the reset taken later does not count.
+    worked = [a for a in actions if a.by == "trainee" and a.step not in ("start", "hint", "reset")]
+    ends = [by_run[a.run_id][-1]["ts"] for a in worked]
+    elapsed = _seconds(start["ts"], max(ends)) if ends else 0.0
 
     score = 100
     scoring = ["start at 100"]
@@ -334,7 +404,7 @@ def _score(
         scoring.append(f"-{hint_cost}: {len(hints)} hint(s)")
     over = elapsed - scenario.time_budget
     if over > 0:
-        points = min(OVERTIME_MAX, int(over // OVERTIME_STEP) + 1)
+        points = min(OVERTIME_MAX, math.ceil(over / OVERTIME_STEP))
         score -= points
         scoring.append(f"-{points}: {over:.0f} s over the {scenario.time_budget} s budget")
     if not goal_reached:

@@ -123,6 +123,12 @@ class Scenario:
     def target(self) -> str:
         return f"sim://{self.world.director}"
 
+    @property
+    def focus(self) -> str:
+        """The target the goal is about: the director, or the deployment a killed run left."""
+        killed = self.world.killed_backup
+        return f"{self.target}/{killed.deployment}" if killed else self.target
+
 
 @dataclass(frozen=True)
 class ArmedFault:
@@ -219,6 +225,8 @@ def parse(text: str, source: str) -> Scenario:
     """A scenario from YAML text; UsageError naming `source` and the key at fault."""
     try:
         document = yaml.safe_load(text)
+    except RecursionError as error:
+        raise UsageError(f"scenario {source} is nested too deeply to be a scenario") from error
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

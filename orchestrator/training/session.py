@@ -27,11 +27,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from audit import AuditError, AuditLog
+from audit import AuditLog
 from orchestrator import __version__
 from orchestrator.engine.run import new_run_id
 from orchestrator.errors import UsageError
-from orchestrator.training.scenario import KilledBackup, Scenario, find, plan
+from orchestrator.training.scenario import KilledBackup, Plan, Scenario, find, plan, shipped
 from simulator.director import SimDirector, sim_root
 from simulator.vm import WORK_DIR
 
@@ -75,15 +75,25 @@ def current(home: Path) -> Session | None:
     path = _session_file(home)
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
         data["fired"] = tuple(data.get("fired", ()))
         data["left_running"] = tuple(data.get("left_running", ()))
-        return Session(**data)
+        session = Session(**data)
+        texts = (session.id, session.scenario, session.director, session.audit_db)
+        if not all(isinstance(v, str) for v in (*texts, session.operator, session.started)):
+            raise ValueError("a text field is not text")
+        numbers = (session.seed, session.hints_used, *session.fired, *session.left_running)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in numbers):
+            raise ValueError("a number field is not a whole number")
+        datetime.fromisoformat(session.started)
+        return session
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError) as error:
         raise UsageError(
             f"the training session file {path} is damaged ({error})",
-            hint="End the session with: bbrx train reset",
+            hint="End the session with: bbrx train reset (it removes the file)",
         ) from error
 
 
@@ -93,7 +103,8 @@ def _save(home: Path, session: Session) -> None:
     data = dict(
         session.__dict__, fired=list(session.fired), left_running=list(session.left_running)
     )
-    temporary = path.with_suffix(".tmp")
+    # A temporary file of this process's own, renamed over: a reader never sees half.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(temporary, path)
 
@@ -130,7 +141,9 @@ class Started:
 
 
 def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator: str) -> Started:
-    """Set up a scenario's world and arm its faults; the session that runs on it."""
+    """Set up a scenario's world and arm its faults; the session that runs on it. A setup
+    that fails half-way takes down what it made (directors, scripts left running)."""
+    home = home.resolve()  # every path the session records is absolute and canonical
     running = current(home)
     if running is not None:
         raise UsageError(
@@ -138,74 +151,116 @@ def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator
             hint="See it with: bbrx train status. End it with: bbrx train reset",
         )
     scenario = find(reference)
-    if not scenario.source.startswith("scenarios/"):  # a file: found again from anywhere
+    if not any(s.id == reference for s in shipped()):  # a file: found again from anywhere
         reference = str(Path(reference).expanduser().resolve())
     seed = seed if seed is not None else secrets.randbelow(1_000_000)
     drawn = plan(scenario, seed)
     director = SimDirector(sim_root(home, scenario.world.director))
-    if director.exists():
-        if not (director.root / MARKER).exists():
-            raise UsageError(
-                f"sim://{scenario.world.director} exists and was not made for training",
-                hint=f"The scenario needs that name: remove it (bbrx sim destroy "
-                f"{scenario.world.director}) or keep it and train later.",
-            )
-        director.destroy()
-    director.create()
-    (director.root / MARKER).write_text(f"{scenario.id}\n")
-    if scenario.world.leftover_work_dir:
-        # What a killed bbr run leaves: its work directory, with part of an artifact in it.
-        leftover = director.root / WORK_DIR / "blobstore"
-        leftover.mkdir(parents=True)
-        (leftover / "partial.tar").write_bytes(b"left by a run that was killed\n")
-    backups = _make_backups(home, audit_db, scenario, operator)
-    if scenario.world.lost:
-        director.wipe()
+    _make_training_director(director, scenario)
+    made = [director]
     left_running: list[int] = []
-    if scenario.world.killed_backup is not None and drawn.killed_instance is not None:
-        left_running = _kill_a_backup(
-            home, audit_db, director, scenario.world.killed_backup, drawn.killed_instance
-        )
-    for fault in drawn.faults:
-        vm: Any = director
-        if fault.deployment is not None and fault.instance is not None:
-            from simulator.deploy import find_vm
-
-            vm = find_vm(director, fault.deployment, fault.instance)
-        vm.set_fault(fault.job, fault.script, fault.spec)
-    session = Session(
-        id=new_run_id(),
-        scenario=reference,
-        seed=seed,
-        director=scenario.world.director,
-        started=datetime.now(UTC).isoformat(),
-        audit_db=str(audit_db.resolve()),
-        operator=operator,
-        left_running=tuple(left_running),
-    )
     try:
+        _check_faults(director, scenario, drawn)  # before any run: a typo costs nothing
+        if scenario.world.leftover_work_dir:
+            # What a killed bbr run leaves: its work directory, part of an artifact in it.
+            leftover = director.root / WORK_DIR / "blobstore"
+            leftover.mkdir(parents=True)
+            (leftover / "partial.tar").write_bytes(b"left by a run that was killed\n")
+        backups = _make_backups(home, audit_db, scenario, operator, made)
+        if scenario.world.lost:
+            director.wipe()
+        if scenario.world.killed_backup is not None and drawn.killed_instance is not None:
+            left_running = _kill_a_backup(
+                home, audit_db, director, scenario.world.killed_backup, drawn.killed_instance
+            )
+        for fault in drawn.faults:
+            _vm(director, fault.deployment, fault.instance).set_fault(
+                fault.job, fault.script, fault.spec
+            )
+        session = Session(
+            id=new_run_id(),
+            scenario=reference,
+            seed=seed,
+            director=scenario.world.director,
+            started=datetime.now(UTC).isoformat(),
+            audit_db=str(audit_db.resolve()),
+            operator=operator,
+            left_running=tuple(left_running),
+        )
         _record(
             session,
             "train-start",
             {
                 "scenario": scenario.id,
-                # a scenario file's path, for the debrief to read it again
-                "scenario_source": None
-                if reference == scenario.id
-                else str(Path(reference).resolve()),
+                # a scenario file's path, for reference: the debrief reads `rules`
+                "scenario_source": None if reference == scenario.id else reference,
+                "rules": {
+                    "id": scenario.id,
+                    "title": scenario.title,
+                    "time_budget": scenario.time_budget,
+                    "procedure": list(scenario.procedure),
+                    "goal": list(scenario.goal),
+                    "solution": list(scenario.solution),
+                    "focus": scenario.focus,
+                },
                 "seed": seed,
                 "plan": drawn.as_dict()["faults"],
                 "killed_instance": drawn.killed_instance,
                 "backups": backups,
             },
         )
-    except AuditError:
-        director.destroy()
+        if scenario.world.lost:  # the disaster the session starts from, on its clock
+            _record(session, "sim-wipe", {"by": "scenario", "event": "world"})
+    except BaseException:
+        for pid in left_running:
+            _end_script(pid, director.root)
+        for each in made:
+            if each.exists() and (each.root / MARKER).exists():
+                each.destroy()
         raise
     _save(home, session)
-    return Started(
-        session, scenario, drawn.as_dict()["faults"], backups_folder(home) if backups else None
-    )
+    folder = backups_folder(home) if backups else None
+    return Started(session, scenario, drawn.as_dict()["faults"], folder)
+
+
+def _make_training_director(director: SimDirector, scenario: Scenario) -> None:
+    """A fresh simulated director for the session, marked as training's; one the trainee
+    made under that name is left alone."""
+    name = director.root.name
+    if director.exists():
+        if not (director.root / MARKER).exists():
+            raise UsageError(
+                f"sim://{name} exists and was not made for training",
+                hint=f"The scenario needs that name: remove it (bbrx sim destroy {name}) or "
+                "keep it and train later.",
+            )
+        director.destroy()
+    director.create()
+    (director.root / MARKER).write_text(f"{scenario.id}\n")
+
+
+def _vm(director: SimDirector, deployment: str | None, instance: str | None) -> Any:
+    """The director itself, or a deployment's VM."""
+    if deployment is None or instance is None:
+        return director
+    from simulator.deploy import find_vm
+
+    return find_vm(director, deployment, instance)
+
+
+def _check_faults(director: SimDirector, scenario: Scenario, drawn: Plan) -> None:
+    """Every job a fault or the killed run names exists where it is to act."""
+    wanted = [(f.job, f.deployment, f.instance) for f in drawn.faults]
+    killed = scenario.world.killed_backup
+    if killed is not None:
+        wanted.append((killed.job, killed.deployment, drawn.killed_instance))
+    for job, deployment, instance in wanted:
+        vm = _vm(director, deployment, instance)
+        if job not in vm.jobs():
+            raise UsageError(
+                f"scenario {scenario.source}: no job {job!r} on {vm.address}",
+                hint=f"Jobs there: {', '.join(vm.jobs())}",
+            )
 
 
 def backups_folder(home: Path) -> Path:
@@ -214,7 +269,7 @@ def backups_folder(home: Path) -> Path:
 
 
 def _make_backups(
-    home: Path, audit_db: Path, scenario: Scenario, operator: str
+    home: Path, audit_db: Path, scenario: Scenario, operator: str, made: list[SimDirector]
 ) -> list[dict[str, Any]]:
     """The backups the world starts with, each made by a real backup run of its director
     (another director is made for it, and removed after). Those runs are in the audit log
@@ -227,18 +282,15 @@ def _make_backups(
     if scenario.world.backups:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-    made = []
+    kept = []
     for backup in scenario.world.backups:
         other = SimDirector(sim_root(home, backup.of))
-        if backup.of != scenario.world.director:
-            if other.exists() and not (other.root / MARKER).exists():
-                raise UsageError(
-                    f"sim://{backup.of} exists and was not made for training",
-                    hint=f"The scenario needs that name: remove it (bbrx sim destroy {backup.of}).",
-                )
-            if not other.exists():
-                other.create()
-                (other.root / MARKER).write_text(f"{scenario.id}\n")
+        if backup.of != scenario.world.director and not other.exists():
+            _make_training_director(other, scenario)
+            made.append(other)
+        elif backup.of != scenario.world.director and other not in made:
+            _make_training_director(other, scenario)  # refuses the trainee's own
+            made.append(other)
         staging = folder / f".making-{backup.name}"
         staging.mkdir()
         outcome = run_director(
@@ -259,8 +311,8 @@ def _make_backups(
             _corrupt(path)
         if backup.of != scenario.world.director:
             other.destroy()
-        made.append({"path": str(path), "of": f"sim://{backup.of}", "corrupt": backup.corrupt})
-    return made
+        kept.append({"path": str(path), "of": f"sim://{backup.of}", "corrupt": backup.corrupt})
+    return kept
 
 
 def _kill_a_backup(
@@ -313,13 +365,14 @@ def _end_script(pid: int, root: Path) -> None:
     """End a script the world's killed run left, if it still runs and is still that script
     (its command line names the session's director): a pid may have been reused."""
     try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        leads = os.getpgid(pid) == pid  # each script leads a process group of its own
     except OSError:
         return
-    if str(root).encode() not in command:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+    under = f"{root}/".encode()
+    if leads and any(arg.startswith(under) and b"/bin/bbr/" in arg for arg in argv):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def _corrupt(backup: Path) -> None:
@@ -361,8 +414,19 @@ def hint(home: Path) -> tuple[int, int, str, int]:
 
 
 def reset(home: Path) -> Session:
-    """End the session: its director is removed; its rows stay in the audit log."""
-    session, _ = _require(home)
+    """End the session: its director is removed; its rows stay in the audit log. A damaged
+    session file is removed, and said so: there is nothing else to end by it."""
+    try:
+        session, _ = _require(home)
+    except UsageError as error:
+        if "is damaged" not in error.message:
+            raise
+        _session_file(home).unlink(missing_ok=True)
+        raise UsageError(
+            f"{error.message}: removed it",
+            hint="Remove the session's simulated director with bbrx sim destroy NAME if it is "
+            "still there (bbrx sim list), then start again.",
+        ) from error
     director = SimDirector(sim_root(home, session.director))
     for pid in session.left_running:
         _end_script(pid, director.root)
@@ -385,16 +449,22 @@ def _ours(session: Session | None, target: str) -> bool:
 
 def tie(home: Path, target: str) -> str | None:
     """The running session's id when `target` is its director (or a deployment of it)."""
-    try:
-        session = current(home)
-    except UsageError:
-        return None
+    session = _current_or_none(home)
     return session.id if session is not None and _ours(session, target) else None
+
+
+def _current_or_none(home: Path) -> Session | None:
+    """The running session for a hook: a damaged file must not fail a run or a sim command."""
+    try:
+        return current(home)
+    except UsageError as error:
+        log.warning("%s; this is not recorded as part of a training session", error.message)
+        return None
 
 
 def record_sim(home: Path, name: str, action: str, detail: dict[str, Any]) -> None:
     """A trainee's `bbrx sim ACTION` on the session's director, as a row of the session."""
-    session = current(home)
+    session = _current_or_none(home)
     if session is None or session.director != name:
         return
     _record(session, f"sim-{action}", detail)
@@ -403,7 +473,7 @@ def record_sim(home: Path, name: str, action: str, detail: dict[str, Any]) -> No
 def after_run(home: Path, target: str, operation: str, succeeded: bool) -> list[str]:
     """The scenario's events that a run just set off (the director's loss once the first
     backup is done, say): each done now, recorded, and its message returned."""
-    session = current(home)
+    session = _current_or_none(home)
     if session is None or not _ours(session, target) or not succeeded:
         return []
     scenario = find(session.scenario)
