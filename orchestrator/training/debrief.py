@@ -20,7 +20,7 @@ from audit import AuditLog
 from audit.schema import TERMINAL_STATES
 from orchestrator.errors import UsageError
 from orchestrator.state.recovery import maybe_locked
-from orchestrator.training.scenario import RUN_STEPS, Scenario, find
+from orchestrator.training.scenario import RUN_STEPS, Rules
 from orchestrator.training.session import SESSION_KEY
 
 ORDER_PENALTY = 10
@@ -43,54 +43,14 @@ class Action:
     target: str = ""
 
 
-@dataclass(frozen=True)
-class Rules:
-    """What the debrief scores against: the scenario as the session's train-start row
-    recorded it (so an edited or removed scenario file changes no old debrief)."""
-
-    id: str
-    title: str
-    time_budget: int
-    procedure: tuple[str, ...]
-    goal: tuple[str, ...]
-    solution: tuple[str, ...]
-    focus: str  # the target the goal is about: the director, or one of its deployments
-
-    @classmethod
-    def of(cls, scenario: Scenario) -> Rules:
-        return cls(
-            scenario.id,
-            scenario.title,
-            scenario.time_budget,
-            scenario.procedure,
-            scenario.goal,
-            scenario.solution,
-            scenario.focus,
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def _rules(start: dict[str, Any]) -> Rules:
-    recorded = _detail(start).get("rules")
-    if isinstance(recorded, dict):
-        try:
-            return Rules(
-                id=str(recorded["id"]),
-                title=str(recorded["title"]),
-                time_budget=int(recorded["time_budget"]),
-                procedure=tuple(map(str, recorded["procedure"])),
-                goal=tuple(map(str, recorded["goal"])),
-                solution=tuple(map(str, recorded["solution"])),
-                focus=str(recorded["focus"]),
-            )
-        except (KeyError, TypeError, ValueError) as error:
-            raise UsageError(
-                f"the train-start row (seq {start['seq']}) records its scenario badly: {error!r}"
-            ) from error
-    detail = _detail(start)  # a session of an earlier bbrx: read the scenario again
-    return Rules.of(find(str(detail.get("scenario_source") or detail["scenario"])))
+    """The rules the session's train-start row recorded."""
+    try:
+        return Rules.parse(_detail(start)["rules"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise UsageError(
+            f"the train-start row (seq {start['seq']}) records its scenario badly: {error!r}"
+        ) from error
 
 
 @dataclass

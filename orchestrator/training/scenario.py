@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,48 @@ def plan(scenario: Scenario, seed: int) -> Plan:
         armed.append(ArmedFault(job, fault.script, spec, fault.deployment, instance))
     killed = scenario.world.killed_backup
     return Plan(seed, tuple(armed), chooser.choice(killed.instances) if killed else None)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What a debrief scores against: recorded in the session's train-start row, so an
+    edited or removed scenario file changes no old debrief."""
+
+    id: str
+    title: str
+    time_budget: int
+    procedure: tuple[str, ...]
+    goal: tuple[str, ...]
+    solution: tuple[str, ...]
+    focus: str  # the target the goal is about: the director, or one of its deployments
+
+    @classmethod
+    def of(cls, scenario: Scenario) -> Rules:
+        return cls(
+            scenario.id,
+            scenario.title,
+            scenario.time_budget,
+            scenario.procedure,
+            scenario.goal,
+            scenario.solution,
+            scenario.focus,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def parse(cls, recorded: dict[str, Any]) -> Rules:
+        """Rules as `as_dict` wrote them; KeyError, TypeError or ValueError if they are not."""
+        return cls(
+            id=str(recorded["id"]),
+            title=str(recorded["title"]),
+            time_budget=int(recorded["time_budget"]),
+            procedure=tuple(map(str, recorded["procedure"])),
+            goal=tuple(map(str, recorded["goal"])),
+            solution=tuple(map(str, recorded["solution"])),
+            focus=str(recorded["focus"]),
+        )
 
 
 # --- loading ---------------------------------------------------------------------------

@@ -31,7 +31,15 @@ from audit import AuditLog
 from orchestrator import __version__
 from orchestrator.engine.run import new_run_id
 from orchestrator.errors import UsageError
-from orchestrator.training.scenario import KilledBackup, Plan, Scenario, find, plan, shipped
+from orchestrator.training.scenario import (
+    KilledBackup,
+    Plan,
+    Rules,
+    Scenario,
+    find,
+    plan,
+    shipped,
+)
 from simulator.director import SimDirector, sim_root
 from simulator.vm import WORK_DIR
 
@@ -194,15 +202,7 @@ def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator
                 "scenario": scenario.id,
                 # a scenario file's path, for reference: the debrief reads `rules`
                 "scenario_source": None if reference == scenario.id else reference,
-                "rules": {
-                    "id": scenario.id,
-                    "title": scenario.title,
-                    "time_budget": scenario.time_budget,
-                    "procedure": list(scenario.procedure),
-                    "goal": list(scenario.goal),
-                    "solution": list(scenario.solution),
-                    "focus": scenario.focus,
-                },
+                "rules": Rules.of(scenario).as_dict(),
                 "seed": seed,
                 "plan": drawn.as_dict()["faults"],
                 "killed_instance": drawn.killed_instance,
