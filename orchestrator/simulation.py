@@ -35,6 +35,7 @@ def create(home: Path, name: str, *, empty: bool = False) -> str:
             hint=f"Use it as --host sim://{name}, or remove it first: bbrx sim destroy {name}",
         )
     director.create(empty=empty)
+    _in_training(home, name, "create", empty=empty)
     if empty:
         return (
             f"Created sim://{name}: an empty director (jobs and scripts, no data) at "
@@ -49,11 +50,14 @@ def create(home: Path, name: str, *, empty: bool = False) -> str:
     )
 
 
-def _in_training(home: Path, name: str, action: str, **detail: object) -> None:
-    """A trainee's action on their session's director goes in the session's audit rows."""
+def _in_training(
+    home: Path, name: str, action: str, deployment: str | None = None, **detail: object
+) -> None:
+    """A trainee's action on their session's director (or on one of its deployments) goes
+    in the session's audit rows."""
     from orchestrator.training.session import record_sim
 
-    record_sim(home, name, action, detail)
+    record_sim(home, name, action, detail, deployment=deployment)
 
 
 def vms(home: Path, name: str) -> str:
@@ -78,6 +82,7 @@ def wipe(home: Path, name: str, deployment: str | None = None) -> str:
 def wipe_deployment(home: Path, name: str, deployment: str) -> str:
     """The deployment's disaster: its VMs recreated empty; the director still lists it."""
     count = _wipe_deployment(_director(home, name), deployment)
+    _in_training(home, name, "wipe", deployment=deployment, vms=count)
     return (
         f"Deployment {deployment} on sim://{name} was recreated empty: its {count} VMs "
         "have their jobs and scripts, their data is gone; the director still lists it.\n"
@@ -88,6 +93,7 @@ def wipe_deployment(home: Path, name: str, deployment: str) -> str:
 def destroy(home: Path, name: str) -> str:
     director = _director(home, name)
     director.destroy()
+    _in_training(home, name, "destroy")
     return f"Removed sim://{name} ({director.root})"
 
 
@@ -143,6 +149,7 @@ def deploy(home: Path, name: str, deployment: str, manifest_path: Path) -> str:
     director = _director(home, name)
     text = read_manifest(manifest_path)
     result = deploy_text(director, deployment, text, source=str(manifest_path))
+    _in_training(home, name, "deploy", deployment=deployment, manifest=str(manifest_path.resolve()))
     where = director.root / DEPLOYMENTS_DIR / deployment
     return f"Deployed {deployment} to sim://{name}: {_summary(result)}, at {where}"
 
@@ -150,6 +157,7 @@ def deploy(home: Path, name: str, deployment: str, manifest_path: Path) -> str:
 def delete_deployment(home: Path, name: str, deployment: str) -> str:
     director = _director(home, name)
     count = _delete_deployment(director, deployment)
+    _in_training(home, name, "delete-deployment", deployment=deployment, vms=count)
     return (
         f"Deleted deployment {deployment} from sim://{name}: {count} VM{'s' * (count != 1)} removed"
     )

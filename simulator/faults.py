@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 from orchestrator.errors import TargetError
 
-FAULT_GRAMMAR = "[call N] fail [EXIT_CODE [MESSAGE...]] | hang | sleep SECONDS"
+FAULT_GRAMMAR = (
+    "[after SECONDS] [call N] fail [EXIT_CODE [MESSAGE...]] | hang | sleep SECONDS | kill-bbrx"
+    " (the bbrx running the script is SIGKILLed once the script has done its work)"
+)
 # A fault that fires at one moment: `call N SPEC` acts on the Nth call of the script (or
 # the Nth copy, for a transfer fault) after it was set, and lets every other call be.
 # The count is kept beside the fault file (`.SCRIPT.calls`), and restarts when it is set.
 _CALL = re.compile(r"^call (\d{1,4}) (\S.*)$")
+# `after SECONDS SPEC`: SPEC only for calls that start SECONDS or more after the fault was
+# set (its file's modification time); earlier calls are neither affected nor counted.
+_AFTER = re.compile(r"^after (\d{1,6}(?:\.\d{1,3})?) (\S.*)$")
+# A script fault of the simulator only: the process that runs the script (bbrx, named by
+# BBR_SIM_RUNNER_PID, which must be the script's parent) is SIGKILLed as the script exits,
+# as a jump box that crashes or an operator's `kill -9` would leave a run at that phase.
+KILL_BBRX = "kill-bbrx"
+RUNNER_PID_VAR = "BBR_SIM_RUNNER_PID"
 
 # Not a script: a fault on the copy of a job's artifact between the VM and the jump box
 # (a dropped connection), applied by SimInstance.stream_out / stream_in.
 TRANSFER = "transfer"
 TRANSFER_GRAMMAR = (
-    "[call N] fail [MESSAGE...] (the connection drops mid-copy) | corrupt (one byte changes in"
-    " flight, after the VM hashed it) | corrupt-local (a backup's copy changes on the jump"
-    " box's disk after bbrx wrote it) | sleep SECONDS (the copy starts that much later:"
-    " a slow link)"
+    "[after SECONDS] [call N] fail [MESSAGE...] (the connection drops mid-copy)"
+    " | corrupt (one byte changes in flight, after the VM hashed it)"
+    " | corrupt-local (a backup's copy changes on the jump box's disk after bbrx wrote it)"
+    " | disk-full (the jump box's disk is full by the time bbrx writes this copy: its"
+    " writes fail with ENOSPC) | sleep SECONDS (the copy starts that much later: a slow link)"
 )
 _TRANSFER_FAIL = re.compile(r"^fail(?: (\S.*))?$")
 # Between the VM's read (and digest) and the jump box: the link, a pipe, the copy.
@@ -28,7 +41,16 @@ CORRUPT = "corrupt"
 # On the jump box, once the byte is in its file: a faulty disk, or another process writing
 # there. A backup's copy only (a restore's local tar is checked against its metadata).
 CORRUPT_LOCAL = "corrupt-local"
+# On the jump box: its disk fills up once the backup's copy holds DISK_FULL_AT bytes (or
+# all of a shorter one), and every later write of the copy fails with a real ENOSPC.
+DISK_FULL = "disk-full"
 _SLEEP = re.compile(r"^sleep (\d+(?:\.\d+)?)$")
+
+
+def split_after(normalised: str) -> tuple[float | None, str]:
+    """(SECONDS, SPEC) of an `after SECONDS SPEC` fault; (None, the spec) of any other."""
+    match = _AFTER.match(normalised)
+    return (float(match.group(1)), match.group(2)) if match else (None, normalised)
 
 
 def split_call(normalised: str) -> tuple[int | None, str]:
@@ -49,6 +71,14 @@ def fires_now(fault_file: Path) -> str | None:
         normalised = " ".join(fault_file.read_text().split())
     except FileNotFoundError:
         return None
+    delay, normalised = split_after(normalised)
+    if delay is not None:
+        try:
+            armed_at = fault_file.stat().st_mtime + delay
+        except FileNotFoundError:
+            return None
+        if time.time() < armed_at:
+            return None
     number, spec = split_call(normalised)
     if number is None:
         return spec or None
@@ -62,13 +92,18 @@ def fires_now(fault_file: Path) -> str | None:
 
 
 def validate_transfer_fault(spec: str) -> str:
-    number, rest = split_call(" ".join(spec.split()))
+    normalised = " ".join(spec.split())
+    delay, rest = split_after(normalised)
+    if delay is not None:
+        seconds = normalised.split()[1]
+        return f"after {seconds} {validate_transfer_fault(_no_second_after(spec, rest))}"
+    number, rest = split_call(rest)
     if number is not None:
         if number < 1:
             raise TargetError(f"invalid transfer fault {spec!r}: calls are counted from 1")
-        return f"call {number} {validate_transfer_fault(rest)}"
+        return f"call {number} {validate_transfer_fault(_no_prefix(spec, rest))}"
     normalised = rest
-    if normalised not in (CORRUPT, CORRUPT_LOCAL) and not (
+    if normalised not in (CORRUPT, CORRUPT_LOCAL, DISK_FULL) and not (
         _TRANSFER_FAIL.match(normalised) or _SLEEP.match(normalised)
     ):
         raise TargetError(f"invalid transfer fault {spec!r}: expected {TRANSFER_GRAMMAR}")
@@ -94,12 +129,16 @@ def validate_fault(spec: str) -> str:
     normalised = " ".join(spec.split())
     if "\n" in spec.strip() or not normalised:
         raise TargetError(f"invalid fault {spec!r}: expected {FAULT_GRAMMAR}")
+    delay, rest = split_after(normalised)
+    if delay is not None:
+        seconds = normalised.split()[1]
+        return f"after {seconds} {validate_fault(_no_second_after(spec, rest))}"
     number, rest = split_call(normalised)
     if number is not None:
         if number < 1:
             raise TargetError(f"invalid fault {spec!r}: calls are counted from 1")
-        return f"call {number} {validate_fault(rest)}"
-    if normalised == "hang" or _SLEEP.match(normalised):
+        return f"call {number} {validate_fault(_no_prefix(spec, rest))}"
+    if normalised in ("hang", KILL_BBRX) or _SLEEP.match(normalised):
         return normalised
     match = _FAIL.match(normalised)
     if match:
@@ -108,3 +147,18 @@ def validate_fault(spec: str) -> str:
             raise TargetError(f"invalid fault {spec!r}: the exit code must be 1..255")
         return normalised
     raise TargetError(f"invalid fault {spec!r}: expected {FAULT_GRAMMAR}")
+
+
+def _no_second_after(spec: str, rest: str) -> str:
+    if split_after(rest)[0] is not None:
+        raise TargetError(f"invalid fault {spec!r}: `after` may be given once")
+    return rest
+
+
+def _no_prefix(spec: str, rest: str) -> str:
+    """`after` comes before `call`, and each is given once."""
+    if split_after(rest)[0] is not None or split_call(rest)[0] is not None:
+        raise TargetError(
+            f"invalid fault {spec!r}: give `after SECONDS` first, then `call N`, each once"
+        )
+    return rest

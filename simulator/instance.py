@@ -50,6 +50,8 @@ from simulator.calllog import append_call
 from simulator.faults import (
     CORRUPT,
     CORRUPT_LOCAL,
+    DISK_FULL,
+    RUNNER_PID_VAR,
     TRANSFER,
     fires_now,
     transfer_delay,
@@ -139,6 +141,8 @@ class SimInstance:
             "HOME": os.environ.get("HOME", "/"),
             **call.env,
             MARKER_VAR: marker,
+            # Whom a `kill-bbrx` fault kills: this process, the script's parent.
+            RUNNER_PID_VAR: str(os.getpid()),
         }
         started = time.monotonic()
         # Started and registered under the lock terminate_scripts takes: it either sees this
@@ -411,6 +415,8 @@ class SimInstance:
                 source = _CorruptingReader(sent)
             elif fault == CORRUPT_LOCAL:
                 source = _LocalCorrupter(sent, self._local_copy_name(job))
+            elif fault == DISK_FULL:
+                source = _DiskFiller(sent, self._local_copy_name(job))
             elif fault is not None and transfer_delay(fault) is None:
                 source = _DroppingReader(sent, self._dropped(job, fault))
             stream = VmStream(cast(BinaryIO, source))
@@ -462,9 +468,10 @@ class SimInstance:
             broken = False
             try:
                 corrupt = fault == CORRUPT
-                # (corrupt-local is a backup's: a restore's local tar is checked as it is read)
+                # (corrupt-local and disk-full are a backup's: a restore only reads locally)
                 drops = (
-                    fault not in (None, CORRUPT, CORRUPT_LOCAL) and transfer_delay(fault) is None
+                    fault not in (None, CORRUPT, CORRUPT_LOCAL, DISK_FULL)
+                    and transfer_delay(fault) is None
                 )
                 for number, chunk in enumerate(_corrupted(chunks) if corrupt else chunks):
                     if drops and number == 1:
@@ -690,6 +697,53 @@ class _LocalCorrupter:
             handle.seek(offset)
             handle.write(bytes([byte[0] ^ 0x01]))
         log.info("corrupt-local fault: flipped the byte at %d of %s", offset, self._copy)
+
+
+class _DiskFiller:
+    """The `disk-full` fault: the jump box's disk is full by the time bbrx writes the copy.
+
+    Once this process has the copy open (a file named like the artifact's tar in a
+    `.incomplete` backup directory), each descriptor it writes the copy through is pointed
+    at /dev/full, so the writer's next write fails with the kernel's own ENOSPC, as it
+    would on a full disk; bbrx's code runs unchanged. What the copy already holds stays.
+    """
+
+    def __init__(self, source: _Readable, copy_name: str) -> None:
+        self._source = source
+        self._copy_name = copy_name
+        self._filled = False
+
+    def read(self, size: int = -1, /) -> bytes:
+        if not self._filled:
+            self._fill()
+        return self._source.read(size)
+
+    def _fill(self) -> None:
+        writers = _writers_of(self._copy_name)
+        if not writers:
+            return  # not open yet: the writer opens it before its first write
+        full = os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            for fd in writers:
+                os.dup2(full, fd, inheritable=False)
+        finally:
+            os.close(full)
+        self._filled = True
+        log.info("disk-full fault: the jump box's copy %s can take no more bytes", self._copy_name)
+
+
+def _writers_of(name: str) -> list[int]:
+    """This process's descriptors open for writing on `name` in a `.incomplete` directory."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with suppress(OSError, ValueError):
+            target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if target.name != name or not target.parent.name.endswith(INCOMPLETE_SUFFIX):
+                continue
+            flags = Path(f"/proc/self/fdinfo/{fd}").read_text().split("flags:", 1)[1].split()[0]
+            if int(flags, 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                found.append(int(fd))
+    return found
 
 
 def _size(path: Path) -> int:

@@ -53,6 +53,12 @@ fi
 fault=/var/vcap/sys/run/bbr-sim/faults/$job/transfer
 [[ -f $fault ]] || exec "$real" "$@"
 read -r word rest <"$fault"
+if [[ $word == after ]]; then  # `after SECONDS SPEC`: copies that start that long after it was set
+  read -r wait spec <<<"$rest"
+  awk -v now="$(date +%s.%N)" -v due="$(stat -c %.9Y -- "$fault")" -v wait="$wait" \
+    'BEGIN { exit !(now + 0 >= due + wait) }' || exec "$real" "$@"
+  read -r word rest <<<"$spec"
+fi
 if [[ $word == call ]]; then  # `call N SPEC`: the Nth copy only (simulator/faults.py)
   calls_file="${fault%/*}/.transfer.calls"; calls=0
   [[ -f $calls_file ]] && read -r calls <"$calls_file"

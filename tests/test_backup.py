@@ -13,6 +13,7 @@ import yaml
 
 from orchestrator.bbr.artifact import validate
 from orchestrator.bbr.tardigest import TarDigest
+from simulator.director import SimDirector, sim_root
 from tests.conftest import wait_for
 
 ALL_JOBS = {"bbr-credhubdb", "blobstore", "director", "uaa"}
@@ -350,6 +351,27 @@ def test_a_corrupted_copy_fails_the_backup_and_publishes_nothing(target, out, fa
     assert target.director("backup", "--artifact-path", str(out)).code == 0
     [artifact] = backups(out)
     validate(artifact)
+
+
+def test_a_jump_box_disk_that_fills_fails_the_drain_and_publishes_nothing(bbrx, out):
+    """The simulator's `disk-full` fault: the jump box's writes of one copy fail with the
+    kernel's own ENOSPC. The error names the file and says what to do; nothing is left."""
+    vm = SimDirector(sim_root(bbrx.home, "demo"))
+    vm.create()
+    vm.set_fault("blobstore", "transfer", "disk-full")
+    result = bbrx("director", "--host", "sim://demo", "backup", "--artifact-path", str(out))
+    assert result.code == 1, result
+    assert re.search(
+        r"Error: cannot write \S+/demo_\w+\.incomplete/bosh-0-blobstore\.tar: No space left on "
+        r"device\nThe jump box's disk \(or this user's quota\) is full: free some space or pick "
+        r"another --artifact-path, then run backup again\. Every job has already been "
+        r"unlocked, and this partial backup is removed\.",
+        result.stderr,
+    ), result
+    assert backups(out) == []
+    assert vm.locked_jobs() == []
+    [error] = [r for r in bbrx.audit_rows() if r["trigger"] == "drain_error"]
+    assert error["job"] == "blobstore"
 
 
 def test_each_tar_published_is_what_the_vm_says_it_sent(target, out):

@@ -383,3 +383,42 @@ def test_status_shows_what_the_log_holds_escaped():
     assert "eve\\nsim://demo: idle\\x1b[2J" in text
     assert "dir\\x1b]0;x\\x07" in text
     assert "\x1b" not in text and text.count("\n") == 2  # only the lines describe itself makes
+
+
+def test_a_kill_bbrx_fault_kills_the_run_at_that_phase_and_cleanup_recovers(bbrx, tmp_path):
+    """The simulator's `kill-bbrx` fault: the bbrx running the script is SIGKILLed as the
+    script exits (here the director's pre-backup-lock: the lock is taken, nothing more runs),
+    and the audit log and a backup-cleanup make the director whole again."""
+    vm = SimDirector(sim_root(bbrx.home, "demo"))
+    vm.create()
+    vm.set_fault("director", "pre-backup-lock", "call 1 kill-bbrx")
+    killed = bbrx("director", "--host", "sim://demo", "backup", "--artifact-path", str(tmp_path))
+    assert killed.code == -signal.SIGKILL, killed
+    calls = [(c.job, c.script, c.event) for c in vm.calls()]
+    assert calls[-1] == ("director", "pre-backup-lock", "exit")  # and nothing after it
+    assert [c.rc for c in vm.calls()][-1] == 0
+    assert set(vm.locked_jobs()) == {"bbr-credhubdb", "uaa", "director"}
+    status = bbrx("status", "--host", "sim://demo")
+    assert "sim://demo: interrupted: run " in status.stdout and "phase locking" in status.stdout
+    assert bbrx("director", "--host", "sim://demo", "backup-cleanup").code == 0
+    assert vm.locked_jobs() == []
+    again = bbrx("director", "--host", "sim://demo", "backup", "--artifact-path", str(tmp_path))
+    assert again.code == 0, again  # a `call 1` fault: the second call runs clean
+
+
+def test_a_kill_bbrx_fault_signals_only_the_simulators_own_runner(tmp_path):
+    """Run by anything but the simulator (here with a runner pid that is not its parent),
+    the script refuses the fault and kills nothing."""
+    vm = SimDirector(tmp_path / "vm")
+    vm.create()
+    vm.set_fault("uaa", "pre-backup-lock", "kill-bbrx")
+    script = vm.root / "var/vcap/jobs/uaa/bin/bbr/pre-backup-lock"
+    ran = subprocess.run(
+        [str(script)],
+        env={"PATH": os.environ["PATH"], "BBR_SIM_RUNNER_PID": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert ran.returncode == 70
+    assert "kill-bbrx acts on the simulator's own runs only" in ran.stderr
+    assert vm.locked_jobs() == []

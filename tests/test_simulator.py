@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import stat
 import tarfile
 import threading
@@ -440,6 +441,44 @@ def test_a_call_n_fault_acts_on_that_call_only(
         ("director", "pre-backup-lock"): "call 1 fail 5",
         ("blobstore", "transfer"): "call 2 fail link down",
     }
+
+
+def test_an_after_fault_acts_once_its_delay_has_passed(
+    director: SimDirector, instance: SimInstance
+) -> None:
+    """`after SECONDS SPEC`: calls before the delay is over run clean and are not counted
+    (a `call N` after it counts from then); the delay runs from when the fault was set, its
+    file's mtime (set back here rather than waited for)."""
+    director.set_fault("director", "pre-backup-lock", "after  30 call 2 fail 6 late")
+    assert director.faults() == {("director", "pre-backup-lock"): "after 30 call 2 fail 6 late"}
+    fault_file = director.root / "var/vcap/sys/run/bbr-sim/faults/director/pre-backup-lock"
+    run_ok(instance, "director", "pre-backup-lock")  # too early: clean, and not counted
+    set_at = fault_file.stat().st_mtime
+    os.utime(fault_file, (set_at - 31, set_at - 31))
+    run_ok(instance, "director", "pre-backup-lock")  # the first call counted
+    assert run(instance, "director", "pre-backup-lock").exit_code == 6
+    run_ok(instance, "director", "pre-backup-lock")
+
+    director.set_fault("blobstore", "transfer", "after 30 fail link down")
+    _backed_up(instance, "blobstore")
+    with instance.stream_out("blobstore") as stream:  # too early
+        assert stream.read()
+    fault_file = fault_file.parent.parent / "blobstore/transfer"
+    os.utime(fault_file, (set_at - 31, set_at - 31))
+    with (
+        pytest.raises(TransportError, match="link down"),
+        instance.stream_out("blobstore") as stream,
+    ):
+        while stream.read(1 << 16):
+            pass
+
+
+@pytest.mark.parametrize(
+    "spec", ["call 1 after 2 fail", "after 2 after 3 fail", "after x fail", "after 2"]
+)
+def test_an_after_fault_comes_first_and_once(director: SimDirector, spec: str) -> None:
+    with pytest.raises(TargetError, match="invalid fault"):
+        director.set_fault("director", "backup", spec)
 
 
 @pytest.mark.parametrize("spec", ["call 0 fail", "call 2", "call x fail", "call 1 explode"])

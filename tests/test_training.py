@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,47 @@ def test_an_unlock_failure_is_cleaned_up_before_the_backup_is_taken_again(traine
     assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
 
 
+def test_a_full_jump_box_disk_fails_a_backup_that_is_then_taken_again(trainee: Bbrx) -> None:
+    start(trainee, "jump-box-disk-full", seed=3)
+    target = "sim://dr-full"
+    backups = str(trainee.home / "backups")
+    ok(director(trainee, target, "pre-backup-check"))
+    full = director(trainee, target, "backup", "--artifact-path", backups)
+    assert full.code == 1 and "No space left on device" in full.stderr, full
+    assert published(trainee, "dr-full") == []
+    ok(director(trainee, target, "pre-backup-check"))
+    ok(director(trainee, target, "backup", "--artifact-path", backups))
+    assert len(published(trainee, "dr-full")) == 1
+    report = debrief(trainee)
+    assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
+
+
+@pytest.mark.parametrize(("seed", "phase"), [(3, "backing_up"), (4, "locking")])
+def test_a_bbrx_killed_at_a_phase_is_recovered_by_a_cleanup(
+    trainee: Bbrx, seed: int, phase: str
+) -> None:
+    """The seed draws the phase the trainee's own bbrx is killed at; after a status and a
+    backup-cleanup, a new backup is good. Walking on without the cleanup is unsafe."""
+    start(trainee, "jump-box-crash", seed=seed)
+    target = "sim://dr-crash"
+    backups = str(trainee.home / "backups")
+    ok(director(trainee, target, "pre-backup-check"))
+    killed = director(trainee, target, "backup", "--artifact-path", backups)
+    assert killed.code == -9, killed
+    status = ok(trainee("status", "--host", target))
+    assert "interrupted: run" in status and f"phase {phase}" in status, status
+    if seed == 4:  # the trainee who walks away
+        report = debrief(trainee)
+        assert report["goal_reached"] is False
+        assert any("no cleanup unlocked them" in item for item in report["safety"]), report
+        return
+    ok(director(trainee, target, "backup-cleanup"))
+    ok(director(trainee, target, "pre-backup-check"))
+    ok(director(trainee, target, "backup", "--artifact-path", backups))
+    report = debrief(trainee)
+    assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
+
+
 def test_a_hanging_lock_script_is_bounded_by_the_lock_timeout(trainee: Bbrx) -> None:
     start(trainee, "lock-hangs", seed=2)
     target = "sim://dr-hang"
@@ -244,36 +286,36 @@ def test_the_same_seed_draws_the_same_faults(scenario_id: str) -> None:
         assert len({p.faults for p in plans.values()}) > 1  # the seed does choose
 
 
-def test_two_sessions_of_one_scenario_and_seed_give_the_same_events(trainee: Bbrx) -> None:
-    """Driven by the same commands, the same scenario and seed log the same events (times,
-    ids and paths aside): each run's own, and each job's within a run (jobs of one lock
-    level run at once, so their rows interleave as the scheduler has it)."""
+def test_for_100_seeds_two_sessions_arm_and_log_the_same(tmp_path: Path) -> None:
+    """For seeds 0 to 99 (each with one of the scenarios a backup sets off), two starts arm
+    the same faults on disk and record the same plan, and one backup in each logs the same
+    events (times, ids and paths aside). Driven in-process by two worker processes (the
+    CLI adds nothing here); the seeds do not all draw the same world."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
 
-    def session(seed: int) -> list[tuple]:
-        start(trainee, "corrupted-in-transit", seed=seed)
-        for _ in range(2):
-            director(
-                trainee,
-                "sim://dr-transit",
-                "backup",
-                "--artifact-path",
-                str(trainee.home / "backups"),
-            )
-        with AuditLog(trainee.audit_db, readonly=True) as audit:
-            rows = list(audit.rows())
-        ok(trainee("train", "reset"))
-        mark = max(i for i, r in enumerate(rows) if r["operation"] == "train-start")
-        runs: dict[str, list[tuple]] = {}
-        for r in rows[mark:]:
-            event = (r["operation"], r["trigger"], r["script"], r["outcome"], r["to_state"])
-            runs.setdefault(r["run_id"], []).append((r["job"] or "", event))
-        return [
-            (run[0][1][0], {job: [e for j, e in run if j == job] for job, _ in run})
-            for run in runs.values()
-        ]
+    from tests.training_drive import DRIVES, two_sessions
 
-    for seed in (11, 12):
-        assert session(seed) == session(seed)
+    halves = [list(range(0, 100, 2)), list(range(1, 100, 2))]
+    # In memory where the machine has it: 400 fsyncs of backups and audit rows are this
+    # test's cost, not its subject (direct I/O then falls back to the page cache).
+    shm = Path("/dev/shm")
+    with (
+        tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else tmp_path) as work,
+        ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool,
+    ):
+        done = pool.map(two_sessions, [f"{work}/w{n}" for n in (0, 1)], halves)
+        results = {seed: pair for half in done for seed, pair in half.items()}
+    assert sorted(results) == list(range(100))
+    for seed, (first, second) in results.items():
+        assert first == second, seed
+        assert first["runs"][-1][""][0][0] == "backup", seed  # the trainee's run is there
+    for scenario, _ in DRIVES:
+        worlds = {
+            json.dumps(r[0]["armed"]) for r in results.values() if r[0]["scenario"] == scenario
+        }
+        if scenario != "leftover-work-dir":  # its world has no choice to draw
+            assert len(worlds) > 1, scenario
 
 
 @pytest.mark.parametrize(
@@ -300,6 +342,17 @@ def test_a_malformed_scenario_is_refused_naming_the_file_and_key(text: str, mess
         (("faults", "[{job: uaa, script: backup, spec: explode}]"), "faults[0].spec"),
         (("faults", "[{job: uaa, script: nap, spec: hang}]"), "faults[0].script"),
         (("faults", "[{job: uaa, script: backup, spec: hang, call: 0}]"), "faults[0].call"),
+        (("faults", "[{job: uaa, phase: backup/dancing, spec: hang}]"), "faults[0].phase"),
+        (
+            ("faults", "[{job: uaa, phase: backup/locking, script: backup, spec: hang}]"),
+            "faults[0]",
+        ),
+        (
+            ("faults", "[{job: uaa, phase: [backup/locking, backup/draining], spec: hang}]"),
+            "faults[0].spec",
+        ),  # a hang is no copy's fault
+        (("faults", "[{job: uaa, script: backup, spec: hang, after: [5, x]}]"), "faults[0].after"),
+        (("faults", "[{job: uaa, script: backup, spec: after 5 hang}]"), "faults[0].spec"),
         (("hints", "[{cost: 3}]"), "hints[0].text"),
         (("events", "[{after: backup, action: explode, message: m}]"), "events[0].action"),
     ],
@@ -321,10 +374,12 @@ def test_the_readme_documents_the_schema_the_commands_and_the_scenarios() -> Non
     section = readme.split("## Training\n", 1)[1].split("\n## ", 1)[0]
     world = ("director", "leftover_work_dir", "lost", "backups", "of", "name", "corrupt")
     world += ("killed_backup", "deployment", "job", "instance")
-    for key in (*scenarios.KEYS, *world, "job", "script", "spec", "call"):
+    for key in (*scenarios.KEYS, *world, "job", "script", "phase", "spec", "call", "after"):
         assert f"`{key}`" in section, key
     for step in scenarios.STEPS:
         assert f"`{step}`" in section, step
+    for phase in scenarios.PHASES:
+        assert f"`{phase}`" in section, phase
     for scenario_id in SHIPPED:
         assert f"`{scenario_id}`" in section, scenario_id
     from orchestrator.cli.train import train_app
@@ -454,28 +509,6 @@ def test_the_html_debrief_reads_the_same_in_a_browser_and_runs_nothing(
     assert requested == [page.as_uri()]
 
 
-def test_two_starts_with_one_seed_arm_the_same_world(tmp_path: Path) -> None:
-    """The faults a start arms on the simulated director (the files the scripts read) and
-    the plan its train-start row records are the same for the same seed, start after start
-    (the plan itself is checked for 100 seeds above: a start costs a director's creation);
-    and the seeds do not all draw the same world."""
-    from orchestrator.training.session import reset, start
-
-    home = tmp_path / "home"
-    worlds: dict[int, list[tuple]] = {}
-    for seed in range(12):
-        for _ in range(2):
-            start(home, home / "audit.db", "unlock-failure", seed, "trainee@test")
-            faults = home / "sim/dr-unlock/var/vcap/sys/run/bbr-sim/faults"
-            armed = sorted((p.parent.name, p.name, p.read_text()) for p in faults.glob("*/*"))
-            with AuditLog(home / "audit.db", readonly=True) as audit:
-                [*_, row] = [r for r in audit.rows() if r["operation"] == "train-start"]
-            world = [armed, json.loads(row["detail"])["plan"]]
-            assert worlds.setdefault(seed, world) == world, seed
-            reset(home)
-    assert len({json.dumps(w) for w in worlds.values()}) > 1
-
-
 def test_a_scenario_fault_on_one_instance_of_a_deployment(tmp_path: Path) -> None:
     """A scenario file (loaded from a path) arms a fault on the one VM of redis the seed
     picks, and only there; its plan names that instance."""
@@ -554,3 +587,43 @@ def test_a_damaged_session_file_fails_no_run_and_reset_removes_it(trainee: Bbrx)
     assert not session_file.exists()
     none = trainee("train", "status")
     assert "no training session is running" in none.stderr
+
+
+def test_every_sim_action_on_the_session_director_is_a_session_row(tmp_path: Path) -> None:
+    """`bbrx sim` create, destroy, deploy, delete-deployment and a deployment's wipe are
+    rows of the session too (a deployment's as its target), in the debrief's timeline."""
+    from orchestrator import simulation
+    from orchestrator.training.debrief import debrief as read_debrief
+    from orchestrator.training.session import start as start_session
+
+    home = tmp_path / "home"
+    start_session(home, home / "audit.db", "leftover-work-dir", 1, "trainee@test")
+    simulation.wipe(home, "dr-leftover", deployment="redis")
+    manifest = tmp_path / "m.yml"
+    manifest.write_text(
+        "name: tiny\nreleases: [{name: redis, version: latest}]\ninstance_groups:\n"
+        "- {name: kv, instances: 1, jobs: [{name: redis-server, release: redis}]}\n"
+    )
+    simulation.deploy(home, "dr-leftover", "tiny", manifest)
+    simulation.delete_deployment(home, "dr-leftover", "tiny")
+    simulation.destroy(home, "dr-leftover")
+    simulation.create(home, "dr-leftover")
+    simulation.create(home, "elsewhere")  # not the session's director: not its row
+    with AuditLog(home / "audit.db", readonly=True) as audit:
+        rows = [r for r in audit.rows() if r["operation"].startswith("sim-")]
+    assert [(r["operation"], r["target"]) for r in rows] == [
+        ("sim-wipe", "sim://dr-leftover/redis"),
+        ("sim-deploy", "sim://dr-leftover/tiny"),
+        ("sim-delete-deployment", "sim://dr-leftover/tiny"),
+        ("sim-destroy", "sim://dr-leftover"),
+        ("sim-create", "sim://dr-leftover"),
+    ]
+    report = read_debrief(home / "audit.db")
+    steps = [(a.step, a.note) for a in report.timeline if a.step != "start"]
+    assert steps == [
+        ("wipe", "deployment redis"),
+        ("deploy", "deployment tiny"),
+        ("delete-deployment", "deployment tiny"),
+        ("destroy", ""),
+        ("create", ""),
+    ]

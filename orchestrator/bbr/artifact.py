@@ -17,6 +17,7 @@ not the bytes as they streamed past.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -255,7 +256,15 @@ class ArtifactWriter:
         try:
             readback = localdisk.write_new(path, stream, check, progress, reading.feed)
         except OSError as exc:
-            raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from exc
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise ArtifactError(
+                f"cannot write {path}: {exc.strerror or exc}",
+                hint="The jump box's disk (or this user's quota) is full: free some space or "
+                "pick another --artifact-path, then run backup again. Every job has already "
+                "been unlocked, and this partial backup is removed."
+                if full
+                else None,
+            ) from exc
         log.debug(
             "Wrote and synced %s (%d bytes%s) in %.2f s",
             path.name,

@@ -549,10 +549,18 @@ def sim_list() -> None:
 def sim_fault(
     name: NameArgument,
     job: Annotated[str, typer.Argument(help="Job name, e.g. director.")],
-    script: Annotated[str, typer.Argument(help="Script name, e.g. pre-backup-lock.")],
+    script: Annotated[
+        str,
+        typer.Argument(help="Script name, e.g. pre-backup-lock, or 'transfer' (the copy)."),
+    ],
     spec: Annotated[
         str | None,
-        typer.Argument(help="'fail [CODE [MESSAGE]]', 'hang' or 'sleep SECONDS'; omit to clear."),
+        typer.Argument(
+            help="A script's: 'fail [CODE [MESSAGE]]', 'hang', 'sleep SECONDS' or 'kill-bbrx'."
+            " The copy's: 'fail [MESSAGE]', 'corrupt', 'corrupt-local', 'disk-full' or"
+            " 'sleep SECONDS'. Either after 'after SECONDS' (a delay) and/or 'call N' (the Nth"
+            " call only). Omit to clear."
+        ),
     ] = None,
     deployment: DeploymentOption = None,
     instance: Annotated[
@@ -560,8 +568,9 @@ def sim_fault(
         typer.Option("--instance", help="GROUP/INDEX of the deployment's VM, e.g. redis/1."),
     ] = None,
 ) -> None:
-    """Make a simulated job script fail, hang or slow down (for practice): the director's,
-    or with --deployment and --instance, one VM's of a deployment."""
+    """Make a simulated job script, or the copy of its data, fail, hang, slow down, or kill
+    the bbrx running it (for practice): the director's, or with --deployment and
+    --instance, one VM's of a deployment."""
     home = settings.bbrx_home()
     typer.echo(
         _simulation().fault(home, name, job, script, spec, deployment=deployment, instance=instance)

@@ -182,6 +182,8 @@ def _timeline(rows: list[dict[str, Any]]) -> tuple[list[Action], dict[str, list[
                 note = f"hint {detail.get('hint')} (costs {detail.get('cost')})"
             elif step == "fault":
                 note = str(detail.get("spec") or "mended")
+            elif detail.get("deployment"):
+                note = f"deployment {detail['deployment']}"
             actions.append(Action(first["ts"], by, step, "ok", run_id, note, first["target"]))
             continue
         final = next((r for r in reversed(run_rows) if r["job"] is None), first)
@@ -321,7 +323,11 @@ def _score(
         )
 
     # Recovery, hints, goal.
-    disasters = [a for a in actions if a.step == "wipe"]
+    # A loss that undoes the goal: the director's (its deployments vanish with its
+    # database), or the wipe of the very deployment the scenario is about.
+    disasters = [
+        a for a in actions if a.step == "wipe" and a.target in (start["target"], scenario.focus)
+    ]
     recovered = None
     if disasters:
         after = [

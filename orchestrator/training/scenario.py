@@ -29,6 +29,19 @@ RUN_STEPS = STEPS[:-1]
 #: What a scenario's event may do once its trigger has happened.
 EVENT_ACTIONS = ("wipe",)
 SCRIPTS = (*SCRIPT_NAMES, TRANSFER)
+#: A run's phases (OPERATION/STATE, the engine's own state names) that a fault may name
+#: instead of a script: it arms the script that phase runs, or the copy. A cleanup's unlock
+#: runs the same unlock script, so its calls count too.
+PHASES = {
+    "backup/locking": "pre-backup-lock",
+    "backup/backing_up": "backup",
+    "backup/unlocking": "post-backup-unlock",
+    "backup/draining": TRANSFER,
+    "restore/copying": TRANSFER,
+    "restore/locking": "pre-restore-lock",
+    "restore/restoring": "restore",
+    "restore/unlocking": "post-restore-unlock",
+}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _INSTANCE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}/\d{1,6}$")
 KEYS = (
@@ -50,15 +63,18 @@ MAX_BYTES = 256 * 1024
 
 @dataclass(frozen=True)
 class Fault:
-    """A fault to arm: `jobs` and `calls` are the choices a seed picks one of."""
+    """A fault to arm: `jobs`, `calls`, `phases`, `delays` and `instances` are the choices
+    a seed picks one of."""
 
     jobs: tuple[str, ...]
-    script: str
+    script: str  # "" when the fault names its phases instead
     spec: str
     calls: tuple[int, ...] = ()
     # On one VM of a deployment (GROUP/INDEX, one of `instances`), not on the director.
     deployment: str | None = None
     instances: tuple[str, ...] = ()
+    phases: tuple[str, ...] = ()  # keys of PHASES
+    delays: tuple[int, ...] = ()  # seconds after the session starts before it may fire
 
 
 @dataclass(frozen=True)
@@ -139,12 +155,14 @@ class ArmedFault:
     spec: str
     deployment: str | None = None
     instance: str | None = None
+    phase: str | None = None  # the phase drawn, when the fault named phases
 
     def as_dict(self) -> dict[str, str | None]:
         where = (
             {"deployment": self.deployment, "instance": self.instance} if self.deployment else {}
         )
-        return {"job": self.job, "script": self.script, "spec": self.spec, **where}
+        phase = {"phase": self.phase} if self.phase else {}
+        return {"job": self.job, "script": self.script, "spec": self.spec, **where, **phase}
 
 
 @dataclass(frozen=True)
@@ -168,12 +186,18 @@ def plan(scenario: Scenario, seed: int) -> Plan:
     chooser = random.Random(f"{scenario.id}:{seed}")
     armed = []
     for fault in scenario.faults:
+        # Drawn in this order, and only what the fault gives a choice of, so that a key
+        # added to one fault changes no other fault's draw.
         job = chooser.choice(fault.jobs)
         spec = fault.spec
         if fault.calls:
             spec = f"call {chooser.choice(fault.calls)} {spec}"
         instance = chooser.choice(fault.instances) if fault.instances else None
-        armed.append(ArmedFault(job, fault.script, spec, fault.deployment, instance))
+        phase = chooser.choice(fault.phases) if fault.phases else None
+        if fault.delays:
+            spec = f"after {chooser.choice(fault.delays)} {spec}"
+        script = PHASES[phase] if phase else fault.script
+        armed.append(ArmedFault(job, script, spec, fault.deployment, instance, phase))
     killed = scenario.world.killed_backup
     return Plan(seed, tuple(armed), chooser.choice(killed.instances) if killed else None)
 
@@ -412,33 +436,54 @@ class _Reader:
 
     def fault(self, value: Any, key: str) -> Fault:
         fault = self.mapping(
-            value, key, ("job", "script", "spec", "call", "deployment", "instance")
+            value,
+            key,
+            ("job", "script", "phase", "spec", "call", "after", "deployment", "instance"),
         )
-        for required in ("job", "script", "spec"):
+        for required in ("job", "spec"):
             if required not in fault:
                 raise self.fail(f"{key}.{required}", "is required")
+        if ("script" in fault) == ("phase" in fault):
+            raise self.fail(key, "give either script (a bbr script or transfer) or phase")
         jobs = fault["job"] if isinstance(fault["job"], list) else [fault["job"]]
         if not jobs:
             raise self.fail(f"{key}.job", "must name a job, or list the jobs to choose from")
         names = tuple(self.name(job, f"{key}.job") for job in jobs)
-        script = self.step(fault["script"], f"{key}.script", SCRIPTS)
-        spec = self.text(fault["spec"], f"{key}.spec")
-        try:
-            spec = validate_transfer_fault(spec) if script == TRANSFER else validate_fault(spec)
-        except TargetError as error:  # the fault grammar's own words
-            raise self.fail(f"{key}.spec", error.message) from error
-        if spec.startswith("call "):
-            raise self.fail(f"{key}.spec", "give the call as `call:`, not in the spec")
-        calls = fault.get("call", [])
-        calls = calls if isinstance(calls, list) else [calls]
-        numbers = tuple(self.number(c, f"{key}.call", 1, 100) for c in calls)
+        phases: tuple[str, ...] = ()
+        if "phase" in fault:
+            given = fault["phase"] if isinstance(fault["phase"], list) else [fault["phase"]]
+            if not given:
+                raise self.fail(f"{key}.phase", "must name a phase, or list the phases")
+            phases = tuple(self.step(p, f"{key}.phase", tuple(PHASES)) for p in given)
+            scripts = tuple(PHASES[phase] for phase in phases)
+            script = ""
+        else:
+            script = self.step(fault["script"], f"{key}.script", SCRIPTS)
+            scripts = (script,)
+        text = self.text(fault["spec"], f"{key}.spec")
+        for each in dict.fromkeys(scripts):  # the spec must suit every phase's script
+            try:
+                spec = validate_transfer_fault(text) if each == TRANSFER else validate_fault(text)
+            except TargetError as error:  # the fault grammar's own words
+                raise self.fail(f"{key}.spec", error.message) from error
+        if spec.startswith(("call ", "after ")):
+            raise self.fail(
+                f"{key}.spec", "give the call as `call:` and the delay as `after:`, not in the spec"
+            )
+        numbers = self.choices(fault.get("call", []), f"{key}.call", 1, 100)
+        delays = self.choices(fault.get("after", []), f"{key}.after", 0, 86400)
         if ("deployment" in fault) != ("instance" in fault):
             raise self.fail(key, "deployment and instance go together (a deployment's VM)")
         if "deployment" not in fault:
-            return Fault(names, script, spec, numbers)
+            return Fault(names, script, spec, numbers, phases=phases, delays=delays)
         deployment = self.name(fault["deployment"], f"{key}.deployment")
         instances = self.instances(fault["instance"], f"{key}.instance")
-        return Fault(names, script, spec, numbers, deployment, instances)
+        return Fault(names, script, spec, numbers, deployment, instances, phases, delays)
+
+    def choices(self, value: Any, key: str, low: int, high: int) -> tuple[int, ...]:
+        """A whole number, or a list of them (the seed picks one)."""
+        given = value if isinstance(value, list) else [value]
+        return tuple(self.number(each, key, low, high) for each in given)
 
     def instances(self, value: Any, key: str) -> tuple[str, ...]:
         """GROUP/INDEX, or a list of them (the seed picks one)."""

@@ -117,13 +117,21 @@ def _save(home: Path, session: Session) -> None:
     os.replace(temporary, path)
 
 
-def _record(session: Session, operation: str, detail: dict[str, Any], *, ok: bool = True) -> None:
-    """One row for a session action, in the session's audit log."""
+def _record(
+    session: Session,
+    operation: str,
+    detail: dict[str, Any],
+    *,
+    ok: bool = True,
+    target: str | None = None,
+) -> None:
+    """One row for a session action, in the session's audit log: on the session's director
+    unless `target` names one of its deployments."""
     with AuditLog(Path(session.audit_db)) as audit:
         audit.append(
             run_id=new_run_id(),
             operation=operation,
-            target=session.target,
+            target=target or session.target,
             mode=MODE,
             operator=session.operator,
             origin_host=socket.gethostname(),
@@ -462,12 +470,17 @@ def _current_or_none(home: Path) -> Session | None:
         return None
 
 
-def record_sim(home: Path, name: str, action: str, detail: dict[str, Any]) -> None:
-    """A trainee's `bbrx sim ACTION` on the session's director, as a row of the session."""
+def record_sim(
+    home: Path, name: str, action: str, detail: dict[str, Any], *, deployment: str | None = None
+) -> None:
+    """A trainee's `bbrx sim ACTION` on the session's director (or, with `deployment`, on
+    that deployment of it), as a row of the session."""
     session = _current_or_none(home)
     if session is None or session.director != name:
         return
-    _record(session, f"sim-{action}", detail)
+    where = {"deployment": deployment} if deployment else {}
+    target = f"{session.target}/{deployment}" if deployment else None
+    _record(session, f"sim-{action}", {**detail, **where}, target=target)
 
 
 def after_run(home: Path, target: str, operation: str, succeeded: bool) -> list[str]:

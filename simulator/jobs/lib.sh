@@ -42,6 +42,9 @@ sim_log_event() {
 sim_on_exit() {
   local rc=$?
   sim_log_event exit "rc=$rc" || true
+  if [[ -n ${SIM_KILL_RUNNER:-} ]]; then
+    kill -KILL "$BBR_SIM_RUNNER_PID" 2>/dev/null || true
+  fi
 }
 
 sim_err() {
@@ -60,6 +63,17 @@ sim_apply_fault() {
   IFS= read -r line <"$fault_file" || true
   local -a words=()
   read -r -a words <<<"$line" || true
+  if [[ ${words[0]:-} == after ]]; then
+    # `after SECONDS SPEC`: only calls that start SECONDS after the fault was set (its
+    # file's mtime) see SPEC; earlier ones are neither affected nor counted.
+    local set_at now="${EPOCHREALTIME:-}"
+    now="${now/,/.}"
+    [[ -n $now ]] || now="$(date +%s.%N)"
+    set_at="$(stat -c %.9Y -- "$fault_file")" || return 0
+    awk -v now="$now" -v due="$set_at" -v wait="${words[1]:-0}" \
+      'BEGIN { exit !(now + 0 >= due + wait) }' || return 0
+    words=("${words[@]:2}")
+  fi
   if [[ ${words[0]:-} == call ]]; then
     # `call N SPEC`: SPEC on the Nth call since the fault was set, every other call clean.
     local calls_file="${fault_file%/*}/.$SIM_SCRIPT.calls" calls=0
@@ -85,6 +99,14 @@ sim_apply_fault() {
     sleep)
       sim_say "sleeping ${words[1]:-1}s (injected fault)"
       sleep "${words[1]:-1}"
+      ;;
+    kill-bbrx)
+      # The simulator's runner only, and only our parent: nothing else is ever signalled.
+      if [[ -z ${BBR_SIM_RUNNER_PID:-} || $BBR_SIM_RUNNER_PID != "$PPID" ]]; then
+        sim_err "kill-bbrx acts on the simulator's own runs only (no BBR_SIM_RUNNER_PID here)"
+        exit 70
+      fi
+      SIM_KILL_RUNNER=1
       ;;
     *)
       sim_err "unknown fault in $fault_file: $line"
