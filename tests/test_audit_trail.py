@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 
 import pytest
@@ -67,25 +68,26 @@ def test_verify_passes_on_an_intact_log(audited):
     assert result.stdout.rstrip().endswith(f"seq {count + 1}")
 
 
-@pytest.mark.parametrize(
-    "statement",
-    [
-        "UPDATE events SET outcome = 'ok' WHERE seq = 3",
-        "DELETE FROM events WHERE seq = 3",
-        "INSERT OR REPLACE INTO events SELECT * FROM events WHERE seq = 3",
-        "DELETE FROM events",
-    ],
-)
-def test_append_only_even_for_plain_sqlite3(audited, statement):
+APPENDS_ONLY = [
+    "UPDATE events SET outcome = 'ok' WHERE seq = 3",
+    "DELETE FROM events WHERE seq = 3",
+    "INSERT OR REPLACE INTO events SELECT * FROM events WHERE seq = 3",
+    "DELETE FROM events",
+]
+
+
+def test_append_only_even_for_plain_sqlite3(audited):
+    """Each statement is refused on the same log (one real run's rows serve them all)."""
     db = audited.bbrx.audit_db
     before = sqlite3.connect(db).execute("SELECT * FROM events ORDER BY seq").fetchall()
-    connection = sqlite3.connect(db)
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        connection.execute(statement)
-        connection.commit()
-    connection.close()
-    after = sqlite3.connect(db).execute("SELECT * FROM events ORDER BY seq").fetchall()
-    assert after == before
+    for statement in APPENDS_ONLY:
+        connection = sqlite3.connect(db)
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            connection.execute(statement)
+            connection.commit()
+        connection.close()
+        after = sqlite3.connect(db).execute("SELECT * FROM events ORDER BY seq").fetchall()
+        assert after == before, statement
     assert audited.bbrx("audit", "verify").code == 0
 
 
@@ -113,36 +115,38 @@ def restore_triggers(db) -> None:
     connection.close()
 
 
-@pytest.mark.parametrize(
-    "statements, bad_seq, words",
-    [
-        (["UPDATE events SET operator = 'mallory' WHERE seq = 7"], 7, "edited"),
-        (["DELETE FROM events WHERE seq = 9"], 9, "deleted"),
-        (
-            [
-                "UPDATE events SET seq = -1 WHERE seq = 5",
-                "UPDATE events SET seq = 5 WHERE seq = 6",
-                "UPDATE events SET seq = 6 WHERE seq = -1",
-            ],
-            5,
-            "prev_hash",
-        ),
-    ],
-    ids=["edited", "deleted", "reordered"],
-)
-def test_verify_catches_tampering(audited, statements, bad_seq, words):
+TAMPERINGS = {
+    "edited": (["UPDATE events SET operator = 'mallory' WHERE seq = 7"], 7, "edited"),
+    "deleted": (["DELETE FROM events WHERE seq = 9"], 9, "deleted"),
+    "reordered": (
+        [
+            "UPDATE events SET seq = -1 WHERE seq = 5",
+            "UPDATE events SET seq = 5 WHERE seq = 6",
+            "UPDATE events SET seq = 6 WHERE seq = -1",
+        ],
+        5,
+        "prev_hash",
+    ),
+}
+
+
+def test_verify_catches_tampering(audited, tmp_path):
+    """Each tampering, on a fresh copy of one real run's log: verify names the row; and a
+    log whose guards were dropped says so."""
     db = audited.bbrx.audit_db
-    tamper(db, *statements)
-    restore_triggers(db)
-    result = audited.bbrx("audit", "verify")
-    assert result.code == 1, result
-    assert f"seq {bad_seq}" in result.stderr
-    assert words in result.stderr
-    assert "BROKEN" in result.stderr
-
-
-def test_verify_reports_dropped_guards(audited):
-    tamper(audited.bbrx.audit_db)
+    pristine = tmp_path / "pristine.db"
+    shutil.copyfile(db, pristine)
+    for name, (statements, bad_seq, words) in TAMPERINGS.items():
+        shutil.copyfile(pristine, db)
+        tamper(db, *statements)
+        restore_triggers(db)
+        result = audited.bbrx("audit", "verify")
+        assert result.code == 1, (name, result)
+        assert f"seq {bad_seq}" in result.stderr, name
+        assert words in result.stderr, name
+        assert "BROKEN" in result.stderr, name
+    shutil.copyfile(pristine, db)
+    tamper(db)  # the guards dropped, nothing else
     result = audited.bbrx("audit", "verify")
     assert result.code == 1, result
     assert "append-only triggers missing" in result.stderr

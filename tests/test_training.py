@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -197,26 +198,35 @@ def test_a_full_jump_box_disk_fails_a_backup_that_is_then_taken_again(trainee: B
 def test_a_bbrx_killed_at_a_phase_is_recovered_by_a_cleanup(
     trainee: Bbrx, seed: int, phase: str
 ) -> None:
-    """The seed draws the phase the trainee's own bbrx is killed at; after a status and a
-    backup-cleanup, a new backup is good. Walking on without the cleanup is unsafe."""
+    """The seed draws the phase the trainee's own bbrx is killed at. A trainee who looks
+    (status), cleans up, deletes the incomplete backup and backs up again is safe; one who
+    deletes it before looking and walks away is called unsafe twice."""
     start(trainee, "jump-box-crash", seed=seed)
     target = "sim://dr-crash"
-    backups = str(trainee.home / "backups")
+    backups = trainee.home / "backups"
     ok(director(trainee, target, "pre-backup-check"))
-    killed = director(trainee, target, "backup", "--artifact-path", backups)
+    killed = director(trainee, target, "backup", "--artifact-path", str(backups))
     assert killed.code == -9, killed
+    [partial] = backups.glob("dr-crash_*.incomplete")  # what the killed run was writing
+    if seed == 4:  # the trainee who deletes it unseen, then walks away
+        shutil.rmtree(partial)
     status = ok(trainee("status", "--host", target))
     assert "interrupted: run" in status and f"phase {phase}" in status, status
-    if seed == 4:  # the trainee who walks away
+    if seed == 4:
         report = debrief(trainee)
         assert report["goal_reached"] is False
-        assert any("no cleanup unlocked them" in item for item in report["safety"]), report
+        unsafe = "\n".join(report["safety"])
+        assert "no cleanup unlocked them" in unsafe, report
+        assert f"the incomplete backup {partial} was deleted by hand before anyone" in unsafe
         return
     ok(director(trainee, target, "backup-cleanup"))
+    shutil.rmtree(partial)  # after a look and a cleanup: safe
     ok(director(trainee, target, "pre-backup-check"))
-    ok(director(trainee, target, "backup", "--artifact-path", backups))
+    ok(director(trainee, target, "backup", "--artifact-path", str(backups)))
     report = debrief(trainee)
     assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
+    steps = [(a["step"], a["note"]) for a in report["timeline"]]
+    assert ("status", "") in steps and ("deleted", str(partial)) in steps
 
 
 def test_a_hanging_lock_script_is_bounded_by_the_lock_timeout(trainee: Bbrx) -> None:
@@ -612,6 +622,7 @@ def test_every_sim_action_on_the_session_director_is_a_session_row(tmp_path: Pat
     with AuditLog(home / "audit.db", readonly=True) as audit:
         rows = [r for r in audit.rows() if r["operation"].startswith("sim-")]
     assert [(r["operation"], r["target"]) for r in rows] == [
+        ("sim-create", "sim://dr-leftover"),  # the world's, by the scenario
         ("sim-wipe", "sim://dr-leftover/redis"),
         ("sim-deploy", "sim://dr-leftover/tiny"),
         ("sim-delete-deployment", "sim://dr-leftover/tiny"),

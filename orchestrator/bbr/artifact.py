@@ -46,6 +46,9 @@ AUDIT_HEAD_FILE = "bbrx-audit.yml"
 MANIFEST_FILE = "manifest.yml"  # a deployment backup's, with --with-manifest
 INCOMPLETE_MARKER = "INCOMPLETE"
 INCOMPLETE_SUFFIX = ".incomplete"
+# The audit detail key of a backup's checks_passed row: the `.incomplete` directory it
+# writes in (what a run killed after that point leaves on the jump box).
+WRITING_IN_KEY = "writing_in"
 CHUNK = 1 << 20
 TIME_FORMAT = "%Y/%m/%d %H:%M:%S UTC"  # bbr's backup_activity format
 

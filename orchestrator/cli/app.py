@@ -618,7 +618,8 @@ def status(
         raise BbrxError(
             "give --host HOST (a director) or --target TARGET --deployment NAME (a deployment)"
         )
-    shown = review.status(settings.audit_db_path(_merge(ctx, audit_db=audit_db).audit_db), name)
+    log_path = settings.audit_db_path(_merge(ctx, audit_db=audit_db).audit_db)
+    shown = review.status(log_path, name, home=settings.bbrx_home())
     # The text quotes the log (operator, job names): no terminal control reaches the screen.
     typer.echo(printable(shown, keep_newlines=True))
 

@@ -185,7 +185,7 @@ def audit_show(
     The rows that went to the fallback journal when the log could not be written follow.
     """
     path, _ = _context(ctx, audit_db)
-    typer.echo(review.timeline(path, run))
+    typer.echo(review.timeline(path, run, home=settings.bbrx_home()))
 
 
 @audit_app.command("verify")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from orchestrator import __version__
 from orchestrator.bbr.artifact import (
+    WRITING_IN_KEY,
     ArtifactWriter,
     LocalTar,
     PendingCopy,
@@ -83,7 +84,9 @@ def backup_actions(
             # Saved before anything is locked, as bbr does: a failure here locks nothing.
             writer.write_manifest(run.fleet.manifest.text)
         steps.claim_work_dir(run, steps.instances_with(run, "backup"))
-        return step
+        trigger, detail = step
+        # Where this run writes: what a run killed from here on leaves on the jump box.
+        return trigger, {**detail, WRITING_IN_KEY: str(writer.partial)}
 
     return {
         "discovering": steps.discover,

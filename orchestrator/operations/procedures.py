@@ -232,11 +232,10 @@ def _drive(request: Request, run: Run) -> Outcome:
         start["unsafe_lock_free"] = True
     start["max_parallel"] = run.max_parallel
     if request.target.simulated:
-        from orchestrator.training.session import SESSION_KEY, tie  # sim runs only
+        from orchestrator.training.session import tie  # sim runs only
 
-        session = tie(request.home, run.target)
-        if session is not None:  # the run is part of a trainee's session: its debrief reads it
-            start[SESSION_KEY] = session
+        # A run of a trainee's session: its debrief reads what this row ties to it.
+        start.update(tie(request.home, run.target, request.operation, artifact_path) or {})
     here = (artifact_path or Path.cwd()).resolve()
     operation = request.operation
     if operation == "backup":

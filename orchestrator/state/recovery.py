@@ -21,7 +21,7 @@ from audit import (
 )
 from audit.render import printable
 from orchestrator.engine.fleet import command_for, job_label
-from orchestrator.engine.machine import cleanup_for, lock_held_after
+from orchestrator.engine.machine import OPERATIONS, cleanup_for, lock_held_after
 from orchestrator.errors import BbrxError, CheckError
 from orchestrator.state import lease
 from orchestrator.state.lease import holder_alive
@@ -195,6 +195,10 @@ def end_left_running(audit: AuditLog, instances: list[Instance], run: RunSummary
     return ended
 
 
+# The one-row action that records a simulated director made anew (training/session.py).
+ANEW = ("sim-create",)
+
+
 def target_state(audit: AuditLog, target: str, *, exclude: str | None = None) -> TargetState:
     """The target as the log and the lease table see it.
 
@@ -205,7 +209,23 @@ def target_state(audit: AuditLog, target: str, *, exclude: str | None = None) ->
     cleanup of the other kind.
     """
     record = AuditRecord(audit)
-    runs = [r for r in record.runs() if r.target == target and r.run_id != exclude]
+    every = record.runs()
+    # A training session's one-row actions on the target (a hint, a `sim vms`, a look) lock
+    # nothing and must not hide a run that did; but a simulated director made anew (a
+    # session's world, a `sim create` in a session) has no past, nor have its deployments:
+    # what ran on the old one is over.
+    director = (
+        target.rsplit("/", 1)[0]
+        if target.startswith("sim://") and target.count("/") == 3
+        else target
+    )
+    for number in range(len(every) - 1, -1, -1):
+        if every[number].operation in ANEW and every[number].target in (target, director):
+            every = every[number + 1 :]
+            break
+    runs = [
+        r for r in every if r.target == target and r.run_id != exclude and r.operation in OPERATIONS
+    ]
     if not runs:
         return TargetState(target, IDLE)
     for summary in reversed(runs):

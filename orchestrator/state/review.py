@@ -79,12 +79,22 @@ def _tie(audit_db: Path, artifact: Path) -> str:
     return f"backup {artifact} is tied to run {run_id} (seq {seq}) of this log"
 
 
-def status(audit_db: Path, target: str) -> str:
-    """The target's state as the audit log and its lease show it."""
+def status(audit_db: Path, target: str, home: Path | None = None) -> str:
+    """The target's state as the audit log and its lease show it. With `home`, a look at
+    a training session's director is recorded in the session."""
     if not audit_db.exists():
         return f"{target}: idle (no audit log at {audit_db} yet)"
     with AuditLog(audit_db, readonly=True) as audit:
-        return target_state(audit, target).describe()
+        shown = target_state(audit, target).describe()
+    _looked(home, target, "status", {})
+    return shown
+
+
+def _looked(home: Path | None, target: str, what: str, detail: dict[str, object]) -> None:
+    if home is not None and target.startswith("sim://"):
+        from orchestrator.training.session import record_look  # sim targets only
+
+        record_look(home, target, what, detail)
 
 
 def runs(audit_db: Path, flt: RunFilter | None = None) -> str:
@@ -107,12 +117,16 @@ def runs(audit_db: Path, flt: RunFilter | None = None) -> str:
     return text
 
 
-def timeline(audit_db: Path, run: str) -> str:
-    """A run's timeline: its log rows, then any rows its fallback journal holds."""
+def timeline(audit_db: Path, run: str, home: Path | None = None) -> str:
+    """A run's timeline: its log rows, then any rows its fallback journal holds. With
+    `home`, a look at a run of a training session's director is recorded in the session."""
     with AuditLog(audit_db, readonly=True) as audit:
         record = AuditRecord(audit)
         run_id = record.resolve(run)
-        text = format_timeline(record.timeline(run_id))
+        rows = record.timeline(run_id)
+        text = format_timeline(rows)
+    if rows:
+        _looked(home, str(rows[0]["target"]), "audit", {"run": run_id})
     journaled = record.journal.of(run_id)
     if journaled:
         text += (

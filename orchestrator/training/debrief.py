@@ -22,6 +22,7 @@ from orchestrator.errors import UsageError
 from orchestrator.state.recovery import maybe_locked
 from orchestrator.training.scenario import RUN_STEPS, Rules
 from orchestrator.training.session import SESSION_KEY
+from orchestrator.training.watch import INCOMPLETE, deletions
 
 ORDER_PENALTY = 10
 SAFETY_PENALTY = 25
@@ -36,7 +37,8 @@ class Action:
 
     at: str
     by: str  # trainee or scenario
-    step: str  # a run's operation, `vms`, `wipe`, `fault`, `hint`, `start`, `reset`
+    step: str  # a run's operation, a sim action (`vms`, `wipe`...), `hint`, `start`, `reset`,
+    # a look (`status`, `audit`), or `deleted` (a backup the session saw gone)
     outcome: str  # a run's final state (or `unfinished`), else ok
     run_id: str
     note: str = ""
@@ -173,8 +175,10 @@ def _timeline(rows: list[dict[str, Any]]) -> tuple[list[Action], dict[str, list[
     for run_id, run_rows in by_run.items():
         first = run_rows[0]
         operation = first["operation"]
-        if operation.startswith(("train-", "sim-")):
+        if operation.startswith(("train-", "sim-", "look-")):
             detail = _detail(first)
+            if operation == "sim-create" and detail.get("event") == "world":
+                continue  # the setup's, before the session began: not part of its story
             step = operation.split("-", 1)[1]
             by = "scenario" if detail.get("by") == "scenario" else "trainee"
             note = ""
@@ -182,6 +186,8 @@ def _timeline(rows: list[dict[str, Any]]) -> tuple[list[Action], dict[str, list[
                 note = f"hint {detail.get('hint')} (costs {detail.get('cost')})"
             elif step == "fault":
                 note = str(detail.get("spec") or "mended")
+            elif step == "audit":
+                note = f"audit show {detail.get('run')}"
             elif detail.get("deployment"):
                 note = f"deployment {detail['deployment']}"
             actions.append(Action(first["ts"], by, step, "ok", run_id, note, first["target"]))
@@ -207,6 +213,16 @@ def _score(
     actions, by_run = _timeline(rows)
     order: list[str] = []
     safety: list[str] = []
+    for gone in deletions(rows, _detail, _is_check):
+        deleted = Action(gone.noticed, "trainee", "deleted", "by hand", "", gone.path)
+        actions.append(deleted)
+        if gone.kind == INCOMPLETE and not gone.checked:
+            safety.append(
+                f"{_clock(deleted)} the incomplete backup {gone.path} was deleted by hand before "
+                "anyone looked at the run that left it (bbrx status, bbrx audit show, or a "
+                "backup-cleanup first)"
+            )
+    actions.sort(key=lambda a: a.at)
     every_run = [a for a in actions if a.step in RUN_STEPS]
     for action in every_run:
         if action.target != scenario.focus:
@@ -350,7 +366,12 @@ def _score(
     goal_reached = not pending
     # The clock stops at the end of the trainee's last run or sim action: a hint, a look
     # at the status or the reset taken later does not count.
-    worked = [a for a in actions if a.by == "trainee" and a.step not in ("start", "hint", "reset")]
+    worked = [
+        a
+        for a in actions
+        if a.by == "trainee"
+        and a.step not in ("start", "hint", "reset", "status", "audit", "deleted")
+    ]
     ends = [by_run[a.run_id][-1]["ts"] for a in worked]
     elapsed = _seconds(start["ts"], max(ends)) if ends else 0.0
 
@@ -404,6 +425,17 @@ def _score(
 
 def _clock(action: Action) -> str:
     return action.at[11:19]
+
+
+def _is_check(row: dict[str, Any]) -> bool:
+    """A look at what a run left (its status, its timeline), or a cleanup that succeeded."""
+    if row["operation"].startswith("look-"):
+        return True
+    return (row["operation"], row["job"], row["to_state"]) == (
+        "backup-cleanup",
+        None,
+        "succeeded",
+    )
 
 
 # --- rendering -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from orchestrator.training.scenario import (
     plan,
     shipped,
 )
+from orchestrator.training.watch import SEEN_KEY, folder_of, seen
 from simulator.director import SimDirector, sim_root
 from simulator.vm import WORK_DIR
 
@@ -64,6 +65,9 @@ class Session:
     # Scripts the world's killed run left running on the simulated VMs (their pids), for
     # `train reset` to end if the trainee's cleanup did not.
     left_running: tuple[int, ...] = ()
+    # The folders of backups the session watches (watch.py): the world's, and each folder
+    # a run of the session used.
+    folders: tuple[str, ...] = ()
 
     @property
     def target(self) -> str:
@@ -87,7 +91,10 @@ def current(home: Path) -> Session | None:
             raise ValueError("not a JSON object")
         data["fired"] = tuple(data.get("fired", ()))
         data["left_running"] = tuple(data.get("left_running", ()))
+        data["folders"] = tuple(data.get("folders", ()))
         session = Session(**data)
+        if not all(isinstance(v, str) for v in session.folders):
+            raise ValueError("a folder is not text")
         texts = (session.id, session.scenario, session.director, session.audit_db)
         if not all(isinstance(v, str) for v in (*texts, session.operator, session.started)):
             raise ValueError("a text field is not text")
@@ -109,7 +116,10 @@ def _save(home: Path, session: Session) -> None:
     path = _session_file(home)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = dict(
-        session.__dict__, fired=list(session.fired), left_running=list(session.left_running)
+        session.__dict__,
+        fired=list(session.fired),
+        left_running=list(session.left_running),
+        folders=list(session.folders),
     )
     # A temporary file of this process's own, renamed over: a reader never sees half.
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -140,7 +150,7 @@ def _record(
             to_state="succeeded" if ok else "failed",
             trigger=operation.replace("-", "_"),
             outcome="ok" if ok else "error",
-            detail={SESSION_KEY: session.id, **detail},
+            detail={SESSION_KEY: session.id, **detail, SEEN_KEY: seen(session.folders)},
             tool_version=f"bbrx {__version__}",
         )
 
@@ -175,7 +185,19 @@ def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator
     _make_training_director(director, scenario)
     made = [director]
     left_running: list[int] = []
+    session = Session(
+        id=new_run_id(),
+        scenario=reference,
+        seed=seed,
+        director=scenario.world.director,
+        started=datetime.now(UTC).isoformat(),
+        audit_db=str(audit_db.resolve()),
+        operator=operator,
+    )
     try:
+        # The director is new: what the log says ran on one of that name is over (the
+        # world's own runs, next, are its first).
+        _record(session, "sim-create", {"by": "scenario", "event": "world"})
         _check_faults(director, scenario, drawn)  # before any run: a typo costs nothing
         if scenario.world.leftover_work_dir:
             # What a killed bbr run leaves: its work directory, part of an artifact in it.
@@ -193,15 +215,11 @@ def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator
             _vm(director, fault.deployment, fault.instance).set_fault(
                 fault.job, fault.script, fault.spec
             )
-        session = Session(
-            id=new_run_id(),
-            scenario=reference,
-            seed=seed,
-            director=scenario.world.director,
-            started=datetime.now(UTC).isoformat(),
-            audit_db=str(audit_db.resolve()),
-            operator=operator,
+        session = replace(
+            session,
+            started=datetime.now(UTC).isoformat(),  # the trainee's clock starts now
             left_running=tuple(left_running),
+            folders=(str(backups_folder(home)),) if backups else (),
         )
         _record(
             session,
@@ -455,10 +473,28 @@ def _ours(session: Session | None, target: str) -> bool:
     )
 
 
-def tie(home: Path, target: str) -> str | None:
-    """The running session's id when `target` is its director (or a deployment of it)."""
+def tie(
+    home: Path, target: str, operation: str = "", artifact_path: Path | None = None
+) -> dict[str, Any] | None:
+    """What a run's first row records when `target` is the running session's director (or
+    a deployment of it): the session's id, and the backups it sees (the run's folder now
+    watched too). None for any other run."""
     session = _current_or_none(home)
-    return session.id if session is not None and _ours(session, target) else None
+    if session is None or not _ours(session, target):
+        return None
+    folder = folder_of(operation, artifact_path)
+    if folder is not None and str(folder) not in session.folders:
+        session.folders = (*session.folders, str(folder))
+        _save(home, session)
+    return {SESSION_KEY: session.id, SEEN_KEY: seen(session.folders)}
+
+
+def record_look(home: Path, target: str, what: str, detail: dict[str, Any]) -> None:
+    """A trainee's look at the session's director (`bbrx status`, `bbrx audit show` of one
+    of its runs), as a row of the session: the debrief counts it as checking first."""
+    session = _current_or_none(home)
+    if session is not None and _ours(session, target):
+        _record(session, f"look-{what}", detail, target=target)
 
 
 def _current_or_none(home: Path) -> Session | None:
