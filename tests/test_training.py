@@ -134,17 +134,28 @@ def test_a_session_that_breaks_the_runbook_is_debriefed_with_what_was_out_of_ord
     assert "without a restore-cleanup after it" in text and "NOT reached" in text
 
 
-def test_a_backup_corrupted_in_transit_is_caught_and_taken_again(trainee: Bbrx) -> None:
-    start(trainee, "corrupted-in-transit", seed=3)
-    target = "sim://dr-transit"
+@pytest.mark.parametrize(
+    ("scenario", "name", "error"),
+    [
+        ("corrupted-in-transit", "dr-transit", "is corrupted: the VM sent"),
+        ("jump-box-disk-full", "dr-full", "No space left on device"),
+    ],
+)
+def test_a_backup_that_fails_on_its_way_publishes_nothing_and_is_taken_again(
+    trainee: Bbrx, scenario: str, name: str, error: str
+) -> None:
+    """A copy corrupted on the link, or a jump box whose disk is full: the backup fails
+    after every job was unlocked, nothing is published, and the next one is good."""
+    start(trainee, scenario, seed=3)
+    target = f"sim://{name}"
     backups = str(trainee.home / "backups")
     ok(director(trainee, target, "pre-backup-check"))
     failed = director(trainee, target, "backup", "--artifact-path", backups)
-    assert failed.code == 1 and "is corrupted: the VM sent" in failed.stderr, failed
-    assert published(trainee, "dr-transit") == []  # nothing published
+    assert failed.code == 1 and error in failed.stderr, failed
+    assert published(trainee, name) == []  # neither published nor left .incomplete
     ok(director(trainee, target, "pre-backup-check"))
     ok(director(trainee, target, "backup", "--artifact-path", backups))
-    assert len(published(trainee, "dr-transit_")) == 1
+    assert len(published(trainee, f"{name}_")) == 1
     report = debrief(trainee)
     assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
     assert [a["outcome"] for a in report["timeline"] if a["step"] == "backup"] == [
@@ -175,21 +186,6 @@ def test_an_unlock_failure_is_cleaned_up_before_the_backup_is_taken_again(traine
     ok(director(trainee, target, "backup-cleanup"))
     ok(director(trainee, target, "pre-backup-check"))
     ok(director(trainee, target, "backup", "--artifact-path", backups))
-    report = debrief(trainee)
-    assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
-
-
-def test_a_full_jump_box_disk_fails_a_backup_that_is_then_taken_again(trainee: Bbrx) -> None:
-    start(trainee, "jump-box-disk-full", seed=3)
-    target = "sim://dr-full"
-    backups = str(trainee.home / "backups")
-    ok(director(trainee, target, "pre-backup-check"))
-    full = director(trainee, target, "backup", "--artifact-path", backups)
-    assert full.code == 1 and "No space left on device" in full.stderr, full
-    assert published(trainee, "dr-full") == []
-    ok(director(trainee, target, "pre-backup-check"))
-    ok(director(trainee, target, "backup", "--artifact-path", backups))
-    assert len(published(trainee, "dr-full")) == 1
     report = debrief(trainee)
     assert (report["goal_reached"], report["order"], report["safety"]) == (True, [], [])
 
