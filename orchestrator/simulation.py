@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from orchestrator import settings
 from orchestrator.errors import TargetError, UsageError
+from orchestrator.state import lease
 from simulator.deploy import DeployResult, deploy_text, find_vm
 from simulator.deploy import delete_deployment as _delete_deployment
 from simulator.deploy import wipe_deployment as _wipe_deployment
@@ -92,6 +94,7 @@ def wipe_deployment(home: Path, name: str, deployment: str) -> str:
 
 def destroy(home: Path, name: str) -> str:
     director = _director(home, name)
+    lease.refuse_if_running(settings.audit_db_path(), f"sim://{name}", "destroy")
     director.destroy()
     _in_training(home, name, "destroy")
     return f"Removed sim://{name} ({director.root})"

@@ -19,9 +19,12 @@ _CALL = re.compile(r"^call (\d{1,4}) (\S.*)$")
 # `after SECONDS SPEC`: SPEC only for calls that start SECONDS or more after the fault was
 # set (its file's modification time); earlier calls are neither affected nor counted.
 _AFTER = re.compile(r"^after (\d{1,6}(?:\.\d{1,3})?) (\S.*)$")
-# A script fault of the simulator only: the process that runs the script (bbrx, named by
-# BBR_SIM_RUNNER_PID, which must be the script's parent) is SIGKILLed as the script exits,
-# as a jump box that crashes or an operator's `kill -9` would leave a run at that phase.
+# A script fault of the simulator only: the script does its work, and as it exits asks
+# (a file named after its pid) that the process running it die; the simulator, which ran
+# it, SIGKILLs itself once it has reaped the script, as a jump box that crashes or an
+# operator's `kill -9` would leave a run at that phase. A script that names no runner as
+# its parent (BBR_SIM_RUNNER_PID) refuses the fault, and a script ended by a signal asks
+# nothing.
 KILL_BBRX = "kill-bbrx"
 RUNNER_PID_VAR = "BBR_SIM_RUNNER_PID"
 

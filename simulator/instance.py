@@ -57,7 +57,7 @@ from simulator.faults import (
     transfer_delay,
     transfer_failure_message,
 )
-from simulator.vm import FAULTS_DIR, JOBS_DIR, STORE_DIR, WORK_DIR, SimVm
+from simulator.vm import FAULTS_DIR, JOBS_DIR, RUN_DIR, STORE_DIR, WORK_DIR, SimVm
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ class SimInstance:
                 returncode = proc.wait()  # reaped under the lock _signal_script checks
                 interrupted = proc.pid in self._terminated
                 self._terminated.discard(proc.pid)
+            self._kill_if_asked(proc.pid, returncode == 0 and not interrupted and not timed_out)
         duration = time.monotonic() - started
         exit_code: int | None = returncode
         killed_by: str | None = None
@@ -216,6 +217,21 @@ class SimInstance:
             stdout_truncated=output.stdout_truncated,
             stderr_dropped=output.stderr_bytes_dropped,
         )
+
+    def _kill_if_asked(self, pid: int, completed: bool) -> None:
+        """The `kill-bbrx` fault: a script that completed asked (by a file named after its
+        pid) that the process running it die, as a jump box that crashes at that moment."""
+        request = self.root / RUN_DIR / "kill-bbrx" / str(pid)
+        try:
+            request.unlink()
+        except FileNotFoundError:
+            return
+        if completed:
+            log.warning(
+                "kill-bbrx fault on %s: this bbrx (pid %d) dies now", self.address, os.getpid()
+            )
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _start(self, call: ScriptCall, path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
         def popen(argv: list[str]) -> subprocess.Popen[bytes]:

@@ -321,8 +321,8 @@ def test_a_corrupted_copy_fails_the_backup_and_publishes_nothing(target, out, fa
         rf"Error: the copy of bosh-0-blobstore\.tar \(job blobstore on bosh/0, "
         rf"{re.escape(target.address)}\) is corrupted: the VM sent a tar stream with tar digest "
         r"([0-9a-f]{64}), the jump box's copy on disk has tar digest ([0-9a-f]{64})\n"
-        r"Nothing was published: the partial backup is removed, and every job has been "
-        r"unlocked\. The bytes changed between the VM's tar and the jump box's disk: check "
+        r"Nothing was published: the partial backup is removed \(the copy comes after the "
+        r"unlocks\)\. The bytes changed between the VM's tar and the jump box's disk: check "
         r"the network, and the jump box's disk and memory, then back up again\.",
         result.stderr,
     )
@@ -364,8 +364,8 @@ def test_a_jump_box_disk_that_fills_fails_the_drain_and_publishes_nothing(bbrx, 
     assert re.search(
         r"Error: cannot write \S+/demo_\w+\.incomplete/bosh-0-blobstore\.tar: No space left on "
         r"device\nThe jump box's disk \(or this user's quota\) is full: free some space or pick "
-        r"another --artifact-path, then run backup again\. Every job has already been "
-        r"unlocked, and this partial backup is removed\.",
+        r"another --artifact-path, then run backup again\. The copy to the jump box comes "
+        r"after the unlocks, and this partial backup is removed\.",
         result.stderr,
     ), result
     assert backups(out) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import yaml
 from audit import AuditLog
 from orchestrator.errors import UsageError
 from orchestrator.training import scenario as scenarios
+from simulator.director import SimDirector, sim_root
 from tests.browser import NOT_INSTALLED, Browser, chromium_path
-from tests.conftest import Bbrx
+from tests.conftest import Bbrx, wait_for
 
 SHIPPED = [s.id for s in scenarios.shipped()]
 
@@ -359,6 +361,7 @@ def test_a_malformed_scenario_is_refused_naming_the_file_and_key(text: str, mess
         ),  # a hang is no copy's fault
         (("faults", "[{job: uaa, script: backup, spec: hang, after: [5, x]}]"), "faults[0].after"),
         (("faults", "[{job: uaa, script: backup, spec: after 5 hang}]"), "faults[0].spec"),
+        (("faults", "[{job: uaa, phase: restore/copying, spec: disk-full}]"), "faults[0].spec"),
         (("hints", "[{cost: 3}]"), "hints[0].text"),
         (("events", "[{after: backup, action: explode, message: m}]"), "events[0].action"),
     ],
@@ -634,3 +637,54 @@ def test_every_sim_action_on_the_session_director_is_a_session_row(tmp_path: Pat
         ("destroy", ""),
         ("create", ""),
     ]
+
+
+def test_a_director_made_anew_has_no_past_but_one_with_a_run_on_it_is_not_removed(
+    trainee: Bbrx,
+) -> None:
+    """After a killed backup, the session's director destroyed and created again is idle
+    (what ran on the old one is over); while a run is live, it cannot be destroyed, and its
+    status says so whatever was created since."""
+    start(trainee, "jump-box-crash", seed=3)
+    target = "sim://dr-crash"
+    backups = str(trainee.home / "backups")
+    assert director(trainee, target, "backup", "--artifact-path", backups).code == -9
+    assert "interrupted: run" in ok(trainee("status", "--host", target))
+    ok(trainee("sim", "destroy", "dr-crash"))
+    ok(trainee("sim", "create", "dr-crash"))
+    assert ok(trainee("status", "--host", target)).startswith(f"{target}: idle")
+
+    vm = SimDirector(sim_root(trainee.home, "dr-crash"))
+    vm.set_fault("director", "pre-backup-lock", "hang")
+    running = trainee.start("director", "--host", target, "backup", "--artifact-path", backups)
+    try:
+        wait_for(lambda: any(c.script == "pre-backup-lock" for c in vm.calls()), what="a lock")
+        refused = trainee("sim", "destroy", "dr-crash")
+        assert refused.code == 1 and "cannot destroy sim://dr-crash: run " in refused.stderr
+        assert f"(pid {running.pid}) is running" in refused.stderr, refused
+        assert ": in progress" in ok(trainee("status", "--host", target))
+    finally:
+        running.send_signal(signal.SIGINT)  # bbrx ends its hanging lock and unlocks
+        running.communicate(timeout=60)
+    assert vm.locked_jobs() == []
+
+
+def test_a_backup_bbrx_publishes_is_not_taken_for_a_deletion(trainee: Bbrx) -> None:
+    """A session row that saw a backup's .incomplete directory while the run wrote it: the
+    run publishing it under its final name is no deletion by hand."""
+    start(trainee, "jump-box-crash", seed=3)
+    target = "sim://dr-crash"
+    vm = SimDirector(sim_root(trainee.home, "dr-crash"))
+    vm.clear_faults()
+    vm.set_fault("blobstore", "backup", "sleep 2")
+    backups = trainee.home / "backups"
+    ok(director(trainee, target, "pre-backup-check"))
+    running = trainee.start("director", "--host", target, "backup", "--artifact-path", str(backups))
+    wait_for(lambda: any(backups.glob("*.incomplete")), what="the backup's .incomplete")
+    ok(trainee("sim", "vms", "dr-crash"))  # a row that sees it
+    running.communicate(timeout=60)
+    assert running.returncode == 0
+    ok(trainee("train", "hint"))  # the next row: it is gone, published
+    report = debrief(trainee)
+    assert report["safety"] == [], report
+    assert not any(a["step"] == "deleted" for a in report["timeline"])

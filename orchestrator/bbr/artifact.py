@@ -222,7 +222,7 @@ class ArtifactWriter:
                 f"two instance groups back up {name}: the same backup_one_restore_all job of the "
                 "same release runs in both, and bbr's artifact has room for one copy",
                 hint="Set backup_one_restore_all on that job in one instance group only, then "
-                "back up again (every job has been unlocked).",
+                "back up again (the copy to the jump box comes after the unlocks).",
             )
         return self._write_tar(custom_tar_name(name), stream, check, progress)
 
@@ -263,8 +263,8 @@ class ArtifactWriter:
             raise ArtifactError(
                 f"cannot write {path}: {exc.strerror or exc}",
                 hint="The jump box's disk (or this user's quota) is full: free some space or "
-                "pick another --artifact-path, then run backup again. Every job has already "
-                "been unlocked, and this partial backup is removed."
+                "pick another --artifact-path, then run backup again. The copy to the jump box "
+                "comes after the unlocks, and this partial backup is removed."
                 if full
                 else None,
             ) from exc
@@ -325,7 +325,7 @@ class ArtifactWriter:
                 f"{named}{f'; and {more} more' if more > 0 else ''}): it is not published",
                 hint="A restore places only regular files and directories, each one covered by "
                 "a checksum. Make the job's backup script write only those, then back up again "
-                "(every job has been unlocked).",
+                "(the copy to the jump box comes after the unlocks).",
             )
         tar_digest = hasher.tar.hexdigest()
         log.debug(
@@ -358,7 +358,8 @@ class ArtifactWriter:
             raise ArtifactError(
                 f"cannot seal the backup in {self.partial}: {exc.strerror or exc}",
                 hint="Free some space (or pick another --artifact-path) and back up again "
-                "(every job has been unlocked); the partial backup is removed.",
+                "(the copy to the jump box comes after the unlocks); the partial backup is "
+                "removed.",
             ) from exc
         try:
             _fsync_dir(self.final.parent)
@@ -437,7 +438,8 @@ def check_free_space(directory: Path, needed: int) -> None:
     except OSError as exc:
         raise ArtifactError(
             f"cannot tell the free space in {directory}: {exc.strerror or exc}",
-            hint="Check the artifact path, then back up again (every job has been unlocked).",
+            hint="Check the artifact path, then back up again (the copy to the jump box comes "
+            "after the unlocks).",
         ) from exc
     # tar's headers and padding, and the metadata, add a little to the data's size.
     margin = 64 * 1024 * 1024
@@ -446,7 +448,7 @@ def check_free_space(directory: Path, needed: int) -> None:
             f"not enough space for the backup in {directory.parent}: it needs about "
             f"{_mib(needed)} MiB (plus a {_mib(margin)} MiB margin), {_mib(free)} MiB are free",
             hint="Free some space or pick another --artifact-path, then run backup again "
-            "(every job has already been unlocked).",
+            "(the copy to the jump box comes after the unlocks).",
         )
 
 

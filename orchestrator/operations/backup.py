@@ -258,8 +258,8 @@ def check_copy(tracker: JobTracker, label: str, sent: SentDigest, local: LocalTa
             digest_kind=sent.kind,
             vm_sha256=sent.hex,
             local_sha256=mine,
-            hint="Nothing was published: the partial backup is removed, and every job has "
-            "been unlocked. The bytes changed between the VM's tar and the jump box's disk: "
+            hint="Nothing was published: the partial backup is removed (the copy comes after "
+            "the unlocks). The bytes changed between the VM's tar and the jump box's disk: "
             "check the network, and the jump box's disk and memory, then back up again.",
         )
 

@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from audit import AuditError
 from audit.log import DEFAULT_BUSY_TIMEOUT, explain
-from orchestrator.errors import BbrxError
+from orchestrator.errors import BbrxError, TargetError
 
 log = logging.getLogger(__name__)
 
@@ -244,3 +244,26 @@ def _heartbeat(
                 )
             except sqlite3.Error as error:  # a busy database must not stop the run
                 log.debug("lease heartbeat skipped: %s", error)
+
+
+def refuse_if_running(db: Path, director: str, doing: str) -> None:
+    """Refuse `doing` to a simulated director while a live run holds its lease or one of
+    its deployments': removing the tree under a run makes its locks land on the next one."""
+    uri = f"file:{quote(str(db.resolve()))}?mode=ro"
+    try:
+        with closing(sqlite3.connect(uri, uri=True)) as connection:
+            connection.row_factory = sqlite3.Row
+            rows = connection.execute(
+                "SELECT * FROM leases WHERE target = ? OR substr(target, 1, ?) = ?",
+                (director, len(director) + 1, f"{director}/"),
+            ).fetchall()
+    except sqlite3.Error as exc:
+        log.debug("leases of %s in %s not readable: %s", director, db, exc)
+        return
+    for row in rows:
+        if holder_alive(row["pid"], row["host"], row["heartbeat"], row["acquired"]):
+            raise TargetError(
+                f"cannot {doing} {director}: run {row['run_id']} (pid {row['pid']}) is running "
+                f"on {row['target']}",
+                hint=f"Let it finish, or stop it (Ctrl-C in its terminal), then {doing} it.",
+            )

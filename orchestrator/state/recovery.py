@@ -210,21 +210,31 @@ def target_state(audit: AuditLog, target: str, *, exclude: str | None = None) ->
     """
     record = AuditRecord(audit)
     every = record.runs()
+    holder = lease.read(Path(audit.path), target)
+    live = (
+        holder["run_id"]
+        if holder is not None
+        and holder_alive(holder["pid"], holder["host"], holder["heartbeat"], holder["acquired"])
+        else None
+    )
     # A training session's one-row actions on the target (a hint, a `sim vms`, a look) lock
     # nothing and must not hide a run that did; but a simulated director made anew (a
     # session's world, a `sim create` in a session) has no past, nor have its deployments:
-    # what ran on the old one is over.
+    # a run whose last row came before that, and that is not running now, is over.
     director = (
         target.rsplit("/", 1)[0]
         if target.startswith("sim://") and target.count("/") == 3
         else target
     )
-    for number in range(len(every) - 1, -1, -1):
-        if every[number].operation in ANEW and every[number].target in (target, director):
-            every = every[number + 1 :]
-            break
+    anew = [r.start for r in every if r.operation in ANEW and r.target in (target, director)]
+    cut = anew[-1] if anew else None
     runs = [
-        r for r in every if r.target == target and r.run_id != exclude and r.operation in OPERATIONS
+        r
+        for r in every
+        if r.target == target
+        and r.run_id != exclude
+        and r.operation in OPERATIONS
+        and (cut is None or r.end >= cut or r.run_id == live)
     ]
     if not runs:
         return TargetState(target, IDLE)
@@ -242,12 +252,7 @@ def target_state(audit: AuditLog, target: str, *, exclude: str | None = None) ->
                 return TargetState(target, NEEDS_CLEANUP, summary, summary.outcome, None, locked)
             continue
         phase = next((r["to_state"] for r in reversed(rows) if r["job"] is None), None)
-        holder = lease.read(Path(audit.path), target)
-        if (
-            holder is not None
-            and holder["run_id"] == summary.run_id
-            and holder_alive(holder["pid"], holder["host"], holder["heartbeat"], holder["acquired"])
-        ):
+        if holder is not None and live == summary.run_id:
             return TargetState(target, IN_PROGRESS, summary, phase, holder, locked)
         return TargetState(target, INTERRUPTED, summary, phase, None, locked)
     return TargetState(target, IDLE, run=runs[-1])

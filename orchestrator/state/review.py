@@ -4,17 +4,20 @@ and evidence pack are `audit.reviewer`'s own, which `python -m audit` shares."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import yaml
 
-from audit import AuditLog, AuditRecord
+from audit import AuditError, AuditLog, AuditRecord
 from audit.query import RunFilter
 from audit.reads import Reader
 from audit.render import format_runs, format_timeline
 from orchestrator.bbr.artifact import AUDIT_HEAD_FILE
-from orchestrator.errors import ArtifactError, AuditBrokenError
+from orchestrator.errors import ArtifactError, AuditBrokenError, BbrxError
 from orchestrator.state.recovery import target_state
+
+log = logging.getLogger(__name__)
 
 
 def verify(
@@ -91,10 +94,15 @@ def status(audit_db: Path, target: str, home: Path | None = None) -> str:
 
 
 def _looked(home: Path | None, target: str, what: str, detail: dict[str, object]) -> None:
-    if home is not None and target.startswith("sim://"):
-        from orchestrator.training.session import record_look  # sim targets only
+    """Best effort: a look that cannot be recorded must not cost the operator the answer."""
+    if home is None or not target.startswith("sim://"):
+        return
+    from orchestrator.training.session import record_look  # sim targets only
 
+    try:
         record_look(home, target, what, detail)
+    except (AuditError, BbrxError, OSError) as error:
+        log.warning("this look at %s is not in the training session's rows: %s", target, error)
 
 
 def runs(audit_db: Path, flt: RunFilter | None = None) -> str:

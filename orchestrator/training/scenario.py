@@ -21,7 +21,13 @@ import yaml
 
 from orchestrator.errors import TargetError, UsageError
 from orchestrator.transport.instance import SCRIPT_NAMES
-from simulator.faults import TRANSFER, validate_fault, validate_transfer_fault
+from simulator.faults import (
+    CORRUPT_LOCAL,
+    DISK_FULL,
+    TRANSFER,
+    validate_fault,
+    validate_transfer_fault,
+)
 
 #: The operations a procedure, a goal or an event may name; `vms` is `bbrx sim vms`.
 STEPS = ("backup-cleanup", "pre-backup-check", "backup", "restore", "restore-cleanup", "vms")
@@ -31,7 +37,8 @@ EVENT_ACTIONS = ("wipe",)
 SCRIPTS = (*SCRIPT_NAMES, TRANSFER)
 #: A run's phases (OPERATION/STATE, the engine's own state names) that a fault may name
 #: instead of a script: it arms the script that phase runs, or the copy. A cleanup's unlock
-#: runs the same unlock script, so its calls count too.
+#: runs the same unlock script, so its calls count too; and both copy phases arm the job's
+#: one copy fault, whose `call N` counts a backup's copies and a restore's alike.
 PHASES = {
     "backup/locking": "pre-backup-lock",
     "backup/backing_up": "backup",
@@ -466,6 +473,8 @@ class _Reader:
                 spec = validate_transfer_fault(text) if each == TRANSFER else validate_fault(text)
             except TargetError as error:  # the fault grammar's own words
                 raise self.fail(f"{key}.spec", error.message) from error
+        if "restore/copying" in phases and spec in (CORRUPT_LOCAL, DISK_FULL):
+            raise self.fail(f"{key}.spec", f"{spec} acts on a backup's copy, never a restore's")
         if spec.startswith(("call ", "after ")):
             raise self.fail(
                 f"{key}.spec", "give the call as `call:` and the delay as `after:`, not in the spec"

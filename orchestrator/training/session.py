@@ -31,6 +31,7 @@ from audit import AuditLog
 from orchestrator import __version__
 from orchestrator.engine.run import new_run_id
 from orchestrator.errors import UsageError
+from orchestrator.state import lease
 from orchestrator.training.scenario import (
     KilledBackup,
     Plan,
@@ -182,7 +183,7 @@ def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator
     seed = seed if seed is not None else secrets.randbelow(1_000_000)
     drawn = plan(scenario, seed)
     director = SimDirector(sim_root(home, scenario.world.director))
-    _make_training_director(director, scenario)
+    _make_training_director(director, scenario, audit_db)
     made = [director]
     left_running: list[int] = []
     session = Session(
@@ -249,11 +250,12 @@ def start(home: Path, audit_db: Path, reference: str, seed: int | None, operator
     return Started(session, scenario, drawn.as_dict()["faults"], folder)
 
 
-def _make_training_director(director: SimDirector, scenario: Scenario) -> None:
+def _make_training_director(director: SimDirector, scenario: Scenario, audit_db: Path) -> None:
     """A fresh simulated director for the session, marked as training's; one the trainee
     made under that name is left alone."""
     name = director.root.name
     if director.exists():
+        lease.refuse_if_running(audit_db, f"sim://{name}", "set up a session on")
         if not (director.root / MARKER).exists():
             raise UsageError(
                 f"sim://{name} exists and was not made for training",
@@ -312,10 +314,10 @@ def _make_backups(
     for backup in scenario.world.backups:
         other = SimDirector(sim_root(home, backup.of))
         if backup.of != scenario.world.director and not other.exists():
-            _make_training_director(other, scenario)
+            _make_training_director(other, scenario, audit_db)
             made.append(other)
         elif backup.of != scenario.world.director and other not in made:
-            _make_training_director(other, scenario)  # refuses the trainee's own
+            _make_training_director(other, scenario, audit_db)  # refuses the trainee's own
             made.append(other)
         staging = folder / f".making-{backup.name}"
         staging.mkdir()
@@ -454,6 +456,7 @@ def reset(home: Path) -> Session:
             "still there (bbrx sim list), then start again.",
         ) from error
     director = SimDirector(sim_root(home, session.director))
+    lease.refuse_if_running(Path(session.audit_db), session.target, "reset the session on")
     for pid in session.left_running:
         _end_script(pid, director.root)
     if director.exists() and (director.root / MARKER).exists():

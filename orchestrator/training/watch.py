@@ -74,6 +74,13 @@ def deletions(
     # A backup that did not end by itself (killed) left the directory it was writing in:
     # seen as of the row that named it, though no snapshot was taken after.
     ended = {r["run_id"] for r in rows if r["job"] is None and r["to_state"] in TERMINAL}
+    # A backup that ended published its directory under its final name, or removed it
+    # itself: a row that saw it while the run wrote does not make its going a deletion.
+    by_bbrx = {
+        writing_in
+        for r in rows
+        if r["run_id"] in ended and isinstance(writing_in := detail(r).get(WRITING_IN_KEY), str)
+    }
     first_seen: dict[str, int] = {}
     kinds: dict[str, str] = {}
     found = []
@@ -92,7 +99,7 @@ def deletions(
             found.append(Deletion(path, kinds[path], row["ts"], checked))
             del first_seen[path]
         for path, kind in snapshot.items():
-            if isinstance(path, str) and kind in (COMPLETE, INCOMPLETE):
+            if isinstance(path, str) and kind in (COMPLETE, INCOMPLETE) and path not in by_bbrx:
                 first_seen.setdefault(path, number)
                 kinds[path] = kind
     return found

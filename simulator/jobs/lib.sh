@@ -42,8 +42,11 @@ sim_log_event() {
 sim_on_exit() {
   local rc=$?
   sim_log_event exit "rc=$rc" || true
-  if [[ -n ${SIM_KILL_RUNNER:-} ]]; then
-    kill -KILL "$BBR_SIM_RUNNER_PID" 2>/dev/null || true
+  # kill-bbrx: a script that did its work asks its runner to die; the simulator, which
+  # knows it is that runner, does the kill once it has reaped this script. A script ended
+  # by a signal (rc > 0) asks nothing.
+  if [[ -n ${SIM_KILL_RUNNER:-} ]] && ((rc == 0)); then
+    mkdir -p -- "$SIM_RUN_DIR/kill-bbrx" && : >"$SIM_RUN_DIR/kill-bbrx/$$" || true
   fi
 }
 
@@ -101,9 +104,10 @@ sim_apply_fault() {
       sleep "${words[1]:-1}"
       ;;
     kill-bbrx)
-      # The simulator's runner only, and only our parent: nothing else is ever signalled.
+      # The simulator's own runs only (it names itself, our parent): anything else that
+      # runs this script is refused, and nothing is ever signalled from here.
       if [[ -z ${BBR_SIM_RUNNER_PID:-} || $BBR_SIM_RUNNER_PID != "$PPID" ]]; then
-        sim_err "kill-bbrx acts on the simulator's own runs only (no BBR_SIM_RUNNER_PID here)"
+        sim_err "kill-bbrx acts on the simulator's own runs only (BBR_SIM_RUNNER_PID is not this script's parent)"
         exit 70
       fi
       SIM_KILL_RUNNER=1
