@@ -20,6 +20,7 @@ import secrets
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -74,6 +75,9 @@ class FakeDirector:
     requests: list[Request] = field(default_factory=list)
     ssh_users: dict[str, set[str]] = field(default_factory=dict)  # vm id -> users
     tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry (monotonic)
+    # What the VMs' agents do on SSH setup (vm, user, public key) and cleanup (vm, regex).
+    on_setup: Callable[[FakeVm, str, str], None] | None = None
+    on_cleanup: Callable[[FakeVm, str], None] | None = None
 
     def __post_init__(self) -> None:
         self.ca = trustme.CA()
@@ -166,6 +170,8 @@ class FakeDirector:
                 failed = f"{vm.group}/{vm.index}" in self.ssh_fails
                 if not failed:
                     self.ssh_users.setdefault(vm.id, set()).add(params.get("user", ""))
+                    if self.on_setup is not None:
+                        self.on_setup(vm, params.get("user", ""), params.get("public_key", ""))
                 results.append(
                     {
                         "command": "setup",
@@ -181,6 +187,8 @@ class FakeDirector:
                 pattern = re.compile(params.get("user_regex", "^$"))
                 users = self.ssh_users.get(vm.id, set())
                 self.ssh_users[vm.id] = {u for u in users if not pattern.match(u)}
+                if self.on_cleanup is not None:
+                    self.on_cleanup(vm, params.get("user_regex", "^$"))
                 results.append({"command": "cleanup", "status": "success", "id": vm.id})
         return json.dumps(results) + "\n"
 

@@ -16,6 +16,7 @@ client and pipeline.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -169,9 +170,18 @@ class TestSshd:
     """One sshd, serving `vm_root/var/vcap` as /var/vcap, on a free loopback port."""
 
     def __init__(
-        self, keys: Keys, vm_root: Path, workdir: Path, without: tuple[str, ...] = ()
+        self,
+        keys: Keys,
+        vm_root: Path,
+        workdir: Path,
+        without: tuple[str, ...] = (),
+        *,
+        accounts: bool = False,
     ) -> None:
-        """`without`: commands the VM lacks (hidden under /dev/null in the namespace)."""
+        """`without`: commands the VM lacks (hidden under /dev/null in the namespace).
+        `accounts`: users can be added (`add_user`) as a BOSH agent adds the Director's SSH
+        user: in this sshd's namespace only, through its own /etc/passwd and sudoers.d."""
+        self.accounts = accounts
         self.keys = keys
         self.without = without
         self.vm_root = vm_root
@@ -185,10 +195,25 @@ class TestSshd:
         self.workdir.mkdir(parents=True, exist_ok=True)
         authorized = self.workdir / "authorized_keys"
         authorized.write_text(Path(f"{self.keys.client_key}.pub").read_text())
+        keys_dir = self.workdir / "keys"
+        keys_dir.mkdir(exist_ok=True)
+        (keys_dir / "root").write_text(authorized.read_text())
+        sudoers = self.workdir / "sudoers.d"
+        sudoers.mkdir(mode=0o755, exist_ok=True)
+        shadow = self.workdir / "shadow"  # sudo's PAM account check wants each user there
+        shutil.copy2("/etc/shadow", shadow)
         config = self.workdir / "sshd_config"
         config.write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.keys.host_key}\n"
-            f"AuthorizedKeysFile {authorized}\nPermitRootLogin prohibit-password\n"
+            + (
+                # Read as root: sshd opens a key file as the user, who may not search the
+                # test's private directories.
+                f"AuthorizedKeysFile none\nAuthorizedKeysCommand /bin/cat {keys_dir}/%u\n"
+                "AuthorizedKeysCommandUser root\n"
+                if self.accounts
+                else f"AuthorizedKeysFile {authorized}\n"
+            )
+            + "PermitRootLogin prohibit-password\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
             "PidFile none\nStrictModes no\nMaxSessions 100\nMaxStartups 100:30:200\n"
             "LogLevel ERROR\n"
@@ -214,8 +239,14 @@ class TestSshd:
         shutil.copy2(TAR, self.workdir / "real-tar")
         hidden = "".join(f"mount --bind /dev/null {path} && " for path in self._hidden_paths())
         mounts = (
-            hidden + f"mount --bind {passwd} /etc/passwd && "
-            f"mount --bind {shim} {TAR} && "
+            hidden
+            + f"mount --bind {passwd} /etc/passwd && "
+            + (
+                f"mount --bind {sudoers} /etc/sudoers.d && mount --bind {shadow} /etc/shadow && "
+                if self.accounts
+                else ""
+            )
+            + f"mount --bind {shim} {TAR} && "
             "mount -t tmpfs tmpfs /run && mkdir -p /run/sshd && "
             f"mount --bind {self.vm_root / 'var/vcap'} {VCAP} && "
             f"exec {SSHD} -D -e -f {config}"
@@ -238,6 +269,35 @@ class TestSshd:
                     return self
             time.sleep(0.02)
         raise RuntimeError("sshd did not start listening")
+
+    def add_user(self, user: str, public_key: str) -> None:
+        """What a BOSH agent does for the Director's SSH setup: the user, its key, and
+        passwordless sudo, on this VM only (the bound /etc/passwd and /etc/sudoers.d)."""
+        assert self.accounts and re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user), user
+        with open(self.workdir / "passwd", "a") as passwd:
+            passwd.write(f"{user}:x:{60000 + len(self.users())}:65534::/:/bin/sh\n")
+        with open(self.workdir / "shadow", "a") as shadow:
+            shadow.write(f"{user}:*:20000:0:99999:7:::\n")
+        (self.workdir / "keys" / user).write_text(public_key.strip() + "\n")
+        entry = self.workdir / "sudoers.d" / user
+        entry.write_text(f"{user} ALL=(ALL) NOPASSWD: ALL\n")
+        entry.chmod(0o440)
+
+    def remove_users(self, pattern: str) -> None:
+        """The agent's SSH cleanup: every user matching the regex goes."""
+        matches = re.compile(pattern).match
+        gone = [user for user in self.users() if matches(user)]
+        for name in ("passwd", "shadow"):
+            path = self.workdir / name
+            lines = path.read_text().splitlines(keepends=True)
+            path.write_text("".join(ln for ln in lines if ln.split(":", 1)[0] not in gone))
+        for user in gone:
+            (self.workdir / "keys" / user).unlink(missing_ok=True)
+            (self.workdir / "sudoers.d" / user).unlink(missing_ok=True)
+
+    def users(self) -> list[str]:
+        """The users added and not removed."""
+        return sorted(p.name for p in (self.workdir / "sudoers.d").iterdir())
 
     def _hidden_paths(self) -> list[str]:
         """The files sudo's PATH finds for each command the VM lacks: /dev/null, which is

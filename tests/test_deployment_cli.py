@@ -74,9 +74,9 @@ def test_bbrs_environment_variables_name_the_director_and_the_deployment(bbrx: B
         ),
         (["--target", "sim://demo", "-d", "redis", "restore"], "--artifact-path flag is required."),
         (["--target", "10.0.0.6", "-d", "cf", "backup"], "--username flag is required."),
-        (
-            ["--target", "10.0.0.6", "-u", "admin", "-p", "x", "-d", "cf", "backup"],
-            "deployments on a live BOSH Director are not supported yet",
+        (  # a live Director that is not there (loopback, a closed port)
+            ["--target", "127.0.0.1:9", "-u", "admin", "-p", "x", "-d", "cf", "backup"],
+            "the BOSH Director at https://127.0.0.1:9 is unreachable or unhealthy",
         ),
         (
             ["--target", "sim://demo", "--all-deployments", "backup", "--unsafe-lock-free"],

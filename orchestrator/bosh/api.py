@@ -32,6 +32,8 @@ from orchestrator.bosh.director import VmInfo
 from orchestrator.errors import TargetError, UsageError
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO: a run's output is ours, and --debug shows our own lines.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 DEFAULT_PORT = 25555
 OK_STATUSES = (200, 201, 204, 206, 302)
@@ -82,8 +84,11 @@ def director_url(target: str) -> str:
     return f"https://{shown}:{port or DEFAULT_PORT}"
 
 
-def ssl_context(ca_cert: str) -> ssl.SSLContext:
-    """The trust root from --ca-cert: the PEM itself (it contains BEGIN), or a path to it."""
+def ssl_context(ca_cert: str | None) -> ssl.SSLContext:
+    """The trust root from --ca-cert: the PEM itself (it contains BEGIN), or a path to it;
+    without one, this machine's trust store (bbr refuses to run without a CA)."""
+    if not ca_cert:
+        return ssl.create_default_context()
     if "BEGIN" in ca_cert:
         pem, source = ca_cert, "--ca-cert"
     else:
@@ -115,7 +120,7 @@ class DirectorApi:
         target: str,
         username: str,
         password: str,
-        ca_cert: str,
+        ca_cert: str | None,
         *,
         timeout: float = 30.0,
         poll_interval: float = 0.5,

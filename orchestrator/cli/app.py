@@ -113,6 +113,8 @@ class Globals:
     deployment: str | None = None
     all_deployments: bool = False
     max_parallel: int | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_cert: str | None = field(default=None, repr=False)
 
 
 def _timeout_option(phase: str, default: float | None) -> Any:

@@ -143,6 +143,9 @@ def deployment(
         deployment=name,
         all_deployments=all_deployments or None,
         max_parallel=max_parallel,
+        username=username,
+        password=password,
+        ca_cert=ca_cert,
     )
 
 
@@ -155,6 +158,9 @@ def _request(ctx: typer.Context, operation: str, artifact_path: Path | None = No
         artifact_path=artifact_path,
         deployment=options.deployment,
         max_parallel=options.max_parallel,
+        username=options.username,
+        password=options.password,
+        ca_cert=options.ca_cert,
     )
 
 

@@ -21,8 +21,7 @@ from datetime import UTC, datetime
 from audit import AuditError
 from orchestrator.engine.run import Outcome, SignalRelay
 from orchestrator.errors import BbrxError, RunFailed, UsageError
-from orchestrator.operations.procedures import Request, run_deployment
-from orchestrator.transport.targets import open_director
+from orchestrator.operations.procedures import Request, director_of, run_deployment
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def run_all_deployments(request: Request, say: Callable[[str], None]) -> BatchOu
         raise UsageError(
             f"{request.operation} does not take --all-deployments: give --deployment NAME"
         )
-    director = open_director(request.target, home=request.home)
+    director = director_of(request)
     try:
         names = director.deployments()
     finally:

@@ -55,8 +55,11 @@ class Request:
     confirm_abandon: Callable[[list[str], threading.Event], bool] | None = None
     # A cleanup even over a work dir that a run this audit log does not know created.
     force: bool = False
-    # Deployment mode: the deployment to act on (the director is `target`).
+    # Deployment mode: the deployment to act on (the director is `target`), and a live
+    # director's secret and CA (never in a repr, a log or the audit log).
     deployment: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_cert: str | None = field(default=None, repr=False)
     # backup: save the deployment's manifest in the artifact (bbr's --with-manifest).
     with_manifest: bool = False
     # backup: run no lock or unlock script (bbr's --unsafe-lock-free); recorded in the audit.
@@ -90,6 +93,17 @@ def run_director(request: Request) -> Outcome:
         instance.close()
 
 
+def director_of(request: Request) -> Director:
+    """The director `request.target` names, with the request's credentials for a live one."""
+    return open_director(
+        request.target,
+        home=request.home,
+        username=request.username,
+        password=request.password,
+        ca_cert=request.ca_cert,
+    )
+
+
 def run_deployment(request: Request, director: Director | None = None) -> Outcome:
     """Run one operation on a deployment of the director `request.target` names."""
     if request.deployment is None:
@@ -97,7 +111,7 @@ def run_deployment(request: Request, director: Director | None = None) -> Outcom
     if request.operation == "restore" and request.artifact_path is None:
         raise UsageError("--artifact-path flag is required.")
     if director is None:
-        director = open_director(request.target, home=request.home)
+        director = director_of(request)
     fleet = DeploymentFleet(director, request.deployment, request.target.host)
     try:
         return run_on(request, fleet)

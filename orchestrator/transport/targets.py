@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.bosh.director import Director
-from orchestrator.errors import NotSupportedError, UsageError
+from orchestrator.errors import UsageError
 from orchestrator.transport.instance import Instance
 
 SIM_SCHEME = "sim://"
@@ -126,17 +126,23 @@ def director_address(target: Target) -> str:
     return f"https://{name}:{target.port}"
 
 
-def open_director(target: Target, *, home: Path) -> Director:
-    """The director a deployment run goes through: the simulator's for sim://NAME."""
+def open_director(
+    target: Target,
+    *,
+    home: Path,
+    username: str | None = None,
+    password: str | None = None,
+    ca_cert: str | None = None,
+) -> Director:
+    """The director a deployment run goes through: the simulator's for sim://NAME, else a
+    live BOSH Director over its API (credentials: a UAA client or basic auth)."""
     if target.simulated:
         from simulator.deployments import SimBosh
         from simulator.director import SimDirector, sim_root
 
         SimDirector(sim_root(home, target.name)).ensure()
         return SimBosh(home, target.name)
-    raise NotSupportedError(
-        f"--target {target.host}: deployments on a live BOSH Director are not supported yet "
-        "(this bbrx drives deployments on the simulator only)",
-        hint="Use --target sim://NAME to practise on the simulator, or bbr itself for a live "
-        "deployment. A live director's own backup works: bbrx director --host HOST ...",
-    )
+    from orchestrator.bosh.api import DirectorApi  # a live director's only
+    from orchestrator.bosh.live import LiveDirector
+
+    return LiveDirector(DirectorApi(target.host, username or "", password or "", ca_cert))

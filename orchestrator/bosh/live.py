@@ -1,0 +1,169 @@
+"""A live BOSH Director behind the director contract: the Director API for what it lists,
+OpenSSH (the transport director mode uses) to each instance, with access the Director sets
+up per instance group and tears down again.
+
+One key pair and one user a run (bbr's way): the pair is made with ssh-keygen in a private
+directory (0700) and removed with it at the end; the user is `bosh_` and 15 hex digits.
+Each instance's host key comes from the Director's SSH result and is pinned in a
+known_hosts file of the run's own, so there is no prompt, and a different key is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import tempfile
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from orchestrator.bosh.api import DirectorApi, SshHost
+from orchestrator.bosh.director import VmInfo
+from orchestrator.errors import TargetError
+from orchestrator.transport.instance import Instance
+from orchestrator.transport.ssh import SshInstance
+
+log = logging.getLogger(__name__)
+
+SSH_PORT = 22
+
+
+class LiveDirector:
+    """A Director reached over its API; thread-safe."""
+
+    mode = "live"
+
+    def __init__(self, api: DirectorApi, *, connect_timeout: int = 15) -> None:
+        self.api = api
+        self.address = api.url
+        self._connect_timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._keys: Path | None = None
+        self.user = "bosh_" + uuid.uuid4().hex[:15]
+        self._opened: dict[tuple[str, str], list[SshInstance]] = {}
+
+    def __repr__(self) -> str:
+        return f"LiveDirector({self.address!r})"
+
+    def deployments(self) -> list[str]:
+        return self.api.deployments()
+
+    def vms(self, deployment: str) -> list[VmInfo]:
+        return self.api.vms(deployment)
+
+    def manifest(self, deployment: str) -> str:
+        return self.api.manifest(deployment)
+
+    # --- access ----------------------------------------------------------------------
+
+    def _key_pair(self) -> tuple[Path, str]:
+        with self._lock:
+            if self._keys is None:
+                keys = Path(tempfile.mkdtemp(prefix="bbrx-access-"))  # mode 0700
+                try:
+                    subprocess.run(
+                        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.user,
+                         "-f", str(keys / "id")],
+                        check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=30,
+                    )  # fmt: skip
+                except (OSError, subprocess.SubprocessError) as error:
+                    shutil.rmtree(keys, ignore_errors=True)
+                    raise TargetError(
+                        f"cannot make a key pair for access to {self.address}: {error}",
+                        hint="bbrx needs OpenSSH's ssh-keygen on this jump box.",
+                    ) from error
+                self._keys = keys
+            return self._keys / "id", (self._keys / "id.pub").read_text().strip()
+
+    def open_instances(self, deployment: str, group: str) -> Sequence[Instance]:
+        """The Director adds the run's user and key to every instance of the group; one
+        SshInstance per instance, in index order, each pinned to its host key."""
+        private, public = self._key_pair()
+        hosts = self.api.ssh_setup(deployment, group, self.user, public)
+        instances = []
+        try:
+            for host in sorted(hosts, key=lambda h: _index(h.index)):
+                instances.append(self._instance(deployment, group, host, private))
+        except BaseException:
+            for instance in instances:
+                instance.close()
+            self.close_access(deployment, group, opened=True)
+            raise
+        with self._lock:
+            self._opened.setdefault((deployment, group), []).extend(instances)
+        log.info("access set up to %s/%s on %s: %d instance(s) as %s", deployment, group,
+                 self.address, len(instances), self.user)  # fmt: skip
+        return instances
+
+    def _instance(self, deployment: str, group: str, host: SshHost, private: Path) -> SshInstance:
+        address, port = _address(host.address)
+        name = f"{group}/{host.index}"
+        assert self._keys is not None
+        known_hosts = self._keys / f"known_hosts-{group}-{host.index}"
+        fields = host.host_public_key.split()
+        if len(fields) < 2 or not fields[0].startswith(("ssh-", "ecdsa-", "sk-")):
+            raise TargetError(
+                f"the Director gave {deployment}/{name} a host key that is no public key: "
+                f"{host.host_public_key[:80]!r}"
+            )
+        where = address if port == SSH_PORT else f"[{address}]:{port}"
+        known_hosts.write_text(f"{where} {fields[0]} {fields[1]}\n")
+        instance = SshInstance(
+            address,
+            port,
+            self.user,
+            private,
+            known_hosts=known_hosts,
+            connect_timeout=self._connect_timeout,
+        )
+        instance.group = group
+        instance.index = host.index
+        instance.instance_id = host.id or None
+        return instance
+
+    def close_access(self, deployment: str, group: str, *, opened: bool = False) -> None:
+        """Remove the run's user from the group's instances (the Director's cleanup task,
+        started and not waited for). Idempotent."""
+        with self._lock:
+            instances = self._opened.pop((deployment, group), [])
+        for instance in instances:
+            instance.close()
+        if not instances and not opened:
+            return
+        try:
+            self.api.ssh_cleanup(deployment, group, self.user, [])
+        except TargetError as error:
+            log.warning(
+                "could not remove user %s from %s/%s: %s (it stays until the Director's own "
+                "cleanup removes it)", self.user, deployment, group, error.message,
+            )  # fmt: skip
+
+    def close(self) -> None:
+        """Tear down what is still open, remove the key pair, close the API. Idempotent."""
+        with self._lock:
+            groups = list(self._opened)
+        for deployment, group in groups:
+            self.close_access(deployment, group)
+        with self._lock:
+            keys, self._keys = self._keys, None
+        if keys is not None:
+            shutil.rmtree(keys, ignore_errors=True)
+        self.api.close()
+
+
+def _index(text: str) -> tuple[int, str]:
+    return (int(text), "") if text.isdigit() else (1 << 30, text)
+
+
+def _address(text: str) -> tuple[str, int]:
+    """The SSH result's `ip`: a host, or host:port (one colon: bbr's rule), or [v6]:port."""
+    if text.startswith("[") and "]:" in text:
+        host, _, port = text[1:].partition("]:")
+        return host, int(port)
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if port.isdigit():
+            return host, int(port)
+    return text, SSH_PORT

@@ -1,0 +1,123 @@
+"""`bbrx deployment` against a live Director: the fake Director and UAA over HTTPS
+(tests/fake_director.py) in front of real VMs, one real sshd each (tests/sshd.py) serving a
+simulated deployment VM's tree as its /var/vcap. The Director's SSH setup adds the run's
+user, key and sudo inside that VM's namespace only, and its cleanup removes them."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from simulator.deploy import find_deployment, manifest_of
+from simulator.director import SimDirector
+from tests import sshd
+from tests.conftest import Bbrx
+from tests.fake_director import FakeDirector, FakeVm
+
+DEPLOYMENT = "redis"
+
+
+@dataclass
+class Live:
+    fake: FakeDirector
+    vms: dict[str, sshd.TestSshd]  # instance id -> its sshd
+    trees: dict[str, SimDirector]  # instance id -> its VM tree (for its call log)
+    ca: Path
+    bbrx: Bbrx
+
+    def deployment(self, *args: str):
+        return self.bbrx(
+            "deployment", "--target", self.fake.url, "--username", self.fake.client,
+            "--password", self.fake.secret, "--ca-cert", str(self.ca),
+            "--deployment", DEPLOYMENT, *args,
+        )  # fmt: skip
+
+
+@pytest.fixture
+def live(request, ssh_keys, bbrx, tmp_path) -> Iterator[Live]:
+    reason = sshd.available()
+    if reason:
+        pytest.skip(reason)
+    request.getfixturevalue("vcap_mount_point")
+    world = SimDirector(tmp_path / "world")
+    world.create()
+    found = find_deployment(world, DEPLOYMENT)
+    fake = FakeDirector(auth="uaa", task_polls=1)
+    servers: dict[str, sshd.TestSshd] = {}
+    trees: dict[str, SimDirector] = {}
+    host_key = Path(f"{ssh_keys.host_key}.pub").read_text().strip()
+    try:
+        vms = []
+        for vm in found.vms:
+            tree = world.deployment_vm(DEPLOYMENT, vm)
+            server = sshd.TestSshd(
+                ssh_keys, tree.root, tmp_path / f"sshd-{vm.group}-{vm.index}", accounts=True
+            ).start()
+            servers[vm.instance_id] = server
+            trees[vm.instance_id] = SimDirector(tree.root)
+            vms.append(
+                FakeVm(vm.group, vm.index, vm.instance_id, f"127.0.0.1:{server.port}",
+                       host_key, bootstrap=vm.index == 0)
+            )  # fmt: skip
+        fake.deployments[DEPLOYMENT] = {"manifest": manifest_of(found) or "", "vms": vms}
+        fake.on_setup = lambda vm, user, key: servers[vm.id].add_user(user, key)
+        fake.on_cleanup = lambda vm, pattern: servers[vm.id].remove_users(pattern)
+        fake.serve()
+        ca = tmp_path / "director-ca.pem"
+        ca.write_text(fake.ca_pem)
+        yield Live(fake, servers, trees, ca, bbrx)
+    finally:
+        fake.stop()
+        for server in servers.values():
+            with contextlib.suppress(Exception):
+                server.stop()
+
+
+def test_a_live_deployment_is_backed_up_through_the_director(live: Live, tmp_path) -> None:
+    out = tmp_path / "backups"
+    out.mkdir()
+    checked = live.deployment("pre-backup-check")
+    assert checked.code == 0, checked
+    assert f"Deployment '{DEPLOYMENT}' can be backed up." in checked.stdout
+
+    result = live.deployment("backup", "--artifact-path", str(out))
+    assert result.code == 0, result
+    [artifact] = list(out.iterdir())
+    tars = sorted(p.name for p in artifact.glob("*.tar"))
+    assert tars == [f"redis-{i}-redis-server.tar" for i in range(3)], tars
+    for tree in live.trees.values():  # every VM locked, backed up and unlocked, by its log
+        ran = [c.script for c in tree.calls() if c.event == "start"]
+        assert ran[-4:] == ["pre-backup-lock", "backup", "post-backup-unlock", "transfer"], ran
+    # The run's user was made on each VM and is gone from each; the secret went nowhere.
+    assert all(server.users() == [] for server in live.vms.values())
+    setups = [r.body for r in live.fake.requests if r.method == "POST" and r.path.endswith("/ssh")]
+    users = {body["params"].get("user") for body in setups if body["command"] == "setup"}
+    assert len(users) == 2  # a user a run: the check's and the backup's
+    assert all(user.startswith("bosh_") and len(user) == 20 for user in users), users
+    assert live.fake.secret not in result.stdout + result.stderr
+    assert live.fake.secret not in live.bbrx.audit_db.read_bytes().decode(errors="replace")
+    rows = live.bbrx.audit_rows()
+    assert rows[0]["mode"] == "live" and rows[0]["target"] == f"{live.fake.url}/{DEPLOYMENT}"
+
+    restored = live.deployment("restore", "--artifact-path", str(artifact))
+    assert restored.code == 0, restored
+    for tree in live.trees.values():
+        ran = [c.script for c in tree.calls() if c.event == "start"]
+        assert ran[-3:] == ["pre-restore-lock", "restore", "post-restore-unlock"], ran
+    assert all(server.users() == [] for server in live.vms.values())
+
+
+def test_a_wrong_host_key_is_refused_and_access_is_torn_down(live: Live, tmp_path) -> None:
+    other = tmp_path / "other-key"
+    sshd.Keys.make(other)
+    [first, *_] = live.fake.deployments[DEPLOYMENT]["vms"]
+    first.host_public_key = Path(other / "host_key.pub").read_text().strip()
+    result = live.deployment("pre-backup-check")
+    assert result.code != 0, result
+    assert "redis/0" in result.stderr or first.ip in result.stderr, result
+    assert "host key" in result.stderr.lower(), result
+    assert all(server.users() == [] for server in live.vms.values())
