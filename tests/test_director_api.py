@@ -154,8 +154,12 @@ def test_one_instance_failing_ssh_setup_is_named(fake: FakeDirector) -> None:
 
 def test_an_unreachable_director_is_named() -> None:
     fake = FakeDirector()
+    pauses: list[float] = []
     with pytest.raises(DirectorApiError, match=r"https://127\.0\.0\.1:9 is unreachable"):
-        DirectorApi("127.0.0.1:9", "c", "s", fake.ca_pem, timeout=2).deployments()
+        DirectorApi(
+            "127.0.0.1:9", "c", "s", fake.ca_pem, timeout=2, sleep=pauses.append
+        ).deployments()
+    assert pauses == [0.5] * 4  # tried five times, as bbr does
 
 
 @pytest.mark.parametrize(
@@ -175,3 +179,22 @@ def test_the_target_is_always_https_on_25555_by_default(target: str, url: str) -
 def test_a_target_without_a_host_is_refused(target: str) -> None:
     with pytest.raises(UsageError, match="invalid BOSH Director URL"):
         director_url(target)
+
+
+def test_a_setup_that_fails_on_one_instance_is_cleaned_up_on_all(fake: FakeDirector) -> None:
+    """The Director added the run's user to the instances whose setup worked: a failed
+    group setup still gets its cleanup, and the run's key pair is gone after close."""
+    from orchestrator.bosh.live import LiveDirector
+
+    fake.ssh_fails.add("redis/1")
+    director = LiveDirector(client(fake))
+    with pytest.raises(DirectorApiError, match=r"instance redis/\S+ failed"):
+        director.open_instances("redis", "redis")
+    assert all(users == set() for users in fake.ssh_users.values()), fake.ssh_users
+    cleanups = [r.body for r in fake.requests if r.path == "/deployments/redis/ssh"]
+    assert [b["command"] for b in cleanups] == ["setup", "cleanup"]
+    assert cleanups[1]["params"] == {"user_regex": f"^{director.user}"}
+    keys = director._keys
+    assert keys is not None and (keys / "id").exists()
+    director.close()
+    assert not keys.exists()

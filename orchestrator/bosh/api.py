@@ -42,6 +42,8 @@ RUNNING_STATES = ("queued", "processing", "cancelling")
 # fetches before each POST and redirect instead; a long poll would outlive a short token).
 EXPIRY_MARGIN = 30.0
 BODY_TAIL = 500  # of an error response's body, in a message
+NETWORK_TRIES = 5
+NETWORK_PAUSE = 0.5
 
 
 class DirectorApiError(TargetError):
@@ -245,12 +247,7 @@ class DirectorApi:
             if body is not None:
                 headers["Content-Type"] = "application/json"
             try:
-                response = self._http.request(
-                    method,
-                    url,
-                    headers=headers,
-                    content=None if body is None else json.dumps(body).encode(),
-                )
+                response = self._request(method, url, headers, body)
             except httpx.HTTPError as error:
                 raise DirectorApiError(
                     f"the BOSH Director at {self.url} is unreachable or unhealthy: "
@@ -268,6 +265,22 @@ class DirectorApi:
                 hint=_hint(response.status_code),
             )
         return response
+
+    def _request(self, method: str, url: str, headers: dict[str, str], body: Any) -> httpx.Response:
+        """One request, tried again up to NETWORK_TRIES times, NETWORK_PAUSE apart, when
+        the network failed it (bbr's rule); a POST only when it never left (no connection),
+        so that the Director is never asked for one task twice."""
+        content = None if body is None else json.dumps(body).encode()
+        for attempt in range(1, NETWORK_TRIES + 1):
+            try:
+                return self._http.request(method, url, headers=headers, content=content)
+            except httpx.TransportError as error:
+                again = method == "GET" or isinstance(error, httpx.ConnectError)
+                if not again or attempt == NETWORK_TRIES:
+                    raise
+                log.debug("%s %s: %s; trying again", method, _path(url), _reason(error))
+                self._sleep(NETWORK_PAUSE)
+        raise AssertionError("unreachable")
 
     def _get_json(self, path: str) -> Any:
         return _json(self._send("GET", f"{self.url}{path}"), f"GET {self.url}{path}")

@@ -43,6 +43,10 @@ class LiveDirector:
         self._keys: Path | None = None
         self.user = "bosh_" + uuid.uuid4().hex[:15]
         self._opened: dict[tuple[str, str], list[SshInstance]] = {}
+        # Groups whose SSH setup was asked for: each gets a cleanup, whatever came of it
+        # (a setup that failed on one instance succeeded on the others).
+        self._asked: set[tuple[str, str]] = set()
+        self._pins = 0
 
     def __repr__(self) -> str:
         return f"LiveDirector({self.address!r})"
@@ -81,15 +85,17 @@ class LiveDirector:
         """The Director adds the run's user and key to every instance of the group; one
         SshInstance per instance, in index order, each pinned to its host key."""
         private, public = self._key_pair()
-        hosts = self.api.ssh_setup(deployment, group, self.user, public)
+        with self._lock:
+            self._asked.add((deployment, group))
         instances = []
         try:
+            hosts = self.api.ssh_setup(deployment, group, self.user, public)
             for host in sorted(hosts, key=lambda h: _index(h.index)):
                 instances.append(self._instance(deployment, group, host, private))
         except BaseException:
             for instance in instances:
                 instance.close()
-            self.close_access(deployment, group, opened=True)
+            self.close_access(deployment, group)
             raise
         with self._lock:
             self._opened.setdefault((deployment, group), []).extend(instances)
@@ -101,7 +107,9 @@ class LiveDirector:
         address, port = _address(host.address)
         name = f"{group}/{host.index}"
         assert self._keys is not None
-        known_hosts = self._keys / f"known_hosts-{group}-{host.index}"
+        with self._lock:
+            self._pins += 1  # a counter, not the Director's strings, names the file
+            known_hosts = self._keys / f"known_hosts-{self._pins}"
         fields = host.host_public_key.split()
         if len(fields) < 2 or not fields[0].startswith(("ssh-", "ecdsa-", "sk-")):
             raise TargetError(
@@ -117,20 +125,23 @@ class LiveDirector:
             private,
             known_hosts=known_hosts,
             connect_timeout=self._connect_timeout,
+            pinned=True,
         )
         instance.group = group
         instance.index = host.index
         instance.instance_id = host.id or None
         return instance
 
-    def close_access(self, deployment: str, group: str, *, opened: bool = False) -> None:
+    def close_access(self, deployment: str, group: str) -> None:
         """Remove the run's user from the group's instances (the Director's cleanup task,
-        started and not waited for). Idempotent."""
+        started and not waited for), if its setup was asked for. Idempotent."""
         with self._lock:
             instances = self._opened.pop((deployment, group), [])
+            asked = (deployment, group) in self._asked
+            self._asked.discard((deployment, group))
         for instance in instances:
             instance.close()
-        if not instances and not opened:
+        if not asked:
             return
         try:
             self.api.ssh_cleanup(deployment, group, self.user, [])
@@ -141,16 +152,26 @@ class LiveDirector:
             )  # fmt: skip
 
     def close(self) -> None:
-        """Tear down what is still open, remove the key pair, close the API. Idempotent."""
-        with self._lock:
-            groups = list(self._opened)
-        for deployment, group in groups:
-            self.close_access(deployment, group)
+        """Remove the key pair, tear down what is still open, close the API. Idempotent.
+
+        The key goes first: a Ctrl-C during the cleanup calls must not leave a private key
+        that the instances still accept. Every group is tried, whatever one raises."""
         with self._lock:
             keys, self._keys = self._keys, None
+            groups = sorted(self._asked | set(self._opened))
         if keys is not None:
             shutil.rmtree(keys, ignore_errors=True)
-        self.api.close()
+        first: BaseException | None = None
+        try:
+            for deployment, group in groups:
+                try:
+                    self.close_access(deployment, group)
+                except BaseException as error:  # a Ctrl-C here: the other groups still
+                    first = first or error
+        finally:
+            self.api.close()
+        if first is not None:
+            raise first
 
 
 def _index(text: str) -> tuple[int, str]:

@@ -12,6 +12,7 @@ turns errors into exit codes.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -127,6 +128,8 @@ def deployment(
             hint="Use --target sim://NAME for the simulator (or set BOSH_ENVIRONMENT).",
         )
     parsed = parse_director(target)
+    # Read: the secret need not stay where every ssh this run starts would inherit it.
+    os.environ.pop("BOSH_CLIENT_SECRET", None)
     if not parsed.simulated:
         # bbr's checks come before any call to the director.
         for flag, value in (("username", username), ("password", password)):

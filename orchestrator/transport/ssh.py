@@ -91,7 +91,12 @@ class SshInstance:
         accept_new_host_key: bool = False,
         known_hosts: Path | None = None,
         connect_timeout: int = 15,
+        pinned: bool = False,
     ) -> None:
+        # pinned: `known_hosts` holds the one key this host may show (a live deployment's
+        # instance, as the Director reported it): the machine's global known hosts,
+        # which may hold a stale key for a reused IP, are not consulted.
+        self.pinned = pinned
         self.host = host
         self.port = port
         self.username = username
@@ -182,6 +187,8 @@ class SshInstance:
         ]  # fmt: skip
         if self.known_hosts is not None:
             options += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        if self.pinned:
+            options += ["-o", "GlobalKnownHostsFile=/dev/null"]
         return options
 
     def _ssh(self, remote: str) -> list[str]:
