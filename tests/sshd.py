@@ -177,11 +177,13 @@ class TestSshd:
         without: tuple[str, ...] = (),
         *,
         accounts: bool = False,
+        log_level: str = "ERROR",
     ) -> None:
         """`without`: commands the VM lacks (hidden under /dev/null in the namespace).
         `accounts`: users can be added (`add_user`) as a BOSH agent adds the Director's SSH
         user: in this sshd's namespace only, through its own /etc/passwd and sudoers.d."""
         self.accounts = accounts
+        self.log_level = log_level  # DEBUG1 logs each forwarded connection's target
         self.keys = keys
         self.without = without
         self.vm_root = vm_root
@@ -216,7 +218,7 @@ class TestSshd:
             + "PermitRootLogin prohibit-password\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
             "PidFile none\nStrictModes no\nMaxSessions 100\nMaxStartups 100:30:200\n"
-            "LogLevel ERROR\n"
+            f"LogLevel {self.log_level}\n"
         )
         host_pub = Path(f"{self.keys.host_key}.pub").read_text().split()
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")

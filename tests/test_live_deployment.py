@@ -6,6 +6,7 @@ user, key and sudo inside that VM's namespace only, and its cleanup removes them
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,3 +122,37 @@ def test_a_wrong_host_key_is_refused_and_access_is_torn_down(live: Live, tmp_pat
     assert "redis/0" in result.stderr or first.ip in result.stderr, result
     assert "host key" in result.stderr.lower(), result
     assert all(server.users() == [] for server in live.vms.values())
+
+
+def test_bosh_all_proxy_takes_the_api_and_every_instance_through_the_jump_host(
+    live: Live, ssh_keys, tmp_path
+) -> None:
+    """BOSH_ALL_PROXY=ssh+socks5://USER@HOST:PORT?private-key=PATH: the Director API over
+    an `ssh -D` tunnel, each instance's ssh over `ssh -W`; the jump sshd's own log shows
+    it forwarded to the Director and to every instance. A bad proxy is refused by name."""
+    (tmp_path / "jump-vm/var/vcap").mkdir(parents=True)
+    jump = sshd.TestSshd(ssh_keys, tmp_path / "jump-vm", tmp_path / "jump", log_level="DEBUG1")
+    jump.start()
+    try:
+        live.bbrx.env["BOSH_ALL_PROXY"] = (
+            f"ssh+socks5://root@127.0.0.1:{jump.port}?private-key={ssh_keys.client_key}"
+        )
+        checked = live.deployment("pre-backup-check")
+        assert checked.code == 0, checked
+        assert f"Through root@127.0.0.1:{jump.port} (BOSH_ALL_PROXY)" in checked.stderr
+        log = (jump.workdir / "sshd.log").read_text()
+        forwarded = set(
+            re.findall(
+                r"direct_tcpip: originator \S+ port \d+, target 127\.0\.0\.1 port (\d+)", log
+            )
+        )
+        director_port = live.fake.url.rsplit(":", 1)[1]
+        assert forwarded == {director_port, *(str(s.port) for s in live.vms.values())}, forwarded
+        # The jump host's key, recorded on first use (ssh may hash the name).
+        host_key = Path(f"{ssh_keys.host_key}.pub").read_text().split()[1]
+        assert host_key in (live.bbrx.home / "proxy_known_hosts").read_text()
+        live.bbrx.env["BOSH_ALL_PROXY"] = f"socks5://127.0.0.1:{jump.port}"
+        refused = live.deployment("pre-backup-check")
+        assert refused.code == 1 and "bbrx takes ssh+socks5://USER@HOST:PORT" in refused.stderr
+    finally:
+        jump.stop()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from orchestrator.bosh.api import DirectorApi, SshHost
 from orchestrator.bosh.director import VmInfo
+from orchestrator.bosh.proxy import Tunnel
 from orchestrator.errors import TargetError
 from orchestrator.transport.instance import Instance
 from orchestrator.transport.ssh import SshInstance
@@ -35,8 +36,11 @@ class LiveDirector:
 
     mode = "live"
 
-    def __init__(self, api: DirectorApi, *, connect_timeout: int = 15) -> None:
+    def __init__(
+        self, api: DirectorApi, *, connect_timeout: int = 15, tunnel: Tunnel | None = None
+    ) -> None:
         self.api = api
+        self._tunnel = tunnel  # BOSH_ALL_PROXY: the API's SOCKS tunnel, the instances' jump
         self.address = api.url
         self._connect_timeout = connect_timeout
         self._lock = threading.Lock()
@@ -126,6 +130,7 @@ class LiveDirector:
             known_hosts=known_hosts,
             connect_timeout=self._connect_timeout,
             pinned=True,
+            proxy_command=self._tunnel.jump.proxy_command() if self._tunnel else None,
         )
         instance.group = group
         instance.index = host.index
@@ -170,6 +175,8 @@ class LiveDirector:
                     first = first or error
         finally:
             self.api.close()
+            if self._tunnel is not None:
+                self._tunnel.stop()
         if first is not None:
             raise first
 

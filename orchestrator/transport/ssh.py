@@ -92,7 +92,9 @@ class SshInstance:
         known_hosts: Path | None = None,
         connect_timeout: int = 15,
         pinned: bool = False,
+        proxy_command: str | None = None,
     ) -> None:
+        self.proxy_command = proxy_command  # BOSH_ALL_PROXY's jump host, for a live deployment
         # pinned: `known_hosts` holds the one key this host may show (a live deployment's
         # instance, as the Director reported it): the machine's global known hosts,
         # which may hold a stale key for a reused IP, are not consulted.
@@ -189,6 +191,8 @@ class SshInstance:
             options += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
         if self.pinned:
             options += ["-o", "GlobalKnownHostsFile=/dev/null"]
+        if self.proxy_command is not None:
+            options += ["-o", f"ProxyCommand={self.proxy_command}"]
         return options
 
     def _ssh(self, remote: str) -> list[str]:

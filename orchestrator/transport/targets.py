@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +143,22 @@ def open_director(
 
         SimDirector(sim_root(home, target.name)).ensure()
         return SimBosh(home, target.name)
-    from orchestrator.bosh.api import DirectorApi  # a live director's only
+    from orchestrator.bosh import proxy  # a live director's only
+    from orchestrator.bosh.api import DirectorApi
     from orchestrator.bosh.live import LiveDirector
 
-    return LiveDirector(DirectorApi(target.host, username or "", password or "", ca_cert))
+    through = os.environ.get("BOSH_ALL_PROXY", "").strip()
+    tunnel = proxy.Tunnel(proxy.parse(through, home)).start() if through else None
+    try:
+        api = DirectorApi(
+            target.host,
+            username or "",
+            password or "",
+            ca_cert,
+            proxy=tunnel.url if tunnel else None,
+        )
+    except BaseException:
+        if tunnel is not None:
+            tunnel.stop()
+        raise
+    return LiveDirector(api, tunnel=tunnel)

@@ -1,0 +1,134 @@
+"""`BOSH_ALL_PROXY`: reach the Director and every instance through a jump host.
+
+bbr accepts `ssh+socks5://USER@HOST:PORT?private-key=PATH` (it opens the SSH tunnel
+itself) and `socks5://HOST:PORT`. bbrx takes the first form and lets OpenSSH do the
+tunnelling: one `ssh -N -D` to the jump host gives the Director API a SOCKS5 proxy on a
+loopback port of this machine, and each instance's ssh goes through `ssh -W` to the same
+jump host (its ProxyCommand). The jump host's key is checked against
+`$BBRX_HOME/proxy_known_hosts`: recorded on first use, refused if it changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from orchestrator.errors import TargetError, UsageError
+
+log = logging.getLogger(__name__)
+
+SCHEME = "ssh+socks5"
+START_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class JumpHost:
+    user: str
+    host: str
+    port: int
+    private_key: Path
+    known_hosts: Path
+
+    def ssh_options(self) -> list[str]:
+        return [
+            "-p", str(self.port), "-l", self.user, "-i", str(self.private_key),
+            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=accept-new",
+            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
+        ]  # fmt: skip
+
+    def proxy_command(self) -> str:
+        """An instance's ProxyCommand: OpenSSH's own `-W` through the jump host (ssh runs
+        it with /bin/sh, after expanding %h and %p)."""
+        words = [shlex.quote(w).replace("%", "%%") for w in ("ssh", *self.ssh_options())]
+        return " ".join([*words, "-W", "%h:%p", shlex.quote(self.host)])
+
+
+def parse(value: str, home: Path) -> JumpHost:
+    """The jump host of a `BOSH_ALL_PROXY` value; UsageError naming what is wrong."""
+    parts = urlsplit(value.strip())
+    if parts.scheme != SCHEME:
+        raise UsageError(
+            f"BOSH_ALL_PROXY={value!r}: bbrx takes ssh+socks5://USER@HOST:PORT?private-key=PATH",
+            hint="A plain socks5:// proxy is not supported yet: give the jump host itself.",
+        )
+    try:
+        port = parts.port or 22
+    except ValueError as error:
+        raise UsageError(f"BOSH_ALL_PROXY: {error}") from error
+    keys = parse_qs(parts.query).get("private-key") or []
+    if not parts.hostname or not parts.username or len(keys) != 1:
+        raise UsageError(
+            f"BOSH_ALL_PROXY={value!r}: it needs a user, a host and one private-key",
+            hint="For example ssh+socks5://jumpbox@10.0.0.5:22?private-key=/home/me/jumpbox.pem",
+        )
+    key = Path(unquote(keys[0])).expanduser()
+    if not key.is_file():
+        raise UsageError(f"BOSH_ALL_PROXY: the private key {key} does not exist")
+    return JumpHost(unquote(parts.username), parts.hostname, port, key, home / "proxy_known_hosts")
+
+
+class Tunnel:
+    """`ssh -N -D 127.0.0.1:PORT` to the jump host: a SOCKS5 proxy for the Director API."""
+
+    def __init__(self, jump: JumpHost) -> None:
+        self.jump = jump
+        self.port = _free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"socks5://127.0.0.1:{self.port}"
+
+    def start(self) -> Tunnel:
+        self.jump.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+        argv = ["ssh", *self.jump.ssh_options(), "-N", "-o", "ExitOnForwardFailure=yes",
+                "-D", f"127.0.0.1:{self.port}", self.jump.host]  # fmt: skip
+        self._proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                assert self._proc.stderr is not None
+                said = self._proc.stderr.read().decode(errors="replace").strip()
+                raise TargetError(
+                    f"cannot open the BOSH_ALL_PROXY tunnel to {self.jump.user}@"
+                    f"{self.jump.host}:{self.jump.port}: {said or 'ssh exited'}",
+                    hint=f"Check the jump host, its user and key; its host key is pinned in "
+                    f"{self.jump.known_hosts}.",
+                )
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    log.info("Through %s@%s:%d (BOSH_ALL_PROXY)", self.jump.user,
+                             self.jump.host, self.jump.port)  # fmt: skip
+                    return self
+            time.sleep(0.05)
+        self.stop()
+        raise TargetError(f"the BOSH_ALL_PROXY tunnel to {self.jump.host} did not open in time")
+
+    def stop(self) -> None:
+        """Idempotent: the tunnel is this run's own process, stopped by its pid."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
