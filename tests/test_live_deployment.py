@@ -16,7 +16,7 @@ import pytest
 from simulator.deploy import find_deployment, manifest_of
 from simulator.director import SimDirector
 from tests import sshd
-from tests.conftest import Bbrx
+from tests.conftest import Bbrx, wait_for
 from tests.fake_director import FakeDirector, FakeVm
 
 DEPLOYMENT = "redis"
@@ -151,8 +151,46 @@ def test_bosh_all_proxy_takes_the_api_and_every_instance_through_the_jump_host(
         # The jump host's key, recorded on first use (ssh may hash the name).
         host_key = Path(f"{ssh_keys.host_key}.pub").read_text().split()[1]
         assert host_key in (live.bbrx.home / "proxy_known_hosts").read_text()
+        # A bbrx SIGKILLed mid-run takes its tunnel with it (the parent-death signal).
+        first = next(iter(live.trees.values()))
+        first.set_fault("redis-server", "pre-backup-lock", "hang")
+        running = live.bbrx.start(
+            "deployment", "--target", live.fake.url, "-u", live.fake.client,
+            "-p", live.fake.secret, "--ca-cert", str(live.ca), "-d", DEPLOYMENT,
+            "backup", "--artifact-path", str(tmp_path),
+        )  # fmt: skip
+        wait_for(lambda: any(c.script == "pre-backup-lock" for c in first.calls()), what="lock")
+        [tunnel] = [pid for pid in _children(running.pid) if "-D" in _argv(pid)]
+        running.kill()
+        running.communicate(timeout=30)
+        wait_for(lambda: not _alive(tunnel), what="the tunnel to end with its bbrx")
         live.bbrx.env["BOSH_ALL_PROXY"] = f"socks5://127.0.0.1:{jump.port}"
         refused = live.deployment("pre-backup-check")
         assert refused.code == 1 and "bbrx takes ssh+socks5://USER@HOST:PORT" in refused.stderr
     finally:
         jump.stop()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import socket
 import subprocess
 import time
@@ -92,6 +93,11 @@ class Tunnel:
         self.jump.known_hosts.parent.mkdir(parents=True, exist_ok=True)
         argv = ["ssh", *self.jump.ssh_options(), "-N", "-o", "ExitOnForwardFailure=yes",
                 "-D", f"127.0.0.1:{self.port}", self.jump.host]  # fmt: skip
+        # The tunnel dies with this process, even a SIGKILLed one, where util-linux can
+        # see to it (the kernel's parent-death signal).
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
         self._proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
