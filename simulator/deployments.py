@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from orchestrator.bosh.director import VmInfo
@@ -33,6 +34,7 @@ class SimBosh:
     """The simulated director `name` under `home`, as the Director API would show it."""
 
     mode = "sim"
+    access_user = None  # no user is made on the simulator's VMs
 
     def __init__(self, home: Path, name: str) -> None:
         self.director = SimDirector(sim_root(home, name))
@@ -140,6 +142,11 @@ class SimBosh:
             log.info("access to %s/%s on %s torn down", deployment, group, self.address)
         else:
             log.debug("access to %s/%s on %s was not open", deployment, group, self.address)
+
+    def revoke_access(self, deployment: str, groups: Sequence[str], user: str) -> None:
+        """Nothing was added to the simulator's VMs; each group's cleanup is recorded."""
+        for group in groups:
+            self._record("cleanup", deployment, group)
 
     def access_log(self) -> list[tuple[str, str, str]]:
         """(event, deployment, group) of every setup and cleanup recorded, in order."""

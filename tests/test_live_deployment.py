@@ -171,6 +171,31 @@ def test_bosh_all_proxy_takes_the_api_and_every_instance_through_the_jump_host(
         jump.stop()
 
 
+def test_the_cleanup_after_a_killed_run_removes_that_runs_user(live: Live, tmp_path) -> None:
+    """A bbrx SIGKILLed while a lock script hangs leaves its user (with sudo) on every
+    instance; the next backup-cleanup reads that user from the audit log and has the
+    Director remove it, besides its own, and unlocks."""
+    first = next(iter(live.trees.values()))
+    first.set_fault("redis-server", "pre-backup-lock", "hang")
+    running = live.bbrx.start(
+        "deployment", "--target", live.fake.url, "-u", live.fake.client,
+        "-p", live.fake.secret, "--ca-cert", str(live.ca), "-d", DEPLOYMENT,
+        "backup", "--artifact-path", str(tmp_path),
+    )  # fmt: skip
+    wait_for(lambda: any(c.script == "pre-backup-lock" for c in first.calls()), what="lock")
+    running.kill()
+    running.communicate(timeout=30)
+    [killed_user] = {u for server in live.vms.values() for u in server.users()}
+    first.clear_faults()
+    cleaned = live.deployment("backup-cleanup")
+    assert cleaned.code == 0, cleaned
+    assert f"Removed the killed run's user {killed_user} from {DEPLOYMENT}/redis" in cleaned.stderr
+    assert all(server.users() == [] for server in live.vms.values())
+    discovered = next(r for r in live.bbrx.audit_rows() if r["trigger"] == "discovered")
+    assert discovered["detail"]["revoked_access"] == killed_user
+    assert all(tree.locked_jobs() == [] for tree in live.trees.values())
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():

@@ -41,6 +41,12 @@ class Director(Protocol):
     #: "sim" or "live": recorded in the audit log.
     mode: str
 
+    @property
+    def access_user(self) -> str | None:
+        """The user access is set up as (a live Director's `bosh_…`; None on the simulator):
+        recorded when a run starts, so that the cleanup after a killed run can remove it."""
+        ...
+
     def deployments(self) -> list[str]:
         """Every deployment's name, in the director's order.
 
@@ -61,6 +67,11 @@ class Director(Protocol):
 
     def close_access(self, deployment: str, group: str) -> None:
         """Tear down the access `open_instances` set up. Idempotent."""
+        ...
+
+    def revoke_access(self, deployment: str, groups: Sequence[str], user: str) -> None:
+        """Remove another run's `user` from the groups' instances (a killed run's access,
+        which it could not tear down). Idempotent."""
         ...
 
     def close(self) -> None:

@@ -156,6 +156,22 @@ class LiveDirector:
                 "cleanup removes it)", self.user, deployment, group, error.message,
             )  # fmt: skip
 
+    @property
+    def access_user(self) -> str:
+        return self.user
+
+    def revoke_access(self, deployment: str, groups: Sequence[str], user: str) -> None:
+        """The Director's SSH cleanup of another run's user, group by group: what a killed
+        run could not do. A group the Director refuses is logged, the others still go."""
+        for group in groups:
+            try:
+                self.api.ssh_cleanup(deployment, group, user, [])
+            except TargetError as error:
+                log.warning("could not remove user %s from %s/%s: %s", user, deployment,
+                            group, error.message)  # fmt: skip
+            else:
+                log.info("Removed the killed run's user %s from %s/%s", user, deployment, group)
+
     def close(self) -> None:
         """Remove the key pair, tear down what is still open, close the API. Idempotent.
 

@@ -75,6 +75,13 @@ class DirectorFleet:
     def status_command(self) -> str:
         return f"bbrx status --host {self.target}"
 
+    @property
+    def access_user(self) -> str | None:
+        return None  # director mode logs in as the operator's own user
+
+    def revoke_access(self, user: str) -> None:
+        """Nothing to revoke: director mode makes no user."""
+
     def close(self) -> None:
         for instance in self.instances:
             instance.close()
@@ -173,6 +180,15 @@ class DeploymentFleet:
     def status_command(self) -> str:
         return f"bbrx status --target {self.target_spec} --deployment {self.deployment}"
 
+    @property
+    def access_user(self) -> str | None:
+        return self.director.access_user
+
+    def revoke_access(self, user: str) -> None:
+        """Another run's access (a killed run's), from every group of the deployment."""
+        groups = list(dict.fromkeys(vm.group for vm in self.vms))
+        self.director.revoke_access(self.deployment, groups, user)
+
     def close(self) -> None:
         for instance in self.instances:
             try:
@@ -215,3 +231,6 @@ def command_for(target: str, subcommand: str) -> str:
 
 
 Fleet = DirectorFleet | DeploymentFleet
+
+#: The audit detail key of a run's start row: the user its director set up access as.
+ACCESS_USER_KEY = "access_user"

@@ -33,6 +33,12 @@ def cleanup_actions(*, force: bool = False) -> dict[str, Action]:
             ended = recovery.end_left_running(run.audit, run.instances, unfinished)
             if ended:
                 detail["ended_scripts"] = ended
+            user = recovery.access_user_of(run.audit, unfinished)
+            if user is not None and user != run.fleet.access_user:
+                # The killed run could not tear its access down: its user (with sudo) is
+                # still on the instances it reached.
+                run.fleet.revoke_access(user)
+                detail["revoked_access"] = user
         return trigger, {**detail, "levels": run.data["levels"]}
 
     return {

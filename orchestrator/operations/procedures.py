@@ -18,7 +18,7 @@ from pathlib import Path
 from audit import AuditError, AuditLog
 from orchestrator import settings
 from orchestrator.bosh.director import Director
-from orchestrator.engine.fleet import DeploymentFleet, Fleet
+from orchestrator.engine.fleet import ACCESS_USER_KEY, DeploymentFleet, Fleet
 from orchestrator.engine.progress import ProgressSink
 from orchestrator.engine.run import (
     DEFAULT_MAX_PARALLEL,
@@ -245,6 +245,10 @@ def _drive(request: Request, run: Run) -> Outcome:
     if request.unsafe_lock_free:
         start["unsafe_lock_free"] = True
     start["max_parallel"] = run.max_parallel
+    access_user = run.fleet.access_user
+    if access_user is not None:
+        # Before any access is set up: a run killed during it is cleaned up by this name.
+        start[ACCESS_USER_KEY] = access_user
     if request.target.simulated:
         from orchestrator.training.session import tie  # sim runs only
 

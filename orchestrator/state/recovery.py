@@ -10,6 +10,7 @@ unlocks everything, and records the old run as recovered.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from audit import (
     RunSummary,
 )
 from audit.render import printable
-from orchestrator.engine.fleet import command_for, job_label
+from orchestrator.engine.fleet import ACCESS_USER_KEY, command_for, job_label
 from orchestrator.engine.machine import OPERATIONS, cleanup_for, lock_held_after
 from orchestrator.errors import BbrxError, CheckError
 from orchestrator.state import lease
@@ -154,6 +155,14 @@ def _a_marker(value: object) -> bool:
     )
 
 
+def access_user_of(audit: AuditLog, run: RunSummary) -> str | None:
+    """The user a run's director set up access as, from its start row (a live deployment's)."""
+    rows = AuditRecord(audit).timeline(run.run_id)
+    detail = (rows[0]["detail"] or {}) if rows else {}
+    user = detail.get(ACCESS_USER_KEY) if isinstance(detail, dict) else None
+    return user if isinstance(user, str) and _ACCESS_USER.fullmatch(user) else None
+
+
 def end_left_running(audit: AuditLog, instances: list[Instance], run: RunSummary) -> list[str]:
     """End, on the VMs, the scripts an unfinished run left running; what was ended.
 
@@ -194,6 +203,10 @@ def end_left_running(audit: AuditLog, instances: list[Instance], run: RunSummary
             )
     return ended
 
+
+# What a run's director names its access user (bosh_ and 15 hex digits): a name read
+# back from the log goes into a Director cleanup's user_regex, so nothing else is taken.
+_ACCESS_USER = re.compile(r"bosh_[0-9a-f]{15}")
 
 # The one-row action that records a simulated director made anew (training/session.py).
 ANEW = ("sim-create",)
