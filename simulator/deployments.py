@@ -143,6 +143,9 @@ class SimBosh:
         else:
             log.debug("access to %s/%s on %s was not open", deployment, group, self.address)
 
+    def interrupt(self) -> None:
+        """The simulator's answers do not wait."""
+
     def revoke_access(self, deployment: str, groups: Sequence[str], user: str) -> None:
         """Nothing was added to the simulator's VMs; each group's cleanup is recorded."""
         for group in groups:

@@ -6,7 +6,9 @@ user, key and sudo inside that VM's namespace only, and its cleanup removes them
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +196,22 @@ def test_the_cleanup_after_a_killed_run_removes_that_runs_user(live: Live, tmp_p
     discovered = next(r for r in live.bbrx.audit_rows() if r["trigger"] == "discovered")
     assert discovered["detail"]["revoked_access"] == killed_user
     assert all(tree.locked_jobs() == [] for tree in live.trees.values())
+
+
+def test_a_ctrl_c_while_a_director_task_runs_stops_the_wait(live: Live) -> None:
+    """A Director whose tasks never end (queued behind others): the first Ctrl-C stops the
+    wait at once, naming the task, and nothing was set up to tear down."""
+    live.fake.task_polls = 10**6
+    running = live.bbrx.start(
+        "deployment", "--target", live.fake.url, "-u", live.fake.client,
+        "-p", live.fake.secret, "--ca-cert", str(live.ca), "-d", DEPLOYMENT, "pre-backup-check",
+    )  # fmt: skip
+    wait_for(lambda: any(r.path == "/tasks/1" for r in live.fake.requests), what="a task poll")
+    os.killpg(running.pid, signal.SIGINT)
+    _, stderr = running.communicate(timeout=20)
+    assert running.returncode != 0
+    assert "stopped waiting for Director task 1 (vms of redis)" in stderr, stderr
+    assert "the run was interrupted" in stderr
 
 
 def _children(pid: int) -> list[int]:

@@ -149,6 +149,7 @@ class DirectorApi:
             trust_env=False,  # only the proxy the caller gives: no HTTPS_PROXY surprise
         )
         self._lock = threading.Lock()
+        self._stopped = threading.Event()  # the run is being stopped: no more waiting
         self._token: str | None = None
         self._token_expires = 0.0
         self._uaa: str | None = None
@@ -156,6 +157,10 @@ class DirectorApi:
 
     def close(self) -> None:
         self._http.close()
+
+    def interrupt(self) -> None:
+        """Stop waiting on tasks (from another thread): a poll under way raises TaskError."""
+        self._stopped.set()
 
     # --- authentication --------------------------------------------------------------
 
@@ -308,6 +313,13 @@ class DirectorApi:
                     state=str(status),
                     hint=f"See it on the Director: bosh task {task} --debug",
                 )
+            if self._stopped.is_set():
+                raise TaskError(
+                    f"stopped waiting for Director task {task} ({what}) on {self.url}: the run "
+                    "was interrupted (the task goes on on the Director)",
+                    task=task,
+                    state=str(status),
+                )
             if time.monotonic() > deadline:
                 raise TaskError(
                     f"Director task {task} ({what}) on {self.url} is still {status} after "
@@ -315,7 +327,10 @@ class DirectorApi:
                     task=task,
                     state=str(status),
                 )
-            self._sleep(self._poll_interval)
+            if self._sleep is time.sleep:
+                self._stopped.wait(self._poll_interval)
+            else:
+                self._sleep(self._poll_interval)
         return self._send("GET", f"{self.url}/tasks/{task}/output?type=result").text
 
     def _send_range(self, path: str, offset: int) -> bytes:

@@ -69,6 +69,11 @@ class Director(Protocol):
         """Tear down the access `open_instances` set up. Idempotent."""
         ...
 
+    def interrupt(self) -> None:
+        """The run is being stopped: a call that waits on the director gives up now.
+        Called from the run's signal watcher thread."""
+        ...
+
     def revoke_access(self, deployment: str, groups: Sequence[str], user: str) -> None:
         """Remove another run's `user` from the groups' instances (a killed run's access,
         which it could not tear down). Idempotent."""

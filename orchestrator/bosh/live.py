@@ -156,6 +156,9 @@ class LiveDirector:
                 "cleanup removes it)", self.user, deployment, group, error.message,
             )  # fmt: skip
 
+    def interrupt(self) -> None:
+        self.api.interrupt()
+
     @property
     def access_user(self) -> str:
         return self.user

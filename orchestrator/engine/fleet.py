@@ -82,6 +82,9 @@ class DirectorFleet:
     def revoke_access(self, user: str) -> None:
         """Nothing to revoke: director mode makes no user."""
 
+    def interrupt(self) -> None:
+        """Nothing to stop waiting on: director mode asks no director."""
+
     def close(self) -> None:
         for instance in self.instances:
             instance.close()
@@ -188,6 +191,10 @@ class DeploymentFleet:
         """Another run's access (a killed run's), from every group of the deployment."""
         groups = list(dict.fromkeys(vm.group for vm in self.vms))
         self.director.revoke_access(self.deployment, groups, user)
+
+    def interrupt(self) -> None:
+        """The run is being stopped: a director call that waits (a task) gives up."""
+        self.director.interrupt()
 
     def close(self) -> None:
         for instance in self.instances:

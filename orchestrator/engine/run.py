@@ -524,7 +524,9 @@ class Run:
             return list(pool.map(work, items))
 
     def terminate_scripts(self) -> None:
-        """Kill what every instance of the run is running now (each may take seconds)."""
+        """Kill what every instance of the run is running now (each may take seconds), and
+        stop waiting on the director (a deployment's access being set up)."""
+        self.fleet.interrupt()
         self.parallel(list(self.instances), lambda instance: instance.terminate_scripts())
 
     def locked_jobs(self) -> list[str]:
