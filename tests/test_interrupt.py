@@ -150,3 +150,25 @@ def test_second_ctrl_c_without_a_terminal_never_leaves_jobs_locked(target, tmp_p
     assert "No terminal to confirm on: bbrx goes on unlocking." in stderr
     assert "every job that was locked has been unlocked" in stderr
     assert target.vm.locked_jobs() == []
+
+
+def test_a_terminal_that_hangs_up_mid_backup_leaves_nothing_locked(bbrx, tmp_path):
+    """The operator's SSH session to the jump box drops: the terminal hangs up and bbrx,
+    its session leader, gets SIGHUP. bbr dies with every job locked; bbrx unlocks first."""
+    from simulator.director import SimDirector, sim_root
+    from tests.conftest import Target
+
+    vm = SimDirector(sim_root(bbrx.home, "demo"))
+    vm.create()
+    target = Target("sim", "sim://demo", vm, bbrx)
+    vm.set_fault("director", "backup", "hang")
+    proc, master = start_on_a_terminal(target, "backup", "--artifact-path", str(tmp_path))
+    wait_for(lambda: started(target, "director", "backup"), what="the backup script")
+    os.close(master)  # the hang-up
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert vm.locked_jobs() == []
+    assert set(target.unlock_env().values()) == {"false"}
+    rows = bbrx.audit_rows()
+    assert any("SIGHUP" in str(r["detail"]) for r in rows), rows[-3:]
+    assert [r["to_state"] for r in rows if r["job"] is None][-1] == "interrupted"

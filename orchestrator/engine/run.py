@@ -852,7 +852,8 @@ def _setting(event: threading.Event) -> Iterator[None]:
 
 
 class SignalRelay:
-    """Passes SIGINT and SIGTERM to every run being driven, from the main thread's handler.
+    """Passes SIGINT, SIGTERM and SIGHUP to every run being driven, from the main thread's
+    handler.
 
     Only the main thread receives signals, so runs driven in worker threads (a batch over
     many deployments) cannot install handlers of their own. The handler this installs does
@@ -900,7 +901,11 @@ class SignalRelay:
 
 
 class _SignalGuard:
-    """Routes SIGINT and SIGTERM to the run while it is driving (main thread only)."""
+    """Routes SIGINT, SIGTERM and SIGHUP to the run while it is driving (main thread only).
+
+    SIGHUP is what the operator's shell gets when their SSH session to the jump box drops:
+    by default it would kill bbrx with jobs locked. A SIGHUP already ignored (`nohup`)
+    stays ignored."""
 
     def __init__(self, handler: Callable[[int, FrameType | None], None]) -> None:
         self._handler = handler
@@ -910,6 +915,8 @@ class _SignalGuard:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handler)
+            if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+                self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._handler)
         return self
 
     def __exit__(self, *_exc: object) -> None:
