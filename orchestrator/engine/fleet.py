@@ -197,19 +197,30 @@ class DeploymentFleet:
         self.director.interrupt()
 
     def close(self) -> None:
-        for instance in self.instances:
-            try:
-                instance.close()
-            except Exception:  # closing one must not keep the others open
-                log.warning("closing %s failed", instance.address, exc_info=True)
-        for group in reversed(self._opened):
-            try:
-                self.director.close_access(self.deployment, group)
-            except Exception as exc:
-                log.warning("tearing down access to %s of %s failed: %s", group,
-                            self.deployment, exc)  # fmt: skip
-        self._opened.clear()
-        self.director.close()
+        """Close every instance, tear down every group's access, close the director: all of
+        it, though one step fails or a Ctrl-C comes meanwhile (re-raised at the end)."""
+        stopped: BaseException | None = None
+        try:
+            for instance in self.instances:
+                try:
+                    instance.close()
+                except Exception:  # closing one must not keep the others open
+                    log.warning("closing %s failed", instance.address, exc_info=True)
+                except BaseException as signal_:
+                    stopped = stopped or signal_
+            for group in reversed(self._opened):
+                try:
+                    self.director.close_access(self.deployment, group)
+                except Exception as exc:
+                    log.warning("tearing down access to %s of %s failed: %s", group,
+                                self.deployment, exc)  # fmt: skip
+                except BaseException as signal_:
+                    stopped = stopped or signal_
+            self._opened.clear()
+        finally:
+            self.director.close()
+        if stopped is not None:
+            raise stopped
 
 
 def deployment_target(director_address: str, deployment: str) -> str:
