@@ -135,7 +135,9 @@ def test_bosh_all_proxy_takes_the_api_and_every_instance_through_the_jump_host(
 ) -> None:
     """BOSH_ALL_PROXY=ssh+socks5://USER@HOST:PORT?private-key=PATH: the Director API over
     an `ssh -D` tunnel, each instance's ssh over `ssh -W`; the jump sshd's own log shows
-    it forwarded to the Director and to every instance. A bad proxy is refused by name."""
+    it forwarded to the Director and to every instance. A run SIGKILLed through it takes
+    its tunnel along, and the next cleanup removes the user it left. A bad proxy is
+    refused by name."""
     (tmp_path / "jump-vm/var/vcap").mkdir(parents=True)
     jump = sshd.TestSshd(ssh_keys, tmp_path / "jump-vm", tmp_path / "jump", log_level="DEBUG1")
     jump.start()
@@ -170,36 +172,23 @@ def test_bosh_all_proxy_takes_the_api_and_every_instance_through_the_jump_host(
         running.kill()
         running.communicate(timeout=30)
         wait_for(lambda: not _alive(tunnel), what="the tunnel to end with its bbrx")
+        # The killed run left its user (with sudo) on every instance: the next cleanup
+        # reads it from the audit log and has the Director remove it, and unlocks.
+        [killed_user] = {u for server in live.vms.values() for u in server.users()}
+        first.clear_faults()
+        cleaned = live.deployment("backup-cleanup")
+        assert cleaned.code == 0, cleaned
+        removed = f"Removed the killed run's user {killed_user} from {DEPLOYMENT}/redis"
+        assert removed in cleaned.stderr, cleaned
+        assert all(server.users() == [] for server in live.vms.values())
+        discovered = next(r for r in live.bbrx.audit_rows() if r["trigger"] == "discovered")
+        assert discovered["detail"]["revoked_access"] == killed_user
+        assert all(tree.locked_jobs() == [] for tree in live.trees.values())
         live.bbrx.env["BOSH_ALL_PROXY"] = f"socks5://127.0.0.1:{jump.port}"
         refused = live.deployment("pre-backup-check")
         assert refused.code == 1 and "bbrx takes ssh+socks5://USER@HOST:PORT" in refused.stderr
     finally:
         jump.stop()
-
-
-def test_the_cleanup_after_a_killed_run_removes_that_runs_user(live: Live, tmp_path) -> None:
-    """A bbrx SIGKILLed while a lock script hangs leaves its user (with sudo) on every
-    instance; the next backup-cleanup reads that user from the audit log and has the
-    Director remove it, besides its own, and unlocks."""
-    first = next(iter(live.trees.values()))
-    first.set_fault("redis-server", "pre-backup-lock", "hang")
-    running = live.bbrx.start(
-        "deployment", "--target", live.fake.url, "-u", live.fake.client,
-        "-p", live.fake.secret, "--ca-cert", str(live.ca), "-d", DEPLOYMENT,
-        "backup", "--artifact-path", str(tmp_path),
-    )  # fmt: skip
-    wait_for(lambda: any(c.script == "pre-backup-lock" for c in first.calls()), what="lock")
-    running.kill()
-    running.communicate(timeout=30)
-    [killed_user] = {u for server in live.vms.values() for u in server.users()}
-    first.clear_faults()
-    cleaned = live.deployment("backup-cleanup")
-    assert cleaned.code == 0, cleaned
-    assert f"Removed the killed run's user {killed_user} from {DEPLOYMENT}/redis" in cleaned.stderr
-    assert all(server.users() == [] for server in live.vms.values())
-    discovered = next(r for r in live.bbrx.audit_rows() if r["trigger"] == "discovered")
-    assert discovered["detail"]["revoked_access"] == killed_user
-    assert all(tree.locked_jobs() == [] for tree in live.trees.values())
 
 
 def test_a_ctrl_c_while_a_director_task_runs_stops_the_wait(live: Live) -> None:
