@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.errors import TargetError
@@ -95,22 +96,15 @@ def fires_now(fault_file: Path) -> str | None:
 
 
 def validate_transfer_fault(spec: str) -> str:
-    normalised = " ".join(spec.split())
-    delay, rest = split_after(normalised)
-    if delay is not None:
-        seconds = normalised.split()[1]
-        return f"after {seconds} {validate_transfer_fault(_no_second_after(spec, rest))}"
-    number, rest = split_call(rest)
-    if number is not None:
-        if number < 1:
-            raise TargetError(f"invalid transfer fault {spec!r}: calls are counted from 1")
-        return f"call {number} {validate_transfer_fault(_no_prefix(spec, rest))}"
-    normalised = rest
-    if normalised not in (CORRUPT, CORRUPT_LOCAL, DISK_FULL) and not (
-        _TRANSFER_FAIL.match(normalised) or _SLEEP.match(normalised)
+    return _prefixed(spec, "transfer fault", _transfer_body)
+
+
+def _transfer_body(spec: str) -> str:
+    if spec not in (CORRUPT, CORRUPT_LOCAL, DISK_FULL) and not (
+        _TRANSFER_FAIL.match(spec) or _SLEEP.match(spec)
     ):
         raise TargetError(f"invalid transfer fault {spec!r}: expected {TRANSFER_GRAMMAR}")
-    return normalised
+    return spec
 
 
 def transfer_delay(spec: str | None) -> float | None:
@@ -129,27 +123,37 @@ _FAIL = re.compile(r"^fail(?: (\d{1,3})(?: (\S.*))?)?$")
 
 def validate_fault(spec: str) -> str:
     """The normalised spec (single spaces), or TargetError naming the grammar."""
-    normalised = " ".join(spec.split())
-    if "\n" in spec.strip() or not normalised:
+    if "\n" in spec.strip() or not spec.split():
         raise TargetError(f"invalid fault {spec!r}: expected {FAULT_GRAMMAR}")
-    delay, rest = split_after(normalised)
-    if delay is not None:
-        seconds = normalised.split()[1]
-        return f"after {seconds} {validate_fault(_no_second_after(spec, rest))}"
-    number, rest = split_call(normalised)
-    if number is not None:
-        if number < 1:
-            raise TargetError(f"invalid fault {spec!r}: calls are counted from 1")
-        return f"call {number} {validate_fault(_no_prefix(spec, rest))}"
-    if normalised in ("hang", KILL_BBRX) or _SLEEP.match(normalised):
-        return normalised
-    match = _FAIL.match(normalised)
+    return _prefixed(spec, "fault", _script_body)
+
+
+def _script_body(spec: str) -> str:
+    if spec in ("hang", KILL_BBRX) or _SLEEP.match(spec):
+        return spec
+    match = _FAIL.match(spec)
     if match:
         code = match.group(1)
         if code is not None and not 1 <= int(code) <= 255:
             raise TargetError(f"invalid fault {spec!r}: the exit code must be 1..255")
-        return normalised
+        return spec
     raise TargetError(f"invalid fault {spec!r}: expected {FAULT_GRAMMAR}")
+
+
+def _prefixed(spec: str, label: str, body: Callable[[str], str]) -> str:
+    """`[after SECONDS] [call N] BODY`, normalised: the prefixes checked here, the body by
+    `body` (a script's grammar, or a copy's)."""
+    normalised = " ".join(spec.split())
+    delay, rest = split_after(normalised)
+    if delay is not None:
+        seconds = normalised.split()[1]
+        return f"after {seconds} {_prefixed(_no_second_after(spec, rest), label, body)}"
+    number, rest = split_call(rest)
+    if number is not None:
+        if number < 1:
+            raise TargetError(f"invalid {label} {spec!r}: calls are counted from 1")
+        return f"call {number} {body(_no_prefix(spec, rest))}"
+    return body(rest)
 
 
 def _no_second_after(spec: str, rest: str) -> str:
