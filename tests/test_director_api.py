@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from orchestrator.bosh.api import DirectorApi, DirectorApiError, TaskError, director_url
-from orchestrator.errors import UsageError
+from orchestrator.errors import TargetError, UsageError
 from tests.fake_director import FakeDirector
 
 
@@ -198,3 +198,21 @@ def test_a_setup_that_fails_on_one_instance_is_cleaned_up_on_all(fake: FakeDirec
     assert keys is not None and (keys / "id").exists()
     director.close()
     assert not keys.exists()
+
+
+def test_names_and_addresses_from_the_director_are_checked_before_use(fake: FakeDirector) -> None:
+    """A group name becomes the artifact's file names and an address an ssh argument: a
+    Director that answers `../x` or `-oProxyCommand=...` is refused, and the access it set
+    up is cleaned up."""
+    from orchestrator.bosh.live import LiveDirector
+
+    fake.add_deployment("odd", {"../x": 1})
+    with pytest.raises(DirectorApiError, match=r"names an instance '\.\./x'/'0'"):
+        client(fake).vms("odd")
+    [vm] = fake.deployments["cf"]["vms"]
+    vm.ip = "-oProxyCommand=touch /tmp/bbrx-pwned"
+    director = LiveDirector(client(fake))
+    with pytest.raises(TargetError, match="which is no IP address or host name"):
+        director.open_instances("cf", "api")
+    assert fake.ssh_users[vm.id] == set()  # the setup was cleaned up
+    director.close()

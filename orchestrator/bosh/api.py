@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import ssl
 import threading
 import time
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 DEFAULT_PORT = 25555
+# BOSH's instance group names (letters, digits, `-`, `_`, `.`), never `.` or `..` alone.
+_GROUP = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9_.-]{1,128}")
 OK_STATUSES = (200, 201, 204, 206, 302)
 RUNNING_STATES = ("queued", "processing", "cancelling")
 # A token is fetched anew this long before UAA said it expires (bbr ignores expiry and
@@ -386,20 +389,26 @@ class DirectorApi:
                 continue
             try:
                 vm = json.loads(line)
-                found.append(
-                    VmInfo(
-                        group=str(vm["job_name"]),
-                        index=str(vm["index"]),
-                        id=str(vm["id"]),
-                        ips=tuple(str(ip) for ip in vm.get("ips") or ()),
-                        bootstrap=bool(vm.get("bootstrap")),
-                        az=vm.get("az"),
-                    )
+                info = VmInfo(
+                    group=str(vm["job_name"]),
+                    index=str(vm["index"]),
+                    id=str(vm["id"]),
+                    ips=tuple(str(ip) for ip in vm.get("ips") or ()),
+                    bootstrap=bool(vm.get("bootstrap")),
+                    az=vm.get("az"),
                 )
-            except (ValueError, KeyError, TypeError) as error:
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
                 raise DirectorApiError(
                     f"the Director's VM list of {deployment} has a bad line {number}: {error}"
                 ) from error
+            # The group and index name the artifact's files: nothing that is not a name.
+            if not _GROUP.fullmatch(info.group) or not info.index.isdigit():
+                raise DirectorApiError(
+                    f"the Director's VM list of {deployment} names an instance "
+                    f"{info.group[:60]!r}/{info.index[:20]!r} (line {number}), which is no "
+                    "instance group name and index"
+                )
+            found.append(info)
         return found
 
     def manifest(self, deployment: str) -> str:
@@ -439,9 +448,10 @@ class DirectorApi:
             key, address = result.get("host_public_key"), result.get("ip")
             if not isinstance(key, str) or not key.strip() or not isinstance(address, str):
                 raise DirectorApiError(f"{what}: instance {name} came with no host key or address")
-            hosts.append(
-                SshHost(str(result.get("id") or ""), str(result.get("index")), address, key.strip())
-            )
+            index = str(result.get("index"))
+            if not index.isdigit():
+                raise DirectorApiError(f"{what}: instance {name[:80]!r} came with no index")
+            hosts.append(SshHost(str(result.get("id") or ""), index, address, key.strip()))
         return hosts
 
     def ssh_cleanup(self, deployment: str, group: str, user: str, ids: list[str]) -> None:

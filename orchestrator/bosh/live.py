@@ -10,7 +10,9 @@ known_hosts file of the run's own, so there is no prompt, and a different key is
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import shutil
 import subprocess
 import tempfile
@@ -204,13 +206,27 @@ def _index(text: str) -> tuple[int, str]:
     return (int(text), "") if text.isdigit() else (1 << 30, text)
 
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*")
+
+
 def _address(text: str) -> tuple[str, int]:
-    """The SSH result's `ip`: a host, or host:port (one colon: bbr's rule), or [v6]:port."""
+    """The SSH result's `ip`: a host, or host:port (one colon: bbr's rule), or [v6]:port.
+
+    It comes from the Director and becomes an ssh argument: only an IP address or a
+    hostname passes (never something ssh would read as an option), with a port 1-65535."""
+    host, port = text, str(SSH_PORT)
     if text.startswith("[") and "]:" in text:
         host, _, port = text[1:].partition("]:")
-        return host, int(port)
-    if text.count(":") == 1:
+    elif text.count(":") == 1:
         host, _, port = text.partition(":")
-        if port.isdigit():
-            return host, int(port)
-    return text, SSH_PORT
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(host):
+            raise TargetError(
+                f"the Director gave an instance the address {text[:80]!r}, which is no IP "
+                "address or host name: refusing to connect to it"
+            ) from None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise TargetError(f"the Director gave an instance the address {text[:80]!r}: bad port")
+    return host, int(port)
