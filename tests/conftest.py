@@ -214,15 +214,31 @@ def ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 
 @pytest.fixture(scope="session")
-def vcap_mount_point() -> Iterator[None]:
-    """/var/vcap must exist as a mount point; create it empty if missing, remove it after."""
-    created = not sshd.VCAP.exists()
-    if created:
-        sshd.VCAP.mkdir(parents=True)
-    yield
-    if created:
+def vcap_mount_point() -> None:
+    """/var/vcap must exist as a mount point: created empty if missing.
+
+    Removed, if this run created it, only when every worker is done
+    (`pytest_unconfigure` of the main process): a worker removing it while another's sshd
+    has its VM's tree mounted there would detach that mount."""
+    sshd.VCAP.mkdir(parents=True, exist_ok=True)
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not _is_worker(config):
+        config.stash[_VCAP_EXISTED] = sshd.VCAP.exists()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not _is_worker(config) and not config.stash.get(_VCAP_EXISTED, True):
         with contextlib.suppress(OSError):
             sshd.VCAP.rmdir()
+
+
+_VCAP_EXISTED = pytest.StashKey[bool]()
 
 
 @pytest.fixture
@@ -296,6 +312,18 @@ def interrupt(proc: subprocess.Popen[str], sig: signal.Signals) -> tuple[int, st
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     return proc.returncode, stdout, stderr
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A worker hands its fault-matrix results to the main process, which prints them."""
+    if _is_worker(session.config):
+        session.config.workeroutput["matrix_results"] = MATRIX_RESULTS  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(optionalhook=True)  # defined only where pytest-xdist is loaded
+def pytest_testnodedown(node, error) -> None:
+    """The main process's side of the hand-over (pytest-xdist's hook)."""
+    MATRIX_RESULTS.extend(node.workeroutput.get("matrix_results", []))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -16,6 +16,7 @@ client and pipeline.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shlex
 import shutil
@@ -161,9 +162,21 @@ class Keys:
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback port no one listens on, from this test worker's own range.
+
+    Below the kernel's ephemeral range (32768 up), so no port 0 bind elsewhere takes it, and
+    one range per pytest-xdist worker (gw0, gw1 ...), so two workers never pick the same
+    port between this probe and their sshd's bind."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    base = 10000 + 2000 * (int(worker) % 10 if worker.isdigit() else 0)
+    for port in random.sample(range(base, base + 2000), 2000):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {base}-{base + 1999}")
 
 
 class TestSshd:
