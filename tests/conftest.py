@@ -314,6 +314,20 @@ def interrupt(proc: subprocess.Popen[str], sig: signal.Signals) -> tuple[int, st
     return proc.returncode, stdout, stderr
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+    """A test's captured output may quote a name that is not UTF-8 (bbrx logs it as Python
+    decoded it, with surrogates); pytest-xdist must send the report as UTF-8, so such
+    characters are spelled as backslash escapes in the report's sections."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [(title, _utf8(text)) for title, text in report.sections]
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """A worker hands its fault-matrix results to the main process, which prints them."""
     if _is_worker(session.config):

@@ -76,8 +76,12 @@ class FakeDirector:
     ssh_users: dict[str, set[str]] = field(default_factory=dict)  # vm id -> users
     tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry (monotonic)
     # What the VMs' agents do on SSH setup (vm, user, public key) and cleanup (vm, regex).
-    on_setup: Callable[[FakeVm, str, str], None] | None = None
+    # A setup hook that returns False is an agent that does not respond: that VM fails.
+    on_setup: Callable[[FakeVm, str, str], bool | None] | None = None
     on_cleanup: Callable[[FakeVm, str], None] | None = None
+    # Where the deployments come from, if not from `deployments` as set: called before each
+    # authorised Director request (tests/live_world.py serves a simulated director so).
+    world: Callable[[], dict[str, dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         self.ca = trustme.CA()
@@ -168,10 +172,11 @@ class FakeDirector:
         for vm in vms:
             if body.get("command") == "setup":
                 failed = f"{vm.group}/{vm.index}" in self.ssh_fails
+                if not failed and self.on_setup is not None:
+                    user, key = params.get("user", ""), params.get("public_key", "")
+                    failed = self.on_setup(vm, user, key) is False
                 if not failed:
                     self.ssh_users.setdefault(vm.id, set()).add(params.get("user", ""))
-                    if self.on_setup is not None:
-                        self.on_setup(vm, params.get("user", ""), params.get("public_key", ""))
                 results.append(
                     {
                         "command": "setup",
@@ -247,6 +252,11 @@ def _handler(director: FakeDirector) -> type[BaseHTTPRequestHandler]:
                 return self._token(raw, parts.query)
             if auth not in ("basic", "bearer"):
                 return self._answer(401, {"code": 401, "description": "Not authorized"})
+            if director.world is not None:
+                try:
+                    director.deployments = director.world()
+                except Exception as error:  # the world's own refusal: the Director's 500
+                    return self._answer(500, {"code": 100, "description": str(error)})
             return self._director(method, path, parts.query, body)
 
         def _info(self) -> dict[str, Any]:

@@ -101,20 +101,23 @@ case "$word" in
     # the VM's tar reads it. One byte at the offset the simulator's _corrupted flips (file
     # data of the seed's blobstore, so the tar stays readable); in a shorter backup stream,
     # byte 1024 (the data of the first file after ./ in the seed's small jobs).
+    head=$(mktemp)
+    flip_early() {
+      head -c 600001 >"$head"; at=600000
+      (( $(stat -c %s "$head") > at )) || at=1024
+      flip "$at" <"$head"; cat
+    }
     if [[ $mode == out ]]; then
-      head=$(mktemp)
-      "$real" "$@" | {
-        head -c 600001 >"$head"; at=600000
-        (( $(stat -c %s "$head") > at )) || at=1024
-        flip "$at" <"$head"; cat
-      }
-      rm -f "$head"; exit
+      "$real" "$@" | flip_early
+    else
+      flip_early | "$real" "$@"
     fi
-    flip 600000 | "$real" "$@" ;;
+    status=$?; rm -f "$head"; exit "$status" ;;
   corrupt-local)
     [[ $mode == out ]] || exec "$real" "$@"  # a backup's copy only, as on the simulator
-    # The first MiB reaches the jump box; its byte 600,000 is changed there once written;
-    # then the rest follows.
+    # The first MiB reaches the jump box (which writes its copy a MiB at a time); its byte
+    # 600,000 is changed there once written; then the rest follows. A stream of less than
+    # a MiB is written at its end, when this shim is done: make the data larger.
     "$real" "$@" | { dd bs=1M count=1 iflag=fullblock 2>/dev/null; damage_copy "$job" 600000; cat; }
     exit ;;
   *)

@@ -13,6 +13,7 @@ import io
 import re
 import subprocess
 import tarfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,14 +29,47 @@ from orchestrator.operations.procedures import Request, run_deployment, run_dire
 from orchestrator.transport.targets import parse_director, parse_host
 from simulator.calllog import CALL_LOG, parse_call_log
 from simulator.director import SimDirector, sim_root
+from tests import sshd
+from tests.live_world import LiveWorld
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/bbr"
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
+# The worlds a home's director is reached in, by home: live ones only (sim is the default).
+_LIVE: dict[Path, LiveWorld] = {}
+
+
+@pytest.fixture(params=["sim", "live"])
+def home(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A simulated director `demo`, reached through the simulator, or as a live BOSH
+    Director (tests/live_world.py: the fake Director, UAA and one real sshd per VM)."""
     SimDirector(sim_root(tmp_path, "demo")).create()
-    return tmp_path
+    if request.param == "sim":
+        yield tmp_path
+        return
+    reason = sshd.available()
+    if reason:
+        pytest.skip(reason)
+    request.getfixturevalue("vcap_mount_point")
+    world = LiveWorld(tmp_path, request.getfixturevalue("ssh_keys"), tmp_path).start()
+    _LIVE[tmp_path] = world
+    try:
+        yield tmp_path
+        # Every run, failed ones included, removed the user its SSH setup made.
+        left = {vm: users for vm, users in world.users().items() if users}
+        assert not left, f"users left on the VMs: {left}"
+    finally:
+        del _LIVE[tmp_path]
+        world.stop()
+
+
+def transport(home: Path) -> str:
+    return "live" if home in _LIVE else "sim"
+
+
+def address(home: Path) -> str:
+    """How bbrx names the director the home's runs reach."""
+    return _LIVE[home].fake.url if home in _LIVE else "sim://demo"
 
 
 def request(
@@ -45,15 +79,17 @@ def request(
     artifact_path: Path | None = None,
     **changes: object,
 ) -> Request:
+    world = _LIVE.get(home)
     base = Request(
         operation=operation,
-        target=parse_director("sim://demo"),
+        target=world.target if world else parse_director("sim://demo"),
         identity=Identity("tester"),
         audit_db=home / "audit.db",
         home=home,
         artifact_path=artifact_path,
         deployment=deployment,
         timeouts=Timeouts(metadata=20, lock=20, backup=60, unlock=20, restore=60),
+        **(world.credentials() if world else {}),
     )
     return replace(base, **changes)  # type: ignore[arg-type]
 
@@ -152,7 +188,7 @@ def test_every_job_row_names_its_instance_and_the_log_verifies(home: Path):
     with AuditLog(home / "audit.db", readonly=True) as audit:
         [run] = audit.runs()
         rows = audit.timeline(run.run_id)
-    assert run.target == "sim://demo/redis"
+    assert run.target == f"{address(home)}/redis"
     job_rows = [r for r in rows if r["job"]]
     assert job_rows
     for row in job_rows:
@@ -374,9 +410,11 @@ def simulation_manifest(home: Path, deployment: str) -> str:
 # --- backups bbr wrote, or written to bbr's schema by hand --------------------------------
 
 RECORDER = """#!/usr/bin/env bash
-# Keeps what the restore was given, outside the work dir (which the cleanup removes).
+# Keeps what the restore was given, outside the work dir (which the cleanup removes), in
+# the VM's /var/vcap: the script's own path, which is /var/vcap/jobs/JOB/bin/bbr/ on every
+# transport (an sshd's VM sees its tree there), is four levels below it.
 set -euo pipefail
-root="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../../../../../.." && pwd)"
+root="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../../../.." && pwd)"
 mkdir -p "$root/restored"
 cp -R "$BBR_ARTIFACT_DIRECTORY." "$root/restored/"
 printf '%s\\n' "$BBR_ARTIFACT_DIRECTORY" > "$root/restored.from"
@@ -391,7 +429,7 @@ def plant(root: Path, job: str, script: str, text: str) -> None:
 
 
 def landed(root: Path) -> dict[str, str]:
-    base = root / "restored"
+    base = root / "var/vcap/restored"
     return {
         f"./{p.relative_to(base).as_posix()}": hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(base.rglob("*"))
@@ -417,7 +455,8 @@ def test_bbrs_own_deployment_backup_restores_onto_a_deployment_of_its_shape(
         root = vm(home, "redis-dev-2", f"{entry['name']}/{entry['index']}")
         [job] = entry["artifacts"]
         assert landed(root) == job["checksums"]
-        assert (root / "restored.from").read_text().strip().endswith("/bbr-backup/redis-server/")
+        recorded = (root / "var/vcap/restored.from").read_text().strip()
+        assert recorded.endswith("/bbr-backup/redis-server/")
         assert not (root / "var/vcap/store/bbr-backup").exists()
     assert verify_log(home / "audit.db").ok
 
@@ -497,17 +536,18 @@ def test_a_hand_written_bbr_deployment_backup_with_a_custom_artifact_restores(
 
     for index in ("0", "1"):
         root = vm(home, "kv", f"store/{index}")
-        data = (root / "restored-kv-data" / f"shard-{index}.db").read_bytes()
+        data = (root / "var/vcap/restored-kv-data" / f"shard-{index}.db").read_bytes()
         assert data == f"shard {index} data".encode()
         # Both instances got the one custom artifact, in its own directory.
-        assert (root / "restored-kv-config" / "settings.yml").read_bytes() == b"replicas: 2\n"
+        config_dir = root / "var/vcap/restored-kv-config"
+        assert (config_dir / "settings.yml").read_bytes() == b"replicas: 2\n"
         assert (
-            (root / "restored-kv-config.from")
+            (root / "var/vcap/restored-kv-config.from")
             .read_text()
             .strip()
             .endswith("/bbr-backup/kv-config-kv-backup-one-restore-all/")
         )
-    assert not (vm(home, "kv", "proxy/0") / "restored-kv-data").exists()
+    assert not (vm(home, "kv", "proxy/0") / "var/vcap/restored-kv-data").exists()
 
 
 # --- the fault matrix's instance axis: one instance of many breaks, in every phase ---------
@@ -544,6 +584,11 @@ def test_a_fault_on_one_instance_of_three_leaves_every_instance_unlocked(
     published = backup(home, "redis") if operation == "restore" else None
     out = home / "out-faulty"
     out.mkdir()
+    if fault == "corrupt-local":
+        # More than the MiB the jump box writes its copy in, so that part of it is on disk
+        # while the rest is still coming (the test sshd's shim damages it then).
+        dump = vm(home, "redis", "redis/2") / "var/vcap/store/redis/dump.rdb"
+        dump.write_bytes(dump.read_bytes() + bytes(range(256)) * 8192)
     simulation.fault(
         home, "demo", "redis-server", script, fault, deployment="redis", instance="redis/2"
     )
@@ -559,7 +604,8 @@ def test_a_fault_on_one_instance_of_three_leaves_every_instance_unlocked(
         # The job, the instance and both digests, and what to do.
         assert re.search(
             r"the copy of redis-2-redis-server\.tar \(job redis-server on redis/2, "
-            r"sim://demo/redis/redis/2\) is corrupted: the VM sent a tar stream with tar digest "
+            + (r"127\.0\.0\.1:\d+" if transport(home) == "live" else "sim://demo/redis/redis/2")
+            + r"\) is corrupted: the VM sent a tar stream with tar digest "
             r"[0-9a-f]{64}, the jump box's copy on disk has tar digest [0-9a-f]{64}\n"
             r"Nothing was published",
             message,
@@ -700,7 +746,7 @@ def test_a_cleanup_unlocks_what_it_reaches_when_one_group_does_not_respond(home:
         run_deployment(request(home, "backup-cleanup", "cf"))
     message = str(failed.value.errors[0])
     assert "could not reach database/0" in message
-    assert "bbrx deployment --target sim://demo --deployment cf backup-cleanup" in str(
+    assert f"bbrx deployment --target {address(home)} --deployment cf backup-cleanup" in str(
         failed.value.errors[0].hint
     )
     assert locks_held(api) == []  # what it could reach, it unlocked

@@ -15,10 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.engine.run import Identity, Timeouts
-from orchestrator.errors import RunFailed
-from orchestrator.operations.procedures import Request, run_deployment
-from orchestrator.transport.targets import parse_director
 from simulator.deploy import find_deployment, manifest_of
 from simulator.director import SimDirector
 from tests import sshd
@@ -205,74 +201,6 @@ def test_a_ctrl_c_while_a_director_task_runs_stops_the_wait(live: Live) -> None:
     assert running.returncode != 0
     assert "stopped waiting for Director task 1 (vms of redis)" in stderr, stderr
     assert "the run was interrupted" in stderr
-
-
-# The fault matrix's instance axis (tests/test_deployments.py), a case per phase, on the
-# live transport: one instance of three breaks; every instance that locked is unlocked.
-LIVE_FAULTS = [
-    ("backup", "pre-backup-lock", "fail 3 lock refused", 4),
-    ("backup", "backup", "fail 5 disk on fire", 1),
-    ("backup", "post-backup-unlock", "fail 7 stuck", 8),
-    ("backup", "transfer", "corrupt", 1),
-    ("restore", "restore", "fail 4 bad dump", 1),
-]
-
-
-@pytest.mark.parametrize(
-    ("operation", "script", "fault", "bits"),
-    LIVE_FAULTS,
-    ids=[f"{o}-{s}-{f.split()[0]}" for o, s, f, _ in LIVE_FAULTS],
-)
-def test_a_fault_on_one_live_instance_leaves_every_instance_unlocked(
-    live: Live, tmp_path: Path, operation: str, script: str, fault: str, bits: int
-) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    published = None
-    if operation == "restore":
-        published = run_deployment(_request(live, "backup", out)).artifact
-        assert published is not None
-    broken = next(t for t in live.trees.values() if t.root.name == "2")  # redis/2
-    broken.set_fault("redis-server", script, fault)
-    with pytest.raises(RunFailed) as failed:
-        run_deployment(_request(live, operation, published or out))
-    assert failed.value.exit_code & bits == bits, failed.value.errors
-    message = "\n".join(str(e) for e in failed.value.errors)
-    assert "redis/2" in message or "redis-2-redis-server.tar" in message, message
-    lock, unlock = (
-        ("pre-backup-lock", "post-backup-unlock")
-        if operation == "backup"
-        else (
-            "pre-restore-lock",
-            "post-restore-unlock",
-        )
-    )
-    for tree in live.trees.values():
-        ran = [c.script for c in tree.calls() if c.event == "start"]
-        assert unlock in ran or lock not in ran, tree.root
-        expect = ["redis-server"] if bits == 8 and tree is broken else []
-        assert tree.locked_jobs() == expect, tree.root
-    assert all(server.users() == [] for server in live.vms.values())
-    if bits == 8:  # the cleanup, once the fault is gone, unlocks it
-        broken.clear_faults()
-        run_deployment(_request(live, "backup-cleanup", None))
-        assert broken.locked_jobs() == []
-
-
-def _request(live: Live, operation: str, artifact: Path | None) -> Request:
-    return Request(
-        operation=operation,
-        target=parse_director(live.fake.url),
-        identity=Identity("tester"),
-        audit_db=live.bbrx.audit_db,
-        home=live.bbrx.home,
-        artifact_path=artifact,
-        deployment=DEPLOYMENT,
-        username=live.fake.client,
-        password=live.fake.secret,
-        ca_cert=str(live.ca),
-        timeouts=Timeouts(metadata=20, lock=5, backup=5, unlock=5, restore=5),
-    )
 
 
 def _children(pid: int) -> list[int]:

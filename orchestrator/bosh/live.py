@@ -134,6 +134,9 @@ class LiveDirector:
             pinned=True,
             proxy_command=self._tunnel.jump.proxy_command() if self._tunnel else None,
         )
+        # What the transport's own errors call it ("cannot reach ...", "copying ... from
+        # ... failed"): the instance, as the operator knows it, and where it is.
+        instance.label = f"{name} at {instance.address}"
         instance.group = group
         instance.index = host.index
         instance.instance_id = host.id or None

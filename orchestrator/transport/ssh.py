@@ -104,6 +104,9 @@ class SshInstance:
         self.username = username
         self.key = private_key_path.expanduser()
         self.address = f"{host}:{port}"
+        # How its own messages name it: a live deployment's instance adds its name
+        # (`redis/2 at 10.0.0.5:22`), which its address alone does not tell.
+        self.label = self.address
         self.accept_new_host_key = accept_new_host_key
         self.known_hosts = known_hosts.expanduser() if known_hosts else None
         self.connect_timeout = connect_timeout
@@ -209,7 +212,7 @@ class SshInstance:
             if self._connected:
                 if self._master_running():
                     return
-                log.warning("The connection to %s dropped; reconnecting", self.address)
+                log.warning("The connection to %s dropped; reconnecting", self.label)
                 self._connected = False
                 (self._control_dir / "master").unlink(missing_ok=True)
             command = [
@@ -229,19 +232,19 @@ class SshInstance:
             self._connected = True
             self._master_pid = self._master_check()
             if "Permanently added" in stderr:
-                log.warning("Trusted the new host key of %s on first use", self.address)
+                log.warning("Trusted the new host key of %s on first use", self.label)
                 self.info["host_key_trusted_on_first_use"] = "yes"
             fingerprint = self._fingerprint()
             if fingerprint:
                 self.info["host_key_fingerprint"] = fingerprint
-            log.info("Connected to %s as %s", self.address, self.username)
+            log.info("Connected to %s as %s", self.label, self.username)
 
     def _connect_error(self, stderr: str) -> DiscoveryError:
         known = str(self.known_hosts or "~/.ssh/known_hosts")
         spec = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
         if "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr:
             return DiscoveryError(
-                f"the host key of {self.address} has CHANGED since it was trusted: refusing to "
+                f"the host key of {self.label} has CHANGED since it was trusted: refusing to "
                 "connect (this is what a man-in-the-middle looks like)",
                 host=self.address,
                 hint=f"If the director VM was rebuilt, check its new key's fingerprint, then "
@@ -249,7 +252,7 @@ class SshInstance:
             )
         if "Host key verification failed" in stderr:
             return DiscoveryError(
-                f"the host key of {self.address} is not in {known}: refusing to connect",
+                f"the host key of {self.label} is not in {known}: refusing to connect",
                 host=self.address,
                 hint=f"Check its fingerprint (ssh-keyscan -p {self.port} {self.host} | "
                 f"ssh-keygen -lf -) with whoever runs the director, then trust it with "
@@ -258,13 +261,13 @@ class SshInstance:
             )
         if "Permission denied" in stderr:
             return DiscoveryError(
-                f"{self.address} refused the key {self.key} for user {self.username}",
+                f"{self.label} refused the key {self.key} for user {self.username}",
                 host=self.address,
                 hint="Check --username and --private-key-path (the director's bbr user and key).",
             )
         detail = " ".join(line for line in stderr.strip().splitlines() if line)[-400:]
         return DiscoveryError(
-            f"cannot reach {self.address}: {detail or 'ssh failed'}",
+            f"cannot reach {self.label}: {detail or 'ssh failed'}",
             host=self.address,
             hint="Check the address, the port and that this jump box can reach the director.",
         )
@@ -339,7 +342,7 @@ class SshInstance:
         if proc.returncode not in ok_codes:
             message = proc.stderr.decode("utf-8", "replace").strip()[-400:]
             raise TransportError(
-                f"{what} on {self.address} failed (exit {proc.returncode}): {message}",
+                f"{what} on {self.label} failed (exit {proc.returncode}): {message}",
                 host=self.address,
             )
         return proc.stdout
@@ -387,7 +390,7 @@ class SshInstance:
         if proc.returncode != 0:
             message = proc.stderr.decode("utf-8", "replace").strip()[-400:]
             raise TransportError(
-                f"creating {REMOTE_WORK_DIR} on {self.address} failed "
+                f"creating {REMOTE_WORK_DIR} on {self.label} failed "
                 f"(exit {proc.returncode}): {message}",
                 host=self.address,
             )
@@ -411,7 +414,7 @@ class SshInstance:
         )
         if proc.returncode == _SSH_FAILURE:
             raise TransportError(
-                f"lost the connection to {self.address}: "
+                f"lost the connection to {self.label}: "
                 + proc.stderr.decode("utf-8", "replace").strip()[-400:],
                 host=self.address,
             )
@@ -525,7 +528,7 @@ class SshInstance:
         duration = time.monotonic() - started
         if remote_pid is None and not killed and not timed_out:
             raise TransportError(
-                f"could not start the {call.script} script of job {call.job} on {self.address}: "
+                f"could not start the {call.script} script of job {call.job} on {self.label}: "
                 + (stderr.strip()[-400:] or f"ssh exited {returncode}"),
                 host=self.address,
             )
@@ -545,7 +548,7 @@ class SshInstance:
             # running on the VM (a lock script would lock after we unlocked). End it there.
             killed_by, exit_code = self._kill_orphan(remote_pid, marker), None
         if leftovers:
-            warn_leftovers(call, self.address, exit_code, killed_by, ended=ended)
+            warn_leftovers(call, self.label, exit_code, killed_by, ended=ended)
         return ScriptResult(
             job=call.job,
             script=call.script,
@@ -716,7 +719,7 @@ class SshInstance:
         digests = _DIGEST_LINE.findall(errors.read())
         if not digests:
             raise TransportError(
-                f"copying the artifact of job {job} {way} {self.address}: the VM did not "
+                f"copying the artifact of job {job} {way} {self.label}: the VM did not "
                 f"report the SHA-256 of what its tar {did}",
                 host=self.address,
                 hint="Check that the director VM has GNU tar, and python3, or tee with openssl "
@@ -751,7 +754,7 @@ class SshInstance:
         self, job: str, way: str, returncode: int, errors: IO[bytes]
     ) -> TransportError:
         return TransportError(
-            f"copying the artifact of job {job} {way} {self.address} failed "
+            f"copying the artifact of job {job} {way} {self.label} failed "
             f"(exit {returncode}): {_tail(errors)}",
             host=self.address,
         )
