@@ -43,7 +43,9 @@ class LiveWorld:
 
     def __post_init__(self) -> None:
         self.director = SimDirector(sim_root(self.home, self.name))
-        self.fake = FakeDirector(auth="uaa", task_polls=1, world=self._deployments)
+        # Tasks end at their first poll: the suite runs many; their `processing` polls are
+        # test_director_api.py's and test_live_deployment.py's.
+        self.fake = FakeDirector(auth="uaa", task_polls=0, world=self._deployments)
         self.fake.on_setup = self._setup
         self.fake.on_cleanup = self._cleanup
         self.ca = self.workdir / "live-director-ca.pem"

@@ -7,13 +7,16 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from audit import AuditLog
 from simulator.calllog import CALL_LOG, parse_call_log
+from tests import sshd
 from tests.conftest import Bbrx
+from tests.live_world import LiveWorld
 
 pytestmark = pytest.mark.slow
 
@@ -114,12 +117,33 @@ def test_all_deployments_backs_up_each_one_and_prints_bbrs_summary(bbrx: Bbrx, t
     assert len(batches) == 1
 
 
+@pytest.fixture
+def reached(request: pytest.FixtureRequest, bbrx: Bbrx, tmp_path: Path) -> Iterator[list[str]]:
+    """The simulated director `demo` (created), and how `bbrx deployment` reaches it: as
+    `--target sim://demo`, or as a live Director (tests/live_world.py)."""
+    assert bbrx("sim", "create", "demo").code == 0
+    if request.param == "sim":
+        yield ["--target", "sim://demo"]
+        return
+    reason = sshd.available()
+    if reason:
+        pytest.skip(reason)
+    request.getfixturevalue("vcap_mount_point")
+    world = LiveWorld(bbrx.home, request.getfixturevalue("ssh_keys"), tmp_path).start()
+    try:
+        yield world.cli_args()
+        left = {vm: users for vm, users in world.users().items() if users}
+        assert not left, f"users left on the VMs: {left}"
+    finally:
+        world.stop()
+
+
+@pytest.mark.parametrize("reached", ["sim", "live"], indirect=True)
 def test_all_deployments_exits_1_when_one_fails_and_the_others_are_backed_up(
-    bbrx: Bbrx, tmp_path: Path
+    bbrx: Bbrx, tmp_path: Path, reached: list[str]
 ):
     out = tmp_path / "out"
     out.mkdir()
-    assert bbrx("sim", "create", "demo").code == 0
     broken = bbrx(
         "sim",
         "fault",
@@ -133,17 +157,24 @@ def test_all_deployments_exits_1_when_one_fails_and_the_others_are_backed_up(
         "web/0",
     )
     assert broken.code == 0, broken
-    result = deployment(bbrx, "--all-deployments", "backup", "-a", str(out))
+    result = bbrx("deployment", *reached, "--all-deployments", "backup", "-a", str(out))
     assert result.code == 1, result
     assert "Successfully backed up: cf, redis" in result.stdout
     assert "FAILED: concourse" in result.stdout
     assert "1 out of 3 deployments cannot be backed up:" in result.stderr
     assert "Deployment 'concourse':" in result.stderr and "disk on fire" in result.stderr
     assert sorted(p.name.split("_")[0] for p in out.iterdir()) == ["cf", "redis"]
+    director = reached[1]
+    assert sorted(r.target for r in bbrx.audit_runs()) == [
+        f"{director}/{name}" for name in ("cf", "concourse", "redis")
+    ]
 
 
-def test_a_killed_deployment_run_is_seen_and_recovered_per_deployment(bbrx: Bbrx, tmp_path: Path):
-    assert bbrx("sim", "create", "demo").code == 0
+@pytest.mark.parametrize("reached", ["sim", "live"], indirect=True)
+def test_a_killed_deployment_run_is_seen_and_recovered_per_deployment(
+    bbrx: Bbrx, tmp_path: Path, reached: list[str]
+):
+    director = reached[1]
     hang = bbrx(
         "sim",
         "fault",
@@ -159,9 +190,7 @@ def test_a_killed_deployment_run_is_seen_and_recovered_per_deployment(bbrx: Bbrx
     assert hang.code == 0, hang
     out = tmp_path / "out"
     out.mkdir()
-    proc = bbrx.start(
-        "deployment", "--target", "sim://demo", "-d", "redis", "backup", "-a", str(out)
-    )
+    proc = bbrx.start("deployment", *reached, "-d", "redis", "backup", "-a", str(out))
     log = vm(bbrx, "redis", "redis/2") / CALL_LOG
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -175,11 +204,11 @@ def test_a_killed_deployment_run_is_seen_and_recovered_per_deployment(bbrx: Bbrx
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
 
-    status = bbrx("status", "--target", "sim://demo", "-d", "redis")
+    status = bbrx("status", "--target", director, "-d", "redis")
     assert "interrupted" in status.stdout, status
     assert "redis-server on redis/2" in status.stdout
-    assert "bbrx deployment --target sim://demo --deployment redis backup-cleanup" in status.stdout
-    refused = deployment(bbrx, "-d", "redis", "backup", "-a", str(out))
+    assert f"bbrx deployment --target {director} --deployment redis backup-cleanup" in status.stdout
+    refused = bbrx("deployment", *reached, "-d", "redis", "backup", "-a", str(out))
     assert refused.code == 1 and "did not finish" in refused.stderr, refused
 
     assert (
@@ -196,12 +225,12 @@ def test_a_killed_deployment_run_is_seen_and_recovered_per_deployment(bbrx: Bbrx
         ).code
         == 0
     )
-    cleaned = deployment(bbrx, "-d", "redis", "backup-cleanup")
+    cleaned = bbrx("deployment", *reached, "-d", "redis", "backup-cleanup")
     assert cleaned.code == 0, cleaned
     for name in ("redis/0", "redis/1", "redis/2"):
         locks = vm(bbrx, "redis", name) / "var/vcap/sys/run/bbr-sim/locks"
         assert not locks.is_dir() or not any(locks.iterdir()), name
-    status = bbrx("status", "--target", "sim://demo", "-d", "redis")
+    status = bbrx("status", "--target", director, "-d", "redis")
     assert "idle" in status.stdout, status
 
 
