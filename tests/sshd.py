@@ -194,12 +194,16 @@ class TestSshd:
         *,
         accounts: bool = False,
         log_level: str = "ERROR",
+        force_command: str | None = None,
     ) -> None:
         """`without`: commands the VM lacks (hidden under /dev/null in the namespace).
         `accounts`: users can be added (`add_user`) as a BOSH agent adds the Director's SSH
         user: in this sshd's namespace only, through its own /etc/passwd and sudoers.d."""
         self.accounts = accounts
         self.log_level = log_level  # DEBUG1 logs each forwarded connection's target
+        # What every session runs instead of what it asked for (`echo Windows_NT`: a VM
+        # that answers as a Windows one's cmd.exe answers `echo %OS%`).
+        self.force_command = force_command
         self.keys = keys
         self.without = without
         self.vm_root = vm_root
@@ -235,6 +239,7 @@ class TestSshd:
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
             "PidFile none\nStrictModes no\nMaxSessions 100\nMaxStartups 100:30:200\n"
             f"LogLevel {self.log_level}\n"
+            + (f"ForceCommand {self.force_command}\n" if self.force_command else "")
         )
         host_pub = Path(f"{self.keys.host_key}.pub").read_text().split()
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")

@@ -5,12 +5,17 @@ failed and never the secret."""
 from __future__ import annotations
 
 import logging
+import re
+import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
 
+from orchestrator.bosh import proxy, socks
 from orchestrator.bosh.api import DirectorApi, DirectorApiError, TaskError, director_url
 from orchestrator.errors import TargetError, UsageError
+from tests import sshd
 from tests.fake_director import FakeDirector
 
 
@@ -216,3 +221,53 @@ def test_names_and_addresses_from_the_director_are_checked_before_use(fake: Fake
         director.open_instances("cf", "api")
     assert fake.ssh_users[vm.id] == set()  # the setup was cleaned up
     director.close()
+
+
+# --- BOSH_ALL_PROXY=socks5://: the instances' SOCKS5 relay (orchestrator/bosh/socks.py) ---
+
+
+def _one_answer(*answers: bytes) -> tuple[int, threading.Thread]:
+    """A loopback server that takes one connection and answers each message with the next
+    of `answers` (a proxy that misbehaves in one known way)."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with server, server.accept()[0] as conn:
+            for answer in answers:
+                conn.recv(512)
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server.getsockname()[1], thread
+
+
+def test_the_socks5_relay_names_a_proxy_that_refuses() -> None:
+    closed = sshd.free_port()
+    unreachable = re.escape(f"cannot reach the SOCKS5 proxy 127.0.0.1:{closed}")
+    with pytest.raises(socks.SocksError, match=unreachable):
+        socks.connect("127.0.0.1", closed, "10.0.0.5", 22)
+    port, thread = _one_answer(b"\x05\x02")  # wants a user and password
+    with pytest.raises(socks.SocksError, match="wants authentication"):
+        socks.connect("127.0.0.1", port, "10.0.0.5", 22)
+    thread.join(5)
+    refused = b"\x05\x05\x00\x01" + bytes(6)  # CONNECT answered "connection refused"
+    port, thread = _one_answer(b"\x05\x00", refused)
+    refusal = re.escape("would not connect to 10.0.0.5:22: CONNECTION_REFUSED")
+    with pytest.raises(socks.SocksError, match=refusal):
+        socks.connect("127.0.0.1", port, "10.0.0.5", 22)
+    thread.join(5)
+    assert socks.main(["127.0.0.1", "x", "10.0.0.5", "22"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("socks5://127.0.0.1", "a SOCKS5 proxy is socks5://HOST:PORT"),
+        ("socks5://me:pw@127.0.0.1:1080", "a user or password in a socks5:// proxy"),
+        ("http://127.0.0.1:3128", "or socks5://HOST:PORT"),
+    ],
+)
+def test_a_bosh_all_proxy_bbrx_cannot_use_is_named(value: str, message: str, tmp_path) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        proxy.open_proxy(value, tmp_path)

@@ -9,6 +9,8 @@ import contextlib
 import os
 import re
 import signal
+import socket
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 from simulator.deploy import find_deployment, manifest_of
 from simulator.director import SimDirector
 from tests import sshd
-from tests.conftest import Bbrx, wait_for
+from tests.conftest import BBRX, Bbrx, wait_for
 from tests.fake_director import FakeDirector, FakeVm
 
 DEPLOYMENT = "redis"
@@ -144,12 +146,7 @@ def test_bosh_all_proxy_takes_the_api_and_every_instance_through_the_jump_host(
         checked = live.deployment("pre-backup-check")
         assert checked.code == 0, checked
         assert f"Through root@127.0.0.1:{jump.port} (BOSH_ALL_PROXY)" in checked.stderr
-        log = (jump.workdir / "sshd.log").read_text()
-        forwarded = set(
-            re.findall(
-                r"direct_tcpip: originator \S+ port \d+, target 127\.0\.0\.1 port (\d+)", log
-            )
-        )
+        forwarded = set(_forwards(jump))
         director_port = live.fake.url.rsplit(":", 1)[1]
         assert forwarded == {director_port, *(str(s.port) for s in live.vms.values())}, forwarded
         # The jump host's key, recorded on first use (ssh may hash the name).
@@ -180,11 +177,41 @@ def test_bosh_all_proxy_takes_the_api_and_every_instance_through_the_jump_host(
         discovered = next(r for r in live.bbrx.audit_rows() if r["trigger"] == "discovered")
         assert discovered["detail"]["revoked_access"] == killed_user
         assert all(tree.locked_jobs() == [] for tree in live.trees.values())
-        live.bbrx.env["BOSH_ALL_PROXY"] = f"socks5://127.0.0.1:{jump.port}"
+        # bbr's other form: a SOCKS5 proxy someone opened (here an `ssh -D` of the test's).
+        socks_port = sshd.free_port()
+        opened = subprocess.Popen(
+            ["ssh", "-N", "-D", f"127.0.0.1:{socks_port}", "-p", str(jump.port),
+             "-i", str(ssh_keys.client_key), "-o", f"UserKnownHostsFile={jump.known_hosts}",
+             "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "root@127.0.0.1"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: _listening(socks_port), what="the test's SOCKS5 proxy")
+            before = len(_forwards(jump))
+            live.bbrx.env["BOSH_ALL_PROXY"] = f"socks5://127.0.0.1:{socks_port}"
+            checked = live.deployment("pre-backup-check")
+            assert checked.code == 0, checked
+            assert f"Through the SOCKS5 proxy 127.0.0.1:{socks_port}" in checked.stderr
+            assert set(_forwards(jump)[before:]) == forwarded  # the Director and every VM
+        finally:
+            opened.terminate()
+            opened.wait(timeout=10)
+        live.bbrx.env["BOSH_ALL_PROXY"] = "socks5://127.0.0.1"
         refused = live.deployment("pre-backup-check")
-        assert refused.code == 1 and "bbrx takes ssh+socks5://USER@HOST:PORT" in refused.stderr
+        assert refused.code == 1 and "a SOCKS5 proxy is socks5://HOST:PORT" in refused.stderr
     finally:
         jump.stop()
+
+
+def _forwards(jump: sshd.TestSshd) -> list[str]:
+    """The ports the jump sshd forwarded connections to, in order (its DEBUG1 log)."""
+    log = (jump.workdir / "sshd.log").read_text()
+    return re.findall(r"direct_tcpip: originator \S+ port \d+, target 127\.0\.0\.1 port (\d+)", log)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_a_ctrl_c_while_a_director_task_runs_stops_the_wait(live: Live) -> None:
@@ -226,3 +253,62 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_no_ssh_config_changes_where_a_live_instance_is_reached(live: Live, tmp_path) -> None:
+    """bbr reads no ssh_config, and a pinned live instance's ssh reads none either: here the
+    machine's /etc/ssh/ssh_config (replaced in a private mount namespace of this bbrx only)
+    sends every connection to a ProxyCommand that fails, and the check still passes."""
+    config = tmp_path / "ssh_config"
+    config.write_text("Host *\n  ProxyCommand /bin/false\n  KnownHostsCommand /bin/false\n")
+    assert Path("/etc/ssh/ssh_config").is_file()
+    command = [
+        "unshare", "--mount", "--propagation", "private", "sh", "-c",
+        'mount --bind "$0" /etc/ssh/ssh_config && exec "$@"', str(config),
+        *BBRX, "deployment", "--target", live.fake.url, "-u", live.fake.client,
+        "-p", live.fake.secret, "--ca-cert", str(live.ca), "-d", DEPLOYMENT, "pre-backup-check",
+    ]  # fmt: skip
+    checked = subprocess.run(
+        command, capture_output=True, text=True, env=live.bbrx.environ(), timeout=120,
+        cwd=live.bbrx.home, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    assert f"Deployment '{DEPLOYMENT}' can be backed up." in checked.stdout
+
+
+def test_a_windows_instance_is_skipped_and_its_user_still_removed(
+    live: Live, ssh_keys, tmp_path
+) -> None:
+    """bbr asks each instance for %OS% first and skips a Windows one. Here a fourth VM's
+    sshd answers every command as cmd.exe answers `echo %OS%`: the backup takes the three
+    redis VMs, says which it skipped, and the Director's cleanup still covers the fourth."""
+    windows_root = tmp_path / "windows-vm"
+    (windows_root / "var/vcap").mkdir(parents=True)
+    server = sshd.TestSshd(
+        ssh_keys, windows_root, tmp_path / "sshd-windows", accounts=True,
+        force_command="echo Windows_NT",
+    ).start()  # fmt: skip
+    try:
+        host_key = Path(f"{ssh_keys.host_key}.pub").read_text().strip()
+        vm = FakeVm("iis", 0, "f00dcafe-0000-4000-8000-000000000001",
+                    f"127.0.0.1:{server.port}", host_key, bootstrap=True)  # fmt: skip
+        live.fake.deployments[DEPLOYMENT]["vms"].append(vm)
+        live.vms[vm.id] = server
+        out = tmp_path / "out"
+        out.mkdir()
+        result = live.deployment("backup", "--artifact-path", str(out))
+        assert result.code == 0, result
+        assert f"skipping Windows instance iis/{vm.id}" in result.stderr
+        [artifact] = list(out.iterdir())
+        assert sorted(p.name for p in artifact.glob("*.tar")) == [
+            f"redis-{i}-redis-server.tar" for i in range(3)
+        ]
+        assert all(s.users() == [] for s in live.vms.values())
+        cleanups = [
+            r.body["target"]["job"]
+            for r in live.fake.requests
+            if r.path.endswith("/ssh") and r.body["command"] == "cleanup"
+        ]
+        assert "iis" in cleanups, cleanups
+    finally:
+        server.stop()

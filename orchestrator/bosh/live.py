@@ -23,7 +23,7 @@ from pathlib import Path
 
 from orchestrator.bosh.api import DirectorApi, SshHost
 from orchestrator.bosh.director import VmInfo
-from orchestrator.bosh.proxy import Tunnel
+from orchestrator.bosh.proxy import Proxy
 from orchestrator.errors import TargetError
 from orchestrator.transport.instance import Instance
 from orchestrator.transport.ssh import SshInstance
@@ -39,7 +39,7 @@ class LiveDirector:
     mode = "live"
 
     def __init__(
-        self, api: DirectorApi, *, connect_timeout: int = 15, tunnel: Tunnel | None = None
+        self, api: DirectorApi, *, connect_timeout: int = 15, tunnel: Proxy | None = None
     ) -> None:
         self.api = api
         self._tunnel = tunnel  # BOSH_ALL_PROXY: the API's SOCKS tunnel, the instances' jump
@@ -132,7 +132,7 @@ class LiveDirector:
             known_hosts=known_hosts,
             connect_timeout=self._connect_timeout,
             pinned=True,
-            proxy_command=self._tunnel.jump.proxy_command() if self._tunnel else None,
+            proxy_command=self._tunnel.proxy_command() if self._tunnel else None,
         )
         # What the transport's own errors call it ("cannot reach ...", "copying ... from
         # ... failed"): the instance, as the operator knows it, and where it is.

@@ -1,11 +1,15 @@
 """`BOSH_ALL_PROXY`: reach the Director and every instance through a jump host.
 
 bbr accepts `ssh+socks5://USER@HOST:PORT?private-key=PATH` (it opens the SSH tunnel
-itself) and `socks5://HOST:PORT`. bbrx takes the first form and lets OpenSSH do the
-tunnelling: one `ssh -N -D` to the jump host gives the Director API a SOCKS5 proxy on a
-loopback port of this machine, and each instance's ssh goes through `ssh -W` to the same
-jump host (its ProxyCommand). The jump host's key is checked against
-`$BBRX_HOME/proxy_known_hosts`: recorded on first use, refused if it changes.
+itself) and `socks5://HOST:PORT`, and so does bbrx.
+
+- `ssh+socks5://`: OpenSSH does the tunnelling. One `ssh -N -D` to the jump host gives the
+  Director API a SOCKS5 proxy on a loopback port of this machine, and each instance's ssh
+  goes through `ssh -W` to the same jump host (its ProxyCommand). The jump host's key is
+  checked against `$BBRX_HOME/proxy_known_hosts`: recorded on first use, refused if it
+  changes.
+- `socks5://`: the Director API uses the proxy as it is, and each instance's ssh reaches it
+  through `orchestrator.bosh.socks`, a SOCKS5 CONNECT relay, as its ProxyCommand.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from orchestrator.bosh import socks
 from orchestrator.errors import TargetError, UsageError
 
 log = logging.getLogger(__name__)
 
 SCHEME = "ssh+socks5"
+PLAIN = "socks5"
 START_TIMEOUT = 20.0
 
 
@@ -53,13 +60,79 @@ class JumpHost:
         return " ".join([*words, "-W", "%h:%p", shlex.quote(self.host)])
 
 
+class Proxy(Protocol):
+    """What a live run needs of BOSH_ALL_PROXY: a proxy URL for the Director API, a
+    ProxyCommand for each instance's ssh, and its end."""
+
+    @property
+    def url(self) -> str: ...
+
+    def proxy_command(self) -> str: ...
+
+    def stop(self) -> None: ...
+
+
+def open_proxy(value: str, home: Path) -> Proxy:
+    """The proxy a `BOSH_ALL_PROXY` value names, ready (a jump host's tunnel open)."""
+    if urlsplit(value.strip()).scheme == PLAIN:
+        return parse_socks(value).start()
+    return Tunnel(parse(value, home)).start()
+
+
+@dataclass(frozen=True)
+class SocksProxy:
+    """`socks5://HOST:PORT`: a SOCKS5 proxy someone else runs."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"socks5://{_bracketed(self.host)}:{self.port}"
+
+    def proxy_command(self) -> str:
+        return socks.proxy_command(self.host, self.port)
+
+    def start(self) -> SocksProxy:
+        log.info("Through the SOCKS5 proxy %s:%d (BOSH_ALL_PROXY)", self.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        """Nothing of this run's to end."""
+
+
+def parse_socks(value: str) -> SocksProxy:
+    parts = urlsplit(value.strip())
+    try:
+        port = parts.port
+    except ValueError as error:
+        raise UsageError(f"BOSH_ALL_PROXY: {error}") from error
+    if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
+        raise UsageError(
+            f"BOSH_ALL_PROXY={value!r}: a SOCKS5 proxy is socks5://HOST:PORT",
+            hint="For example socks5://127.0.0.1:1080 (an `ssh -D 1080` to the jump box), or "
+            "ssh+socks5://USER@HOST:PORT?private-key=PATH for bbrx to open the tunnel itself.",
+        )
+    if parts.username or parts.password:
+        raise UsageError(
+            f"BOSH_ALL_PROXY: a user or password in a socks5:// proxy is not supported "
+            f"(bbr's form has none): {parts.hostname}:{port}"
+        )
+    return SocksProxy(parts.hostname, port)
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def parse(value: str, home: Path) -> JumpHost:
     """The jump host of a `BOSH_ALL_PROXY` value; UsageError naming what is wrong."""
     parts = urlsplit(value.strip())
     if parts.scheme != SCHEME:
         raise UsageError(
-            f"BOSH_ALL_PROXY={value!r}: bbrx takes ssh+socks5://USER@HOST:PORT?private-key=PATH",
-            hint="A plain socks5:// proxy is not supported yet: give the jump host itself.",
+            f"BOSH_ALL_PROXY={value!r}: bbrx takes ssh+socks5://USER@HOST:PORT?private-key=PATH "
+            "or socks5://HOST:PORT",
+            hint="bbr's two forms: a jump host for bbrx to tunnel through, or a SOCKS5 proxy.",
         )
     try:
         port = parts.port or 22
@@ -88,6 +161,9 @@ class Tunnel:
     @property
     def url(self) -> str:
         return f"socks5://127.0.0.1:{self.port}"
+
+    def proxy_command(self) -> str:
+        return self.jump.proxy_command()
 
     def start(self) -> Tunnel:
         self.jump.known_hosts.parent.mkdir(parents=True, exist_ok=True)

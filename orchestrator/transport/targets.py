@@ -148,7 +148,7 @@ def open_director(
     from orchestrator.bosh.live import LiveDirector
 
     through = os.environ.get("BOSH_ALL_PROXY", "").strip()
-    tunnel = proxy.Tunnel(proxy.parse(through, home)).start() if through else None
+    tunnel = proxy.open_proxy(through, home) if through else None
     try:
         api = DirectorApi(
             target.host,
