@@ -4,11 +4,13 @@ director target behind each transport (the behaviour suite is parametrised over 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -215,12 +217,18 @@ def ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 @pytest.fixture(scope="session")
 def vcap_mount_point() -> None:
-    """/var/vcap must exist as a mount point: created empty if missing.
-
-    Removed, if this run created it, only when every worker is done
-    (`pytest_unconfigure` of the main process): a worker removing it while another's sshd
-    has its VM's tree mounted there would detach that mount."""
+    """/var/vcap must exist as a mount point: created empty if missing (see below)."""
     sshd.VCAP.mkdir(parents=True, exist_ok=True)
+
+
+# /var/vcap, if this test session created it, is removed when the session ends, by its main
+# process, once every worker is done, and only if no other test session (another clone's,
+# say) is running: removing it detaches the VM trees every running sshd has mounted there.
+# Each session holds a shared lock on this file while it runs; the last one out gets it
+# exclusively.
+_SESSIONS_LOCK = Path(tempfile.gettempdir()) / "bbrx-tests-var-vcap.lock"
+_VCAP_EXISTED = pytest.StashKey[bool]()
+_SESSION_LOCK = pytest.StashKey[int]()
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -228,17 +236,26 @@ def _is_worker(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not _is_worker(config):
-        config.stash[_VCAP_EXISTED] = sshd.VCAP.exists()
+    if _is_worker(config):
+        return
+    lock = os.open(_SESSIONS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_SH)
+    config.stash[_SESSION_LOCK] = lock
+    config.stash[_VCAP_EXISTED] = sshd.VCAP.exists()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if not _is_worker(config) and not config.stash.get(_VCAP_EXISTED, True):
-        with contextlib.suppress(OSError):
+    lock = config.stash.get(_SESSION_LOCK, None)
+    if lock is None:
+        return
+    try:
+        if not config.stash.get(_VCAP_EXISTED, True):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while others run
             sshd.VCAP.rmdir()
-
-
-_VCAP_EXISTED = pytest.StashKey[bool]()
+    except OSError:
+        pass  # another session still runs, or /var/vcap is gone or not empty: leave it
+    finally:
+        os.close(lock)
 
 
 @pytest.fixture

@@ -214,6 +214,7 @@ class TestSshd:
         self.known_hosts = workdir / "known_hosts"
 
     def start(self) -> TestSshd:
+        VCAP.mkdir(parents=True, exist_ok=True)  # the mount point (tests/conftest.py)
         self.workdir.mkdir(parents=True, exist_ok=True)
         authorized = self.workdir / "authorized_keys"
         authorized.write_text(Path(f"{self.keys.client_key}.pub").read_text())
