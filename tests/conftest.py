@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -226,7 +225,7 @@ def vcap_mount_point() -> None:
 # say) is running: removing it detaches the VM trees every running sshd has mounted there.
 # Each session holds a shared lock on this file while it runs; the last one out gets it
 # exclusively.
-_SESSIONS_LOCK = Path(tempfile.gettempdir()) / "bbrx-tests-var-vcap.lock"
+_SESSIONS_LOCK = Path("/run/lock/bbrx-tests-var-vcap.lock")
 _VCAP_EXISTED = pytest.StashKey[bool]()
 _SESSION_LOCK = pytest.StashKey[int]()
 
@@ -236,10 +235,13 @@ def _is_worker(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if _is_worker(config):
-        return
-    lock = os.open(_SESSIONS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(lock, fcntl.LOCK_SH)
+    if _is_worker(config) or sshd.available() is not None:
+        return  # a worker, or a session that starts no sshd (it is not root, say)
+    try:
+        lock = os.open(_SESSIONS_LOCK, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fcntl.flock(lock, fcntl.LOCK_SH)
+    except OSError:
+        return  # no lock, so /var/vcap is never removed by this session
     config.stash[_SESSION_LOCK] = lock
     config.stash[_VCAP_EXISTED] = sshd.VCAP.exists()
 
@@ -339,10 +341,18 @@ def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
     outcome = yield
     report = outcome.get_result()
     report.sections = [(title, _utf8(text)) for title, text in report.sections]
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        if _utf8(text) != text:  # a failure that quotes such a name: sent as its text
+            report.longrepr = _utf8(text)
 
 
 def _utf8(text: str) -> str:
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no decoding made: escaped as it is
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -354,7 +364,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 @pytest.hookimpl(optionalhook=True)  # defined only where pytest-xdist is loaded
 def pytest_testnodedown(node, error) -> None:
     """The main process's side of the hand-over (pytest-xdist's hook)."""
-    MATRIX_RESULTS.extend(node.workeroutput.get("matrix_results", []))
+    # A worker that crashed has no output (pytest-xdist replaces it and reports the test).
+    MATRIX_RESULTS.extend(getattr(node, "workeroutput", {}).get("matrix_results", []))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -52,6 +52,7 @@ class LiveWorld:
         self._trees: dict[str, DeploymentVm] = {}  # instance id -> its tree
         self._mounted: dict[str, int] = {}  # instance id -> inode of the tree its sshd serves
         self._started = 0
+        self._stopped = False
         self._lock = threading.Lock()
         self._host_key = Path(f"{self.keys.host_key}.pub").read_text().strip()
 
@@ -62,10 +63,17 @@ class LiveWorld:
         return self
 
     def stop(self) -> None:
-        self.fake.stop()
-        for server in self.servers.values():
-            with contextlib.suppress(Exception):
-                server.stop()
+        """Every sshd it started is stopped, whatever the Director's stop does; a setup
+        still being answered starts none after this."""
+        try:
+            self.fake.stop()
+        finally:
+            with self._lock:
+                self._stopped = True
+                servers = list(self.servers.values())
+            for server in servers:
+                with contextlib.suppress(Exception):
+                    server.stop()
 
     # --- how bbrx is pointed at it ---
 
@@ -110,7 +118,7 @@ class LiveWorld:
     def _setup(self, vm: FakeVm, user: str, public_key: str) -> bool:
         with self._lock:
             tree = self._trees.get(vm.id)
-            if tree is None or not tree.exists():
+            if self._stopped or tree is None or not tree.exists():
                 return False  # the agent does not respond
             server = self._serve(vm.id, tree)
         server.add_user(user, public_key)

@@ -15,6 +15,7 @@ client and pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -211,21 +212,11 @@ class TestSshd:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._namespace: str | None = None
+        self._namespace_fd: int | None = None
         self.known_hosts = workdir / "known_hosts"
 
-    def start(self) -> TestSshd:
-        VCAP.mkdir(parents=True, exist_ok=True)  # the mount point (tests/conftest.py)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        authorized = self.workdir / "authorized_keys"
-        authorized.write_text(Path(f"{self.keys.client_key}.pub").read_text())
-        keys_dir = self.workdir / "keys"
-        keys_dir.mkdir(exist_ok=True)
-        (keys_dir / "root").write_text(authorized.read_text())
-        sudoers = self.workdir / "sudoers.d"
-        sudoers.mkdir(mode=0o755, exist_ok=True)
-        shadow = self.workdir / "shadow"  # sudo's PAM account check wants each user there
-        shutil.copy2("/etc/shadow", shadow)
-        config = self.workdir / "sshd_config"
+    def _configure(self, config: Path, authorized: Path, keys_dir: Path) -> None:
+        """sshd_config and the known_hosts entry for the current port."""
         config.write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.keys.host_key}\n"
             + (
@@ -244,6 +235,20 @@ class TestSshd:
         )
         host_pub = Path(f"{self.keys.host_key}.pub").read_text().split()
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+
+    def start(self) -> TestSshd:
+        VCAP.mkdir(parents=True, exist_ok=True)  # the mount point (tests/conftest.py)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        authorized = self.workdir / "authorized_keys"
+        authorized.write_text(Path(f"{self.keys.client_key}.pub").read_text())
+        keys_dir = self.workdir / "keys"
+        keys_dir.mkdir(exist_ok=True)
+        (keys_dir / "root").write_text(authorized.read_text())
+        sudoers = self.workdir / "sudoers.d"
+        sudoers.mkdir(mode=0o755, exist_ok=True)
+        shadow = self.workdir / "shadow"  # sudo's PAM account check wants each user there
+        shutil.copy2("/etc/shadow", shadow)
+        config = self.workdir / "sshd_config"
         # Sessions run the login shell; root's bash here sources a slow ~/.bashrc (pyenv)
         # that a director's bbr user does not have. The namespace sees root with /bin/sh.
         passwd = self.workdir / "passwd"
@@ -275,6 +280,15 @@ class TestSshd:
             f"mount --bind {self.vm_root / 'var/vcap'} {VCAP} && "
             f"exec {SSHD} -D -e -f {config}"
         )
+        for _ in range(5):
+            self._configure(config, authorized, keys_dir)
+            if self._launch(mounts):
+                return self
+            self.port = free_port()  # another test session's sshd had it: another port
+        raise RuntimeError(f"sshd found no free port: {(self.workdir / 'sshd.log').read_text()}")
+
+    def _launch(self, mounts: str) -> bool:
+        """Start sshd; False if its port was taken, once it has exited saying so."""
         # unshare execs sh, which execs sshd: self.proc.pid is sshd's own PID.
         self._log = open(self.workdir / "sshd.log", "wb")  # noqa: SIM115 - lives with sshd
         self.proc = subprocess.Popen(
@@ -286,13 +300,42 @@ class TestSshd:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sshd exited: {(self.workdir / 'sshd.log').read_text()}")
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                    self._namespace = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
-                    return self
+                self._log.close()
+                said = (self.workdir / "sshd.log").read_text()
+                if "Address already in use" in said or "Cannot bind any address" in said:
+                    return False
+                raise RuntimeError(f"sshd exited: {said}")
+            # Listening, and on a socket of its own (not another session's sshd's port).
+            if self._listening():
+                # Held open until stop(): the kernel cannot give this namespace's id to
+                # another namespace while it is, so _end_sessions never kills another's.
+                self._namespace_fd = os.open(f"/proc/{self.proc.pid}/ns/mnt", os.O_RDONLY)
+                self._namespace = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
+                return True
             time.sleep(0.02)
         raise RuntimeError("sshd did not start listening")
+
+    def _listening(self) -> bool:
+        """Whether sshd itself listens on 127.0.0.1:port (read from /proc/net/tcp)."""
+        assert self.proc is not None
+        wanted = f"0100007F:{self.port:04X}"
+        inodes = set()
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[1] == wanted and fields[3] == "0A":  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+        if not inodes:
+            return False
+        try:
+            fds = os.listdir(f"/proc/{self.proc.pid}/fd")
+        except OSError:
+            return False
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{self.proc.pid}/fd/{fd}") in inodes:
+                    return True
+        return False
 
     def add_user(self, user: str, public_key: str) -> None:
         """What a BOSH agent does for the Director's SSH setup: the user, its key, and
@@ -354,6 +397,7 @@ class TestSshd:
                 continue
 
     def stop(self) -> None:
+        """Idempotent: a second call finds nothing of this sshd's to stop."""
         self._end_sessions()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -362,4 +406,8 @@ class TestSshd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._namespace = None
+        if self._namespace_fd is not None:
+            os.close(self._namespace_fd)
+            self._namespace_fd = None
         self._log.close()

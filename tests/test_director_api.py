@@ -5,6 +5,7 @@ failed and never the secret."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import threading
@@ -265,9 +266,51 @@ def test_the_socks5_relay_names_a_proxy_that_refuses() -> None:
     [
         ("socks5://127.0.0.1", "a SOCKS5 proxy is socks5://HOST:PORT"),
         ("socks5://me:pw@127.0.0.1:1080", "a user or password in a socks5:// proxy"),
-        ("http://127.0.0.1:3128", "or socks5://HOST:PORT"),
+        ("http://me:s3cret@127.0.0.1:3128", "'http://me:***@127.0.0.1:3128': bbrx takes"),
+        ("socks5://me:s3cret@127.0.0.1", "'socks5://me:***@127.0.0.1': a SOCKS5 proxy is"),
     ],
 )
 def test_a_bosh_all_proxy_bbrx_cannot_use_is_named(value: str, message: str, tmp_path) -> None:
-    with pytest.raises(UsageError, match=re.escape(message)):
+    with pytest.raises(UsageError, match=re.escape(message)) as refused:
         proxy.open_proxy(value, tmp_path)
+    assert "s3cret" not in f"{refused.value} {refused.value.hint}"
+
+
+@pytest.mark.parametrize(
+    "bound",
+    [b"\x03\x09localhost\x04\x38", b"\x04" + bytes(15) + b"\x01\x04\x38"],  # a name, IPv6
+    ids=["name", "ipv6"],
+)
+def test_the_socks5_relay_carries_both_ways_past_any_reply_address(bound: bytes) -> None:
+    """A proxy's CONNECT reply ends where its address says (a name, or IPv6); what follows
+    is the tunnel: data from the far side reaches ssh's stdout, ssh's stdin reaches it."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def proxy_then_echo() -> None:
+        with server, server.accept()[0] as conn:
+            conn.recv(3)
+            conn.sendall(b"\x05\x00")
+            conn.recv(512)
+            conn.sendall(b"\x05\x00\x00" + bound + b"hello ")  # the far side speaks first
+            while data := conn.recv(512):
+                conn.sendall(data.upper())
+
+    thread = threading.Thread(target=proxy_then_echo, daemon=True)
+    thread.start()
+    sock = socks.connect("127.0.0.1", server.getsockname()[1], "10.0.0.5", 22)
+    stdin_r, stdin_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    relaying = threading.Thread(target=socks.relay, args=(sock, stdin_r, stdout_w), daemon=True)
+    relaying.start()
+    os.write(stdin_w, b"ssh-2.0")
+    os.close(stdin_w)  # ssh is done: the proxy sees the end, and closes its side
+    relaying.join(10)
+    assert not relaying.is_alive()
+    sock.close()
+    os.close(stdout_w)
+    received = b""
+    while data := os.read(stdout_r, 512):
+        received += data
+    assert received == b"hello SSH-2.0"
+    for fd in (stdin_r, stdout_r):
+        os.close(fd)

@@ -45,6 +45,8 @@ class JumpHost:
 
     def ssh_options(self) -> list[str]:
         return [
+            # No ssh_config, as for the instances (orchestrator/transport/ssh.py).
+            "-F", "/dev/null",
             "-p", str(self.port), "-l", self.user, "-i", str(self.private_key),
             "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=accept-new",
@@ -109,7 +111,7 @@ def parse_socks(value: str) -> SocksProxy:
         raise UsageError(f"BOSH_ALL_PROXY: {error}") from error
     if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
         raise UsageError(
-            f"BOSH_ALL_PROXY={value!r}: a SOCKS5 proxy is socks5://HOST:PORT",
+            f"BOSH_ALL_PROXY={_shown(value)}: a SOCKS5 proxy is socks5://HOST:PORT",
             hint="For example socks5://127.0.0.1:1080 (an `ssh -D 1080` to the jump box), or "
             "ssh+socks5://USER@HOST:PORT?private-key=PATH for bbrx to open the tunnel itself.",
         )
@@ -121,6 +123,19 @@ def parse_socks(value: str) -> SocksProxy:
     return SocksProxy(parts.hostname, port)
 
 
+def _shown(value: str) -> str:
+    """The value as an error may quote it: a password in it is not shown (a user is)."""
+    try:
+        parts = urlsplit(value.strip())
+        netloc = parts.netloc
+        if parts.password is not None:
+            user, _, where = netloc.rpartition("@")
+            netloc = f"{user.split(':', 1)[0]}:***@{where}"
+        return repr(parts._replace(netloc=netloc).geturl())
+    except ValueError:
+        return "(a value that is no URL)"
+
+
 def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -130,8 +145,8 @@ def parse(value: str, home: Path) -> JumpHost:
     parts = urlsplit(value.strip())
     if parts.scheme != SCHEME:
         raise UsageError(
-            f"BOSH_ALL_PROXY={value!r}: bbrx takes ssh+socks5://USER@HOST:PORT?private-key=PATH "
-            "or socks5://HOST:PORT",
+            f"BOSH_ALL_PROXY={_shown(value)}: bbrx takes "
+            "ssh+socks5://USER@HOST:PORT?private-key=PATH or socks5://HOST:PORT",
             hint="bbr's two forms: a jump host for bbrx to tunnel through, or a SOCKS5 proxy.",
         )
     try:
@@ -141,7 +156,7 @@ def parse(value: str, home: Path) -> JumpHost:
     keys = parse_qs(parts.query).get("private-key") or []
     if not parts.hostname or not parts.username or len(keys) != 1:
         raise UsageError(
-            f"BOSH_ALL_PROXY={value!r}: it needs a user, a host and one private-key",
+            f"BOSH_ALL_PROXY={_shown(value)}: it needs a user, a host and one private-key",
             hint="For example ssh+socks5://jumpbox@10.0.0.5:22?private-key=/home/me/jumpbox.pem",
         )
     key = Path(unquote(keys[0])).expanduser()

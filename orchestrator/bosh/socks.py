@@ -15,12 +15,14 @@ import shlex
 import socket
 import sys
 import threading
+import time
 
 from socksio import socks5
 
 MODULE = "orchestrator.bosh.socks"  # what `python -m` runs (where __name__ is __main__)
 CONNECT_TIMEOUT = 15.0
 CHUNK = 1 << 16
+DRAIN_TIMEOUT = 10.0  # seconds the connection may go on sending once ssh's side is closed
 
 
 class SocksError(Exception):
@@ -29,7 +31,9 @@ class SocksError(Exception):
 
 def proxy_command(proxy_host: str, proxy_port: int) -> str:
     """An instance's ProxyCommand (ssh expands %h and %p, and runs it with /bin/sh)."""
-    words = [sys.executable, "-m", MODULE, proxy_host, str(proxy_port)]
+    # -P: the working directory (bbrx's, which ssh passes on) is not put on sys.path, so
+    # nothing there named like a module is imported in its place.
+    words = [sys.executable, "-P", "-m", MODULE, proxy_host, str(proxy_port)]
     return " ".join(shlex.quote(w).replace("%", "%%") for w in words) + " %h %p"
 
 
@@ -105,6 +109,12 @@ def relay(sock: socket.socket, stdin: int = 0, stdout: int = 1) -> None:
                 sock.sendall(data)
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
+        # ssh is done (or gone: a SIGKILLed ssh sends no hang-up). A proxy that does not
+        # pass the half-close on would keep this relay open for ever: the rest of the
+        # answer gets a while, then the connection is ended (which wakes the recv below).
+        time.sleep(DRAIN_TIMEOUT)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
     threading.Thread(target=send, daemon=True).start()
     with contextlib.suppress(OSError):

@@ -273,7 +273,13 @@ class SshInstance:
         return DiscoveryError(
             f"cannot reach {self.label}: {detail or 'ssh failed'}",
             host=self.address,
-            hint="Check the address, the port and that this jump box can reach the director.",
+            hint=(
+                "Check that this jump box can reach the instance's address. bbrx reads no "
+                "ssh_config for a deployment's instances (bbr reads none): if they are reached "
+                "through a jump host, give it as BOSH_ALL_PROXY."
+            )
+            if self.pinned
+            else "Check the address, the port and that this jump box can reach the director.",
         )
 
     def _master_alive(self) -> bool:
@@ -355,7 +361,8 @@ class SshInstance:
         if self.pinned and self._is_windows():
             # bbr's rule: its first command on a deployment's instance asks cmd.exe for %OS%
             # (sh echoes it as it is). A Windows VM has no bbr scripts: it takes no part.
-            log.warning("skipping Windows instance %s/%s", self.group, self.instance_id)
+            name = f"{self.group}/{self.instance_id or self.index}"
+            log.warning("skipping Windows instance %s", name)
             self.info["os"] = WINDOWS
             return []
         listing = self._run(
