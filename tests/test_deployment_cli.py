@@ -15,7 +15,7 @@ import pytest
 from audit import AuditLog
 from simulator.calllog import CALL_LOG, parse_call_log
 from tests import sshd
-from tests.conftest import Bbrx
+from tests.conftest import Bbrx, wait_for
 from tests.live_world import LiveWorld
 
 pytestmark = pytest.mark.slow
@@ -280,3 +280,43 @@ def test_all_deployments_pre_backup_check_gives_bbrs_verdict_for_each(bbrx: Bbrx
     assert "  metadata script for job cloud_controller_ng on api/1" in result.stdout
     assert "Successfully can be backed up: redis, concourse" in result.stdout
     assert "1 out of 3 deployments cannot be backed up:" in result.stderr
+
+
+@pytest.mark.parametrize("reached", ["sim", "live"], indirect=True)
+def test_a_ctrl_c_mid_deployment_backup_unlocks_every_instance(
+    bbrx: Bbrx, tmp_path: Path, reached: list[str]
+):
+    """bbr leaves a deployment locked on Ctrl-C; bbrx ends the hung lock script, unlocks
+    every instance that locked, publishes nothing and (live) has the Director remove the
+    run's user: the `reached` fixture checks no user is left on any VM."""
+    hang = bbrx(
+        "sim", "fault", "demo", "redis-server", "pre-backup-lock", "hang",
+        "--deployment", "redis", "--instance", "redis/1",
+    )  # fmt: skip
+    assert hang.code == 0, hang
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = bbrx.start("deployment", *reached, "-d", "redis", "backup", "-a", str(out))
+    log = vm(bbrx, "redis", "redis/1") / CALL_LOG
+
+    def hung() -> bool:
+        return log.is_file() and any(
+            (c.script, c.event) == ("pre-backup-lock", "start")
+            for c in parse_call_log(log.read_text())
+        )
+
+    wait_for(hung, timeout=60, what="redis/1's lock script to start")
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C, to bbrx's process group
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "interrupted by SIGINT" in stderr, stderr
+    for name in ("redis/0", "redis/1", "redis/2"):
+        ran = parse_call_log((vm(bbrx, "redis", name) / CALL_LOG).read_text())
+        locked = any((c.script, c.event) == ("pre-backup-lock", "start") for c in ran)
+        unlocked = any((c.script, c.event) == ("post-backup-unlock", "start") for c in ran)
+        assert unlocked or not locked, name
+        locks = vm(bbrx, "redis", name) / "var/vcap/sys/run/bbr-sim/locks"
+        assert not locks.is_dir() or not any(locks.iterdir()), name
+    assert list(out.iterdir()) == []
+    status = bbrx("status", "--target", reached[1], "-d", "redis")
+    assert "idle" in status.stdout, status
