@@ -26,8 +26,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import trustme
-
 
 @dataclass
 class FakeVm:
@@ -84,6 +82,10 @@ class FakeDirector:
     world: Callable[[], dict[str, dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
+        # Imported here: a suite that imports this module but serves no Director (CI's
+        # dependency-floors run, which installs bbrx's floors only) needs no trustme.
+        import trustme
+
         self.ca = trustme.CA()
         self._tasks: dict[int, Task] = {}
         self._numbers = itertools.count(1)
