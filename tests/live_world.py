@@ -18,9 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from orchestrator.transport.targets import parse_director
 from simulator.deploy import manifest_of
@@ -145,3 +148,21 @@ class LiveWorld:
             self.servers[vm_id] = server
             self._mounted[vm_id] = inode
         return server
+
+
+@contextlib.contextmanager
+def serving(request: pytest.FixtureRequest, home: Path, workdir: Path) -> Iterator[LiveWorld]:
+    """A fixture's live world for the simulated director `demo` under `home` (skipped where
+    no sshd can be started), stopped after the test, which must leave no run's user on any
+    VM: every run, failed ones included, removes the user its SSH setup made."""
+    reason = sshd.available()
+    if reason:
+        pytest.skip(reason)
+    request.getfixturevalue("vcap_mount_point")
+    world = LiveWorld(home, request.getfixturevalue("ssh_keys"), workdir).start()
+    try:
+        yield world
+        left = {vm: users for vm, users in world.users().items() if users}
+        assert not left, f"users left on the VMs: {left}"
+    finally:
+        world.stop()

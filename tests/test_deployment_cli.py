@@ -14,9 +14,8 @@ import pytest
 
 from audit import AuditLog
 from simulator.calllog import CALL_LOG, parse_call_log
-from tests import sshd
+from tests import live_world
 from tests.conftest import Bbrx, wait_for
-from tests.live_world import LiveWorld
 
 pytestmark = pytest.mark.slow
 
@@ -125,17 +124,8 @@ def reached(request: pytest.FixtureRequest, bbrx: Bbrx, tmp_path: Path) -> Itera
     if request.param == "sim":
         yield ["--target", "sim://demo"]
         return
-    reason = sshd.available()
-    if reason:
-        pytest.skip(reason)
-    request.getfixturevalue("vcap_mount_point")
-    world = LiveWorld(bbrx.home, request.getfixturevalue("ssh_keys"), tmp_path).start()
-    try:
+    with live_world.serving(request, bbrx.home, tmp_path) as world:
         yield world.cli_args()
-        left = {vm: users for vm, users in world.users().items() if users}
-        assert not left, f"users left on the VMs: {left}"
-    finally:
-        world.stop()
 
 
 @pytest.mark.parametrize("reached", ["sim", "live"], indirect=True)

@@ -29,7 +29,7 @@ from orchestrator.operations.procedures import Request, run_deployment, run_dire
 from orchestrator.transport.targets import parse_director, parse_host
 from simulator.calllog import CALL_LOG, parse_call_log
 from simulator.director import SimDirector, sim_root
-from tests import sshd
+from tests import live_world
 from tests.live_world import LiveWorld
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/bbr"
@@ -47,20 +47,12 @@ def home(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     if request.param == "sim":
         yield tmp_path
         return
-    reason = sshd.available()
-    if reason:
-        pytest.skip(reason)
-    request.getfixturevalue("vcap_mount_point")
-    world = LiveWorld(tmp_path, request.getfixturevalue("ssh_keys"), tmp_path).start()
-    _LIVE[tmp_path] = world
-    try:
-        yield tmp_path
-        # Every run, failed ones included, removed the user its SSH setup made.
-        left = {vm: users for vm, users in world.users().items() if users}
-        assert not left, f"users left on the VMs: {left}"
-    finally:
-        del _LIVE[tmp_path]
-        world.stop()
+    with live_world.serving(request, tmp_path, tmp_path) as world:
+        _LIVE[tmp_path] = world
+        try:
+            yield tmp_path
+        finally:
+            del _LIVE[tmp_path]
 
 
 def transport(home: Path) -> str:
