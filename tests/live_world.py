@@ -96,7 +96,9 @@ class LiveWorld:
 
     def users(self) -> dict[str, list[str]]:
         """The users the Director's SSH setups left on each VM's sshd (instance id -> users)."""
-        return {vm_id: server.users() for vm_id, server in self.servers.items()}
+        with self._lock:  # a setup still being answered may add a server
+            servers = dict(self.servers)
+        return {vm_id: server.users() for vm_id, server in servers.items()}
 
     # --- what the fake Director asks of it ---
 

@@ -27,6 +27,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 TAR = os.path.realpath(shutil.which("tar") or "/usr/bin/tar")
@@ -213,6 +214,7 @@ class TestSshd:
         self.proc: subprocess.Popen[bytes] | None = None
         self._namespace: str | None = None
         self._namespace_fd: int | None = None
+        self._log: IO[bytes] | None = None
         self.known_hosts = workdir / "known_hosts"
 
     def _configure(self, config: Path, authorized: Path, keys_dir: Path) -> None:
@@ -280,12 +282,17 @@ class TestSshd:
             f"mount --bind {self.vm_root / 'var/vcap'} {VCAP} && "
             f"exec {SSHD} -D -e -f {config}"
         )
-        for _ in range(5):
-            self._configure(config, authorized, keys_dir)
-            if self._launch(mounts):
-                return self
-            self.port = free_port()  # another test session's sshd had it: another port
-        raise RuntimeError(f"sshd found no free port: {(self.workdir / 'sshd.log').read_text()}")
+        try:
+            for _ in range(5):
+                self._configure(config, authorized, keys_dir)
+                if self._launch(mounts):
+                    return self
+                self.port = free_port()  # another test session's sshd had it: another port
+            said = (self.workdir / "sshd.log").read_text()
+            raise RuntimeError(f"sshd found no free port: {said}")
+        except BaseException:
+            self.stop()  # an sshd that never listened is not left running
+            raise
 
     def _launch(self, mounts: str) -> bool:
         """Start sshd; False if its port was taken, once it has exited saying so."""
@@ -309,8 +316,9 @@ class TestSshd:
             if self._listening():
                 # Held open until stop(): the kernel cannot give this namespace's id to
                 # another namespace while it is, so _end_sessions never kills another's.
+                # (Opened before it is read: the id read is then the one held.)
                 self._namespace_fd = os.open(f"/proc/{self.proc.pid}/ns/mnt", os.O_RDONLY)
-                self._namespace = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
+                self._namespace = os.readlink(f"/proc/self/fd/{self._namespace_fd}")
                 return True
             time.sleep(0.02)
         raise RuntimeError("sshd did not start listening")
@@ -397,17 +405,23 @@ class TestSshd:
                 continue
 
     def stop(self) -> None:
-        """Idempotent: a second call finds nothing of this sshd's to stop."""
-        self._end_sessions()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._namespace = None
-        if self._namespace_fd is not None:
-            os.close(self._namespace_fd)
-            self._namespace_fd = None
-        self._log.close()
+        """Idempotent: a second call finds nothing of this sshd's to stop.
+
+        sshd first, so that it accepts no session after the others are ended; the held
+        namespace keeps its id this sshd's until the end."""
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self._end_sessions()
+        finally:
+            self._namespace = None
+            if self._namespace_fd is not None:
+                os.close(self._namespace_fd)
+                self._namespace_fd = None
+            if self._log is not None:
+                self._log.close()

@@ -15,7 +15,7 @@ import pytest
 from audit import AuditLog
 from simulator.calllog import CALL_LOG, parse_call_log
 from tests import live_world
-from tests.conftest import Bbrx, wait_for
+from tests.conftest import Bbrx, process_running, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -289,17 +289,23 @@ def test_a_ctrl_c_mid_deployment_backup_unlocks_every_instance(
     proc = bbrx.start("deployment", *reached, "-d", "redis", "backup", "-a", str(out))
     log = vm(bbrx, "redis", "redis/1") / CALL_LOG
 
-    def hung() -> bool:
-        return log.is_file() and any(
-            (c.script, c.event) == ("pre-backup-lock", "start")
-            for c in parse_call_log(log.read_text())
-        )
+    def hung() -> list[int]:
+        ran = parse_call_log(log.read_text()) if log.is_file() else []
+        return [c.pid for c in ran if (c.script, c.event) == ("pre-backup-lock", "start")]
 
-    wait_for(hung, timeout=60, what="redis/1's lock script to start")
-    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C, to bbrx's process group
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        wait_for(hung, timeout=60, what="redis/1's lock script to start")
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C, to bbrx's process group
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode != 0
     assert "interrupted by SIGINT" in stderr, stderr
+    # The hung lock script itself was ended by bbrx (its pid, from the VM's own call log).
+    [pid] = hung()
+    wait_for(lambda: not process_running(pid), timeout=10, what="the hung lock script to end")
     for name in ("redis/0", "redis/1", "redis/2"):
         ran = parse_call_log((vm(bbrx, "redis", name) / CALL_LOG).read_text())
         locked = any((c.script, c.event) == ("pre-backup-lock", "start") for c in ran)
@@ -309,4 +315,4 @@ def test_a_ctrl_c_mid_deployment_backup_unlocks_every_instance(
         assert not locks.is_dir() or not any(locks.iterdir()), name
     assert list(out.iterdir()) == []
     status = bbrx("status", "--target", reached[1], "-d", "redis")
-    assert "idle" in status.stdout, status
+    assert "idle (last run " in status.stdout, status

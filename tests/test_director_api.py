@@ -268,6 +268,11 @@ def test_the_socks5_relay_names_a_proxy_that_refuses() -> None:
         ("socks5://me:pw@127.0.0.1:1080", "a user or password in a socks5:// proxy"),
         ("http://me:s3cret@127.0.0.1:3128", "'http://me:***@127.0.0.1:3128': bbrx takes"),
         ("socks5://me:s3cret@127.0.0.1", "'socks5://me:***@127.0.0.1': a SOCKS5 proxy is"),
+        # A password with a / ends a URL's netloc early: it is still not shown.
+        ("socks5://me:s3cret/x@127.0.0.1:1080", "'socks5://me:***@127.0.0.1:1080': its port"),
+        ("ssh+socks5://me:123/s3cret@h?private-key=k", "'ssh+socks5://me:***@h?private-key=k'"),
+        ("me:s3cret@127.0.0.1:1080", "'me:***@127.0.0.1:1080': bbrx takes"),
+        ("socks5://[::1", "'socks5://[::1' is not a URL"),
     ],
 )
 def test_a_bosh_all_proxy_bbrx_cannot_use_is_named(value: str, message: str, tmp_path) -> None:

@@ -76,9 +76,12 @@ class Proxy(Protocol):
 
 def open_proxy(value: str, home: Path) -> Proxy:
     """The proxy a `BOSH_ALL_PROXY` value names, ready (a jump host's tunnel open)."""
-    if urlsplit(value.strip()).scheme == PLAIN:
-        return parse_socks(value).start()
-    return Tunnel(parse(value, home)).start()
+    try:
+        plain = urlsplit(value.strip()).scheme == PLAIN
+        proxy = parse_socks(value) if plain else parse(value, home)
+    except ValueError as error:  # urlsplit's own refusal, e.g. an unclosed [IPv6
+        raise UsageError(f"BOSH_ALL_PROXY={_shown(value)} is not a URL: {error}") from error
+    return proxy.start() if isinstance(proxy, SocksProxy) else Tunnel(proxy).start()
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def parse_socks(value: str) -> SocksProxy:
     try:
         port = parts.port
     except ValueError as error:
-        raise UsageError(f"BOSH_ALL_PROXY: {error}") from error
+        raise UsageError(f"BOSH_ALL_PROXY={_shown(value)}: its port is not a number") from error
     if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
         raise UsageError(
             f"BOSH_ALL_PROXY={_shown(value)}: a SOCKS5 proxy is socks5://HOST:PORT",
@@ -124,16 +127,19 @@ def parse_socks(value: str) -> SocksProxy:
 
 
 def _shown(value: str) -> str:
-    """The value as an error may quote it: a password in it is not shown (a user is)."""
-    try:
-        parts = urlsplit(value.strip())
-        netloc = parts.netloc
-        if parts.password is not None:
-            user, _, where = netloc.rpartition("@")
-            netloc = f"{user.split(':', 1)[0]}:***@{where}"
-        return repr(parts._replace(netloc=netloc).geturl())
-    except ValueError:
-        return "(a value that is no URL)"
+    """The value as an error may quote it: no password it may hold is shown (a user is).
+
+    Read from the text itself, not as a URL: a password with a `/` in it (base64's) ends a
+    URL's netloc early, and would not be seen as one. Everything between the scheme and the
+    last `@` is taken for USER:PASSWORD; too much may be hidden, never too little."""
+    text = value.strip()
+    scheme, separator, rest = text.partition("://")
+    if not separator:
+        scheme, rest = "", text
+    userinfo, at, where = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{where}"
+    return repr(f"{scheme}{separator}{rest}")
 
 
 def _bracketed(host: str) -> str:
@@ -152,7 +158,7 @@ def parse(value: str, home: Path) -> JumpHost:
     try:
         port = parts.port or 22
     except ValueError as error:
-        raise UsageError(f"BOSH_ALL_PROXY: {error}") from error
+        raise UsageError(f"BOSH_ALL_PROXY={_shown(value)}: its port is not a number") from error
     keys = parse_qs(parts.query).get("private-key") or []
     if not parts.hostname or not parts.username or len(keys) != 1:
         raise UsageError(
