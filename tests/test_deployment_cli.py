@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,8 +216,15 @@ def test_a_killed_deployment_run_is_seen_and_recovered_per_deployment(
         ).code
         == 0
     )
+    killed = bbrx.audit_runs()[0]
+    killed_user = bbrx.audit_rows(killed.run_id)[0]["detail"].get("access_user")
+    left_keys = Path(tempfile.gettempdir()).glob(f"bbrx-access-{killed_user}-*")
+    assert (killed_user is not None) == (director != "sim://demo")
+    assert len(list(left_keys)) == (director != "sim://demo")  # live: the killed run's keys
     cleaned = bbrx("deployment", *reached, "-d", "redis", "backup-cleanup")
     assert cleaned.code == 0, cleaned
+    # ... removed by the cleanup, with its user.
+    assert not list(Path(tempfile.gettempdir()).glob(f"bbrx-access-{killed_user}-*"))
     for name in ("redis/0", "redis/1", "redis/2"):
         locks = vm(bbrx, "redis", name) / "var/vcap/sys/run/bbr-sim/locks"
         assert not locks.is_dir() or not any(locks.iterdir()), name

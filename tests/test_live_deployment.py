@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,9 @@ def test_bosh_all_proxy_takes_the_api_and_every_instance_through_the_jump_host(
         assert cleaned.code == 0, cleaned
         removed = f"Removed the killed run's user {killed_user} from {DEPLOYMENT}/redis"
         assert removed in cleaned.stderr, cleaned
+        # ... and the key pair it left in the temporary directory.
+        assert f"Removed the killed run's key pair {tempfile.gettempdir()}" in cleaned.stderr
+        assert not list(Path(tempfile.gettempdir()).glob(f"bbrx-access-{killed_user}-*"))
         assert all(server.users() == [] for server in live.vms.values())
         discovered = next(r for r in live.bbrx.audit_rows() if r["trigger"] == "discovered")
         assert discovered["detail"]["revoked_access"] == killed_user

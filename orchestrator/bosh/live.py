@@ -4,6 +4,7 @@ up per instance group and tears down again.
 
 One key pair and one user a run (bbr's way): the pair is made with ssh-keygen in a private
 directory (0700) and removed with it at the end; the user is `bosh_` and 15 hex digits.
+The directory is named for the user: a killed run's is removed by the cleanup after it.
 Each instance's host key comes from the Director's SSH result and is pinned in a
 known_hosts file of the run's own, so there is no prompt, and a different key is refused.
 """
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -31,6 +34,7 @@ from orchestrator.transport.ssh import SshInstance
 log = logging.getLogger(__name__)
 
 SSH_PORT = 22
+KEYS_PREFIX = "bbrx-access-"  # a run's key pair's directory: this, its user, a random tail
 
 
 class LiveDirector:
@@ -71,7 +75,9 @@ class LiveDirector:
     def _key_pair(self) -> tuple[Path, str]:
         with self._lock:
             if self._keys is None:
-                keys = Path(tempfile.mkdtemp(prefix="bbrx-access-"))  # mode 0700
+                # Mode 0700; named by the run's user, so that the cleanup after a killed
+                # run, which knows the user from the audit log, finds the key it left.
+                keys = Path(tempfile.mkdtemp(prefix=f"{KEYS_PREFIX}{self.user}-"))
                 try:
                     subprocess.run(
                         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.user,
@@ -179,6 +185,7 @@ class LiveDirector:
                             group, error.message)  # fmt: skip
             else:
                 log.info("Removed the killed run's user %s from %s/%s", user, deployment, group)
+        _remove_left_keys(user)
 
     def close(self) -> None:
         """Remove the key pair, tear down what is still open, close the API. Idempotent.
@@ -203,6 +210,19 @@ class LiveDirector:
                 self._tunnel.stop()
         if first is not None:
             raise first
+
+
+def _remove_left_keys(user: str) -> None:
+    """The key pair a killed run left in the temporary directory: only directories of this
+    process's own user (not links), named for that run's user."""
+    for path in Path(tempfile.gettempdir()).glob(f"{KEYS_PREFIX}{user}-*"):
+        try:
+            found = path.lstat()
+        except OSError:
+            continue
+        if stat.S_ISDIR(found.st_mode) and found.st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("Removed the killed run's key pair %s", path)
 
 
 def _index(text: str) -> tuple[int, str]:
