@@ -216,7 +216,12 @@ def ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 @pytest.fixture(scope="session")
 def vcap_mount_point() -> None:
-    """/var/vcap must exist as a mount point: created empty if missing (see below)."""
+    """What every test sshd needs: the machine can start one (else the test is skipped,
+    saying why), and /var/vcap exists as its mount point (created empty if missing; see
+    below)."""
+    reason = sshd.available()
+    if reason:
+        pytest.skip(reason)
     sshd.VCAP.mkdir(parents=True, exist_ok=True)
 
 
@@ -262,9 +267,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def ssh_server(request, ssh_keys, tmp_path) -> Iterator[sshd.TestSshd]:
-    reason = sshd.available()
-    if reason:
-        pytest.skip(reason)
     request.getfixturevalue("vcap_mount_point")
     vm = SimDirector(tmp_path / "vm")
     vm.create()

@@ -45,10 +45,7 @@ class Live:
 
 @pytest.fixture
 def live(request, ssh_keys, bbrx, tmp_path) -> Iterator[Live]:
-    reason = sshd.available()
-    if reason:
-        pytest.skip(reason)
-    request.getfixturevalue("vcap_mount_point")
+    request.getfixturevalue("vcap_mount_point")  # skips where no sshd can start
     world = SimDirector(tmp_path / "world")
     world.create()
     found = find_deployment(world, DEPLOYMENT)
