@@ -17,10 +17,8 @@ from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
-
-import sqlite_utils
 
 from audit.errors import AuditError
 from audit.schema import (
@@ -42,6 +40,9 @@ from audit.schema import (
     migrate_to_2,
     row_hash,
 )
+
+if TYPE_CHECKING:  # annotations only: AuditLog imports it when it opens a log
+    import sqlite_utils
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,14 @@ def explain(path: Path, exc: BaseException, doing: str, busy_timeout: float) -> 
     use_other = "or point --audit-db (BBRX_AUDIT_DB) at a writable file"
     if isinstance(exc, IsADirectoryError) or path.is_dir():
         return AuditError(f"{where}: it is a directory; give the path of the audit log file")
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        # Its directory could not be made: something on the way is a file, not a directory.
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return AuditError(f"{where}: {blocker} is a file, not a directory").with_hint(
+                f"Point --audit-db (BBRX_AUDIT_DB) at a file in a directory, or move {blocker} "
+                "away."
+            )
     if name.startswith("SQLITE_BUSY") or "database is locked" in text or "is busy" in text:
         # Never a stale lock: SQLite's locks die with their process, so someone is writing.
         return AuditError(
@@ -253,6 +262,11 @@ class AuditLog:
         doing = "read" if readonly else "open"
         conn = self._connect()
         try:
+            # Imported here, not at the top: sqlite-utils takes some 70 ms to import (its
+            # plugin hooks, dateutil), which the command line does not wait for; a run
+            # against a real director loads it while its SSH connection opens.
+            import sqlite_utils
+
             self._db = sqlite_utils.Database(conn, execute_plugins=False)
             self._prepare()
         except sqlite3.Error as exc:

@@ -17,9 +17,10 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
+if TYPE_CHECKING:  # annotations only: audit.log imports it when a log is opened
+    import sqlite_utils
 
 SCHEMA_VERSION = 2
 

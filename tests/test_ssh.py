@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -233,3 +234,62 @@ def test_connection_killed_during_a_lock_script_leaves_nothing_locked(target, tm
     assert set(target.scripts_run("post-backup-unlock")) == {
         "bbr-credhubdb", "blobstore", "director", "uaa",
     }  # fmt: skip
+
+
+def ssh_masters(port: int) -> list[int]:
+    """The pids of the SSH master connections to the test sshd on `port` (bbrx's own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"ControlMaster=yes" in argv and str(port).encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_run_refused_before_it_reaches_the_director_leaves_no_connection(
+    target, tmp_path, ssh_server
+):
+    # The master connection opens while bbrx starts up (it overlaps the imports, the
+    # audit log, the lease): a run refused before its discovery must close it anyway.
+    # Here the audit log's write lock is held for longer than the run waits for it (1 s),
+    # so the master is up by the time the run is refused.
+    first = target.director("pre-backup-check")
+    assert first.code == 0, first
+    target.vm.clear_calls()
+    holder = sqlite3.connect(target.bbrx.audit_db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        target.bbrx.env["BBRX_AUDIT_BUSY_TIMEOUT"] = "1"
+        result = target.director("backup", "--artifact-path", str(tmp_path))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.code == 1, result
+    assert "another process has held its write lock" in result.stderr
+    assert target.vm.calls() == []
+    wait_for(lambda: not ssh_masters(ssh_server.port), timeout=3, what="the SSH master to end")
+
+
+def test_a_new_host_key_is_trusted_only_inside_the_run_that_records_it(
+    target, tmp_path, ssh_server
+):
+    # --accept-new-host-key writes known_hosts when the connection opens: it must not open
+    # ahead of a run that is then refused, and so records nothing.
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    result = target.bbrx(
+        "director", "--host", target.host, *with_known_hosts(target, empty),
+        "--accept-new-host-key", "--audit-db", str(not_a_directory / "audit.db"),
+        "pre-backup-check",
+    )  # fmt: skip
+    assert result.code == 1, result
+    assert f"{not_a_directory} is a file, not a directory" in result.stderr
+    assert empty.read_text() == ""
+    assert not ssh_masters(ssh_server.port)

@@ -94,6 +94,7 @@ class SshInstance:
         connect_timeout: int = 15,
         pinned: bool = False,
         proxy_command: str | None = None,
+        connect_ahead: bool = False,
     ) -> None:
         self.proxy_command = proxy_command  # BOSH_ALL_PROXY's jump host, for a live deployment
         # pinned: `known_hosts` holds the one key this host may show (a live deployment's
@@ -117,6 +118,14 @@ class SshInstance:
         self._connected = False
         self._master_pid: int | None = None
         self._connect_lock = threading.Lock()
+        # The master connection being opened in the background (connect_ahead): `connect`
+        # takes its outcome, `close` ends it if nothing did.
+        self._opening: subprocess.Popen[bytes] | None = None
+        if connect_ahead and not accept_new_host_key:
+            # The handshake (about 0.25 s) then overlaps the rest of bbrx's start: its
+            # imports, the audit log, the lease. Not when trusting a new host key on first
+            # use: that writes known_hosts, and must happen inside the run that records it.
+            self._opening = self._start_master()
         # Guards starting and registering scripts against terminate_scripts (which runs in
         # the run's signal watcher thread, never in a signal handler).
         self._lock = threading.Lock()
@@ -219,19 +228,12 @@ class SshInstance:
                 log.warning("The connection to %s dropped; reconnecting", self.label)
                 self._connected = False
                 (self._control_dir / "master").unlink(missing_ok=True)
-            command = [
-                "ssh",
-                *self._options(),
-                "-o", "ControlMaster=yes",
-                "-o", "ControlPersist=300",  # outlives a gap, not a crash
-                "-f", "-N",
-                self.host,
-            ]  # fmt: skip
-            proc = subprocess.run(
-                command, capture_output=True, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-            stderr = proc.stderr.decode("utf-8", "replace")
-            if proc.returncode != 0:
+            opening, self._opening = self._opening, None
+            if opening is None:
+                opening = self._start_master()
+            _, raw = opening.communicate()  # ssh -f returns once authenticated
+            stderr = raw.decode("utf-8", "replace")
+            if opening.returncode != 0:
                 raise self._connect_error(stderr)
             self._connected = True
             self._master_pid = self._master_check()
@@ -242,6 +244,25 @@ class SshInstance:
             if fingerprint:
                 self.info["host_key_fingerprint"] = fingerprint
             log.info("Connected to %s as %s", self.label, self.username)
+
+    def _start_master(self) -> subprocess.Popen[bytes]:
+        command = [
+            "ssh",
+            *self._options(),
+            "-o", "ControlMaster=yes",
+            "-o", "ControlPersist=300",  # outlives a gap, not a crash
+            "-f", "-N",
+            self.host,
+        ]  # fmt: skip
+        # ssh -f forks the master once authenticated and exits: the master's own stdio is
+        # /dev/null, so this pipe reaches its end then.
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
 
     def _connect_error(self, stderr: str) -> DiscoveryError:
         known = str(self.known_hosts or "~/.ssh/known_hosts")
@@ -328,6 +349,15 @@ class SshInstance:
         return ", ".join(sorted(set(prints))) or None
 
     def close(self) -> None:
+        with self._connect_lock:
+            opening, self._opening = self._opening, None
+        if opening is not None:
+            # Opened ahead and never used (the run was refused before it reached the VM):
+            # end the handshake if it is still going, and the master if it got that far.
+            if opening.poll() is None:
+                opening.kill()
+            opening.communicate()
+            self._connected = (self._control_dir / "master").exists()
         if self._connected:
             # Best effort: the run's own outcome matters more than a slow goodbye, and an
             # abandoned master exits by itself once idle (ControlPersist).

@@ -93,6 +93,7 @@ def open_instance(
         private_key_path,
         accept_new_host_key=accept_new_host_key,
         known_hosts=known_hosts,
+        connect_ahead=True,
     )
 
 
