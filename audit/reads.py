@@ -16,7 +16,6 @@ import secrets
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,10 @@ OPERATOR_ENV = "BBRX_OPERATOR"
 
 
 def tool_version() -> str:
+    # importlib.metadata costs some 20 ms to import: only a reviewer's recorded read pays it,
+    # not every bbrx start (the command line imports this module).
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("bbrx")
     except PackageNotFoundError:  # pragma: no cover - run from a bare checkout

