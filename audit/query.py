@@ -11,10 +11,12 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from audit.errors import AuditError
-from audit.log import RunSummary
+
+if TYPE_CHECKING:  # annotations only: the command line imports this without the log
+    from audit.log import RunSummary
 
 # What --outcome accepts: a run's final state, or `unfinished` for one that has none yet
 # (in progress, or its process died and no cleanup has recovered it).

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import unicodedata
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from audit.log import RunSummary
+if TYPE_CHECKING:  # annotations only: the command line imports this without the log
+    from audit.log import RunSummary
 
 DETAIL_WIDTH = 60
 REASON_WIDTH = 40

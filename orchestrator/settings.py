@@ -7,11 +7,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from audit import AuditError, busy_timeout_from_env
-from audit.log import BUSY_TIMEOUT_ENV
-from orchestrator.engine.run import Identity, Timeouts
+# Imported by the command line to parse: the audit log and YAML are imported where they
+# are used, so that a live director's connection opens before they load (yaml alone is
+# some 20 ms; see transport.targets.open_instance).
+from orchestrator.engine.options import Identity, Timeouts
 from orchestrator.errors import UsageError
 
 
@@ -32,6 +31,9 @@ def audit_db_path(explicit: Path | None = None) -> Path:
 def audit_busy_timeout() -> float:
     """`$BBRX_AUDIT_BUSY_TIMEOUT`: seconds to wait for another writer of the audit log
     (default 10). Past it, a run refuses to start, or goes on with its journal."""
+    from audit.errors import AuditError
+    from audit.log import BUSY_TIMEOUT_ENV, busy_timeout_from_env
+
     try:
         return busy_timeout_from_env()
     except AuditError as error:
@@ -78,6 +80,8 @@ def _config(path: Path | None) -> tuple[Path, dict[str, Any]]:
         return path, {}
     except OSError as error:
         raise UsageError(f"cannot read the config file {path}: {error.strerror}") from error
+    import yaml
+
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:

@@ -23,7 +23,8 @@ import yaml
 from orchestrator import simulation
 from orchestrator.engine.run import Identity
 from orchestrator.errors import TargetError, TransportError, UsageError
-from orchestrator.operations.procedures import Request, run_on
+from orchestrator.operations.procedures import Request
+from orchestrator.operations.running import run_on
 from orchestrator.transport.instance import Instance, ScriptCall, ScriptResult
 from orchestrator.transport.targets import parse_host
 from simulator.deploy import wipe_deployment

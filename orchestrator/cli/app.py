@@ -31,13 +31,10 @@ except ImportError:  # pragma: no cover
 from audit import AuditError
 from audit.render import printable
 from orchestrator import __version__, settings
-from orchestrator.engine import machine
-from orchestrator.engine.fleet import deployment_target
+from orchestrator.engine.options import Outcome, Timeouts
 from orchestrator.engine.progress import progress_for
-from orchestrator.engine.run import Outcome, Timeouts
 from orchestrator.errors import BbrxError, RunFailed
 from orchestrator.operations.procedures import Request, run_director
-from orchestrator.state import review
 from orchestrator.transport.targets import Target, director_address, parse_director, parse_host
 
 log = logging.getLogger("bbrx")
@@ -281,6 +278,14 @@ def _simulation() -> Any:
     from orchestrator import simulation
 
     return simulation
+
+
+def _review() -> Any:
+    # Imported by the commands that read the log: a run needs none of it, and the command
+    # line's own imports stay light (see operations/procedures.py).
+    from orchestrator.state import review
+
+    return review
 
 
 def set_verbosity(*, debug: bool, quiet: bool) -> None:
@@ -613,6 +618,8 @@ def status(
     if deployment:
         if not target:
             raise BbrxError("--deployment needs --target: the director the deployment is on")
+        from orchestrator.engine.fleet import deployment_target
+
         name = deployment_target(director_address(parse_director(target)), deployment)
     elif host:
         name = parse_host(host).address
@@ -621,7 +628,7 @@ def status(
             "give --host HOST (a director) or --target TARGET --deployment NAME (a deployment)"
         )
     log_path = settings.audit_db_path(_merge(ctx, audit_db=audit_db).audit_db)
-    shown = review.status(log_path, name, home=settings.bbrx_home())
+    shown = _review().status(log_path, name, home=settings.bbrx_home())
     # The text quotes the log (operator, job names): no terminal control reaches the screen.
     typer.echo(printable(shown, keep_newlines=True))
 
@@ -636,6 +643,8 @@ def diagram(
     ],
 ) -> None:
     """Print an operation's state machine as a Mermaid state diagram."""
+    from orchestrator.engine import machine
+
     typer.echo(machine.mermaid(operation))
 
 

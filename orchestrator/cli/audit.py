@@ -30,9 +30,8 @@ from audit.query import MODE_CHOICES, OUTCOME_CHOICES, RunFilter
 from audit.reads import Reader
 from audit.render import printable
 from orchestrator import settings
-from orchestrator.cli.app import AuditDbOption, Globals, _merge, audit_app
+from orchestrator.cli.app import AuditDbOption, Globals, _merge, _review, audit_app
 from orchestrator.errors import AuditBrokenError, UsageError
-from orchestrator.state import review
 
 if TYPE_CHECKING:
     from audit import reviewer
@@ -171,7 +170,7 @@ def audit_runs(
     """One line a run: id, operation, target, mode, operator, start, end, outcome, reason."""
     flt = _filter(since, until, target, operator, operation, outcome, mode)
     path, _ = _context(ctx, audit_db)
-    typer.echo(review.runs(path, flt))
+    typer.echo(_review().runs(path, flt))
 
 
 @audit_app.command("show")
@@ -185,7 +184,7 @@ def audit_show(
     The rows that went to the fallback journal when the log could not be written follow.
     """
     path, _ = _context(ctx, audit_db)
-    typer.echo(review.timeline(path, run, home=settings.bbrx_home()))
+    typer.echo(_review().timeline(path, run, home=settings.bbrx_home()))
 
 
 @audit_app.command("verify")
@@ -218,7 +217,7 @@ def audit_verify(
     # An export is compared with a log the reviewer named; a log merely found at the
     # default place only if it is the export's own.
     named = _merge(ctx).audit_db is not None or bool(os.environ.get("BBRX_AUDIT_DB"))
-    lines = review.verify(
+    lines = _review().verify(
         path,
         reader,
         artifact,

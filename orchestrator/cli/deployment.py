@@ -42,10 +42,9 @@ from orchestrator.cli.app import (
     merge_run_options,
     run_request,
 )
+from orchestrator.engine.options import DEFAULT_MAX_PARALLEL, Outcome
 from orchestrator.engine.progress import progress_for
-from orchestrator.engine.run import DEFAULT_MAX_PARALLEL, Outcome
 from orchestrator.errors import RunFailed, UsageError
-from orchestrator.operations.batch import run_all_deployments
 from orchestrator.operations.procedures import Request, run_deployment
 from orchestrator.transport.targets import parse_director
 
@@ -180,6 +179,8 @@ def _single(ctx: typer.Context, request: Request) -> Outcome:
 
 
 def _batch(request: Request) -> None:
+    from orchestrator.operations.batch import run_all_deployments  # its threads, its relay
+
     run_all_deployments(request, typer.echo)
 
 

@@ -9,17 +9,15 @@ through the machines' `finalize_event` hook.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import logging
 import os
 import secrets
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -40,6 +38,7 @@ from orchestrator.engine.machine import (
     failure_trigger,
     lock_held_after,
 )
+from orchestrator.engine.options import DEFAULT_MAX_PARALLEL, Identity, Outcome, Timeouts
 from orchestrator.engine.progress import NoProgress, ProgressSink
 from orchestrator.errors import (
     AuditUnwritableError,
@@ -65,25 +64,6 @@ Action = Callable[["Run"], "str | tuple[str, dict[str, Any]]"]
 # Phases whose scripts may lock, or act on data that is only consistent while locked: none
 # of them starts unless its intent row is in the audit log. Unlocking is always safe.
 RECORDED_PHASES = frozenset({"lock", "backup", "restore"})
-
-# Scripts at once across a deployment's instances (one lock level, the backup scripts, one
-# unlock level). bbr runs 10: a deployment of 100 VMs then stays locked for ten rounds of
-# lock scripts. Every script of a level runs at once up to this bound, which
-# --max-parallel lowers for a jump box that cannot take as many sessions.
-DEFAULT_MAX_PARALLEL = 100
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who runs what, where and why: recorded on every audit row."""
-
-    operator: str
-    reason: str | None = None
-    origin_host: str = field(default_factory=socket.gethostname)
-
-    @staticmethod
-    def default_operator() -> str:
-        return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -133,37 +113,6 @@ class JobTracker:
 
     def note_state(self) -> None:
         self.lock_held = lock_held_after(self.lock_held, self.state)
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds a script of each phase may run before it is killed (None: no limit).
-
-    bbr has no timeouts, so a hung lock script hangs it forever with the director locked.
-    A script past its timeout is killed (on the VM too) and fails its phase, and the run
-    takes that phase's failure path, which always leads through unlocking.
-    """
-
-    metadata: float | None = 60
-    lock: float | None = 600
-    backup: float | None = 6 * 3600
-    unlock: float | None = 600
-    restore: float | None = 6 * 3600
-
-    def for_phase(self, phase: str) -> float | None:
-        return getattr(self, phase, None)
-
-
-@dataclass
-class Outcome:
-    """What a finished run tells the CLI."""
-
-    run_id: str
-    operation: str
-    state: str
-    errors: list[BbrxError]
-    artifact: Path | None = None
-    audit_db: Path | None = None
 
 
 class Run:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from audit import AuditError
-from orchestrator.engine.run import Outcome, SignalRelay
+from orchestrator.engine.options import Outcome
+from orchestrator.engine.run import SignalRelay
 from orchestrator.errors import BbrxError, RunFailed, UsageError
 from orchestrator.operations.procedures import Request, director_of, run_deployment
 
