@@ -215,3 +215,23 @@ def test_status_escapes_the_operator_of_a_run_that_needs_cleanup(target, tmp_pat
     assert status.code == 0, status
     assert "needs cleanup" in status.stdout and EVIL_SHOWN in status.stdout
     assert "\x1b" not in status.stdout and "\u202e" not in status.stdout
+
+
+def test_the_command_line_loads_without_the_run_machinery():
+    # A live director's SSH handshake starts when the target is opened, and the audit log,
+    # the engine, the operations and YAML load while it runs (operations/procedures.py):
+    # importing them with the command line would put them back before it.
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, orchestrator.cli; "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('yaml', 'sqlite_utils', 'transitions', 'rich', 'httpx', 'simulator') or m in "
+        "('orchestrator.engine.run', 'orchestrator.operations.running', 'audit.journal', "
+        "'orchestrator.bbr.artifact', 'orchestrator.state.review'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert loaded == []
