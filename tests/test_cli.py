@@ -220,14 +220,15 @@ def test_status_escapes_the_operator_of_a_run_that_needs_cleanup(target, tmp_pat
 def test_the_command_line_loads_without_the_run_machinery():
     # A live director's SSH handshake starts when the target is opened, and the audit log,
     # the engine, the operations and YAML load while it runs (operations/procedures.py):
-    # importing them with the command line would put them back before it.
+    # importing them with the command line would put them back before it. (Not rich:
+    # typer before 0.2x imports it itself.)
     import subprocess
     import sys
 
     probe = (
         "import sys, orchestrator.cli; "
         "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('yaml', 'sqlite_utils', 'transitions', 'rich', 'httpx', 'simulator') or m in "
+        "('yaml', 'sqlite_utils', 'transitions', 'httpx', 'simulator') or m in "
         "('orchestrator.engine.run', 'orchestrator.operations.running', 'audit.journal', "
         "'orchestrator.bbr.artifact', 'orchestrator.state.review'))))"
     )
