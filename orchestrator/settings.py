@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 # Imported by the command line to parse: the audit log and YAML are imported where they
-# are used, so that a live director's connection opens before they load (yaml alone is
-# some 20 ms; see transport.targets.open_instance).
+# are used, so that a live director's connection can open before they load (yaml alone is
+# some 20 ms; see operations/procedures.py). A config file, read before the target is
+# opened, still loads YAML first.
 from orchestrator.engine.options import Identity, Timeouts
 from orchestrator.errors import UsageError
 

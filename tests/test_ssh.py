@@ -293,3 +293,54 @@ def test_a_new_host_key_is_trusted_only_inside_the_run_that_records_it(
     assert f"{not_a_directory} is a file, not a directory" in result.stderr
     assert empty.read_text() == ""
     assert not ssh_masters(ssh_server.port)
+
+
+def test_a_sigterm_before_the_run_begins_leaves_no_connection(target, tmp_path, ssh_server):
+    # Between the connection opened ahead and the run's own signal handling (the audit log,
+    # the lease), a SIGTERM must not kill bbrx outright and leave its master logged in.
+    first = target.director("pre-backup-check")
+    assert first.code == 0, first
+    target.vm.clear_calls()
+    holder = sqlite3.connect(target.bbrx.audit_db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        target.bbrx.env["BBRX_AUDIT_BUSY_TIMEOUT"] = "3"
+        proc = target.bbrx.start(
+            "director", "--host", target.host, *target.extra_args,
+            "backup", "--artifact-path", str(tmp_path),
+        )  # fmt: skip
+        wait_for(lambda: ssh_masters(ssh_server.port), timeout=10, what="the SSH master")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert proc.returncode not in (0, -signal.SIGTERM), stderr
+    assert "SIGTERM" in stderr, stderr
+    assert target.vm.calls() == []
+    wait_for(lambda: not ssh_masters(ssh_server.port), timeout=3, what="the SSH master to end")
+
+
+def test_a_connection_opened_ahead_and_gone_since_is_opened_again(target, ssh_server):
+    from orchestrator.transport.ssh import SshInstance
+
+    instance = SshInstance(
+        "127.0.0.1",
+        ssh_server.port,
+        "root",
+        ssh_server.keys.client_key,
+        known_hosts=ssh_server.known_hosts,
+        connect_ahead=True,
+    )
+    try:
+        wait_for(lambda: ssh_masters(ssh_server.port), timeout=10, what="the SSH master")
+        wait_for(lambda: instance._opening.poll() is not None, timeout=10, what="ssh -f")
+        [first] = ssh_masters(ssh_server.port)
+        os.kill(first, signal.SIGTERM)  # the master is gone before the run reaches it
+        wait_for(lambda: not ssh_masters(ssh_server.port), timeout=5, what="it to end")
+        assert [job.name for job in instance.discover()]  # reconnected, not a bare ssh
+        [second] = ssh_masters(ssh_server.port)
+        assert second != first and instance._master_pid == second
+    finally:
+        instance.close()
+    wait_for(lambda: not ssh_masters(ssh_server.port), timeout=5, what="the master to end")

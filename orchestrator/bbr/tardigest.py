@@ -264,7 +264,16 @@ def splice_through(digest, source, sink):
         ctypes.c_uint,
     ]
     splice.restype = ctypes.c_ssize_t
-    refused = (errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EBADF)
+    # What a kernel, a filter (seccomp answers EPERM) or a descriptor says to a call it will
+    # not make.
+    refused = (
+        errno.EINVAL,
+        errno.ENOSYS,
+        errno.ESPIPE,
+        errno.EBADF,
+        errno.EPERM,
+        errno.EOPNOTSUPP,
+    )
     duplicate, into_duplicate = os.pipe()
     try:
         _enlarge(into_duplicate)
@@ -298,6 +307,8 @@ def splice_through(digest, source, sink):
                     if not started and code in refused:
                         return False  # the duplicate is dropped with its pipe, below
                     raise OSError(code, os.strerror(code))
+                if not step:  # the pipe emptied under us: another reader, never ours
+                    raise OSError(errno.EIO, "splice moved nothing of what tee saw")
                 moved += step
                 started = True
             got = 0

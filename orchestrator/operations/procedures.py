@@ -13,16 +13,18 @@ a live director's SSH handshake, begun when it is opened, overlaps that loading.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator import settings
 from orchestrator.engine.options import Identity, Outcome, Timeouts
-from orchestrator.errors import UsageError
+from orchestrator.errors import InterruptedRunError, UsageError
 from orchestrator.transport.targets import Target, open_director, open_instance
 
 if TYPE_CHECKING:
@@ -75,20 +77,55 @@ def run_director(request: Request) -> Outcome:
     """Open the target named by the request and run one operation on it."""
     if request.operation == "restore" and request.artifact_path is None:
         raise UsageError("restore needs --artifact-path DIR (a directory a backup created)")
-    instance = open_instance(
-        request.target,
-        home=request.home,
-        username=request.username,
-        private_key_path=request.private_key_path,
-        accept_new_host_key=request.accept_new_host_key,
-        known_hosts=request.known_hosts,
-    )
-    try:
-        from orchestrator.operations.running import run_on  # loads while a live one connects
+    with _stopped_by_signals_until_the_run_takes_them():
+        instance = open_instance(
+            request.target,
+            home=request.home,
+            username=request.username,
+            private_key_path=request.private_key_path,
+            accept_new_host_key=request.accept_new_host_key,
+            known_hosts=request.known_hosts,
+        )
+        try:
+            from orchestrator.operations.running import run_on  # loads while one connects
 
-        return run_on(request, instance)
+            return run_on(request, instance)
+        finally:
+            instance.close()
+
+
+@contextlib.contextmanager
+def _stopped_by_signals_until_the_run_takes_them() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise InterruptedRunError but while the run's own handlers have
+    them (`Run.drive`, which hands back to these when it ends).
+
+    A live director's connection opens with its target, before the audit log and the
+    lease: killed there by a signal's default action, bbrx would leave that connection
+    logged in on the director (and its lease taken). Raising is the exception to "handlers
+    only set a flag": nothing has been done on the director yet, and there is no driver to
+    wake. In a thread other than the main one (signals are the main thread's), a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup's choice stands
+        signums.append(signal.SIGHUP)
+
+    def stop(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        raise InterruptedRunError(
+            f"stopped by {name} while the run was starting or ending, outside its locks: it "
+            "left no job locked",
+            hint="See what it did with bbrx audit show; run the command again if it is needed.",
+        )
+
+    previous = {signum: signal.signal(signum, stop) for signum in signums}
+    try:
+        yield
     finally:
-        instance.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def director_of(request: Request) -> Director:

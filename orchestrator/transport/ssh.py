@@ -125,7 +125,10 @@ class SshInstance:
             # The handshake (about 0.25 s) then overlaps the rest of bbrx's start: its
             # imports, the audit log, the lease. Not when trusting a new host key on first
             # use: that writes known_hosts, and must happen inside the run that records it.
-            self._opening = self._start_master()
+            try:
+                self._opening = self._start_master(ahead=True)
+            except OSError as exc:  # no ssh, no fork: connect() meets it again, in the run
+                log.debug("could not open the connection to %s ahead: %s", self.label, exc)
         # Guards starting and registering scripts against terminate_scripts (which runs in
         # the run's signal watcher thread, never in a signal handler).
         self._lock = threading.Lock()
@@ -229,14 +232,25 @@ class SshInstance:
                 self._connected = False
                 (self._control_dir / "master").unlink(missing_ok=True)
             opening, self._opening = self._opening, None
+            ahead = opening is not None
             if opening is None:
                 opening = self._start_master()
-            _, raw = opening.communicate()  # ssh -f returns once authenticated
-            stderr = raw.decode("utf-8", "replace")
+            stderr = self._await_master(opening)
             if opening.returncode != 0:
                 raise self._connect_error(stderr)
             self._connected = True
             self._master_pid = self._master_check()
+            if ahead and self._master_pid is None:
+                # Opened ahead, and gone since (dropped, or idle past ControlPersist before
+                # the run reached it): open it again now, as a reconnection would.
+                log.debug("The connection to %s opened ahead is gone; opening it again", self.label)
+                (self._control_dir / "master").unlink(missing_ok=True)
+                opening = self._start_master()
+                stderr = self._await_master(opening)
+                if opening.returncode != 0:
+                    self._connected = False
+                    raise self._connect_error(stderr)
+                self._master_pid = self._master_check()
             if "Permanently added" in stderr:
                 log.warning("Trusted the new host key of %s on first use", self.label)
                 self.info["host_key_trusted_on_first_use"] = "yes"
@@ -245,7 +259,7 @@ class SshInstance:
                 self.info["host_key_fingerprint"] = fingerprint
             log.info("Connected to %s as %s", self.label, self.username)
 
-    def _start_master(self) -> subprocess.Popen[bytes]:
+    def _start_master(self, *, ahead: bool = False) -> subprocess.Popen[bytes]:
         command = [
             "ssh",
             *self._options(),
@@ -254,6 +268,10 @@ class SshInstance:
             "-f", "-N",
             self.host,
         ]  # fmt: skip
+        if ahead:
+            # Opened before its run is recorded (and maybe for a run then refused): it must
+            # write nothing, so not even the server's other host keys into known_hosts.
+            command[1:1] = ["-o", "UpdateHostKeys=no"]
         # ssh -f forks the master once authenticated and exits: the master's own stdio is
         # /dev/null, so this pipe reaches its end then.
         return subprocess.Popen(
@@ -263,6 +281,33 @@ class SshInstance:
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
+
+    def _await_master(self, opening: subprocess.Popen[bytes]) -> str:
+        """Wait for `ssh -f` to return (once authenticated); its stderr. Interrupted (a
+        Ctrl-C, say), the handshake is ended and a master that got up is let go of by close."""
+        try:
+            _, raw = opening.communicate()
+        except BaseException:
+            self._end_handshake(opening)
+            self._connected = (self._control_dir / "master").exists()
+            raise
+        return raw.decode("utf-8", "replace")
+
+    @staticmethod
+    def _end_handshake(opening: subprocess.Popen[bytes]) -> None:
+        """End an `ssh -f` still authenticating, with what its ProxyCommand or ProxyJump
+        started: its process group, which the master leaves when it forks to the
+        background."""
+        if opening.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(opening.pid, signal.SIGTERM)
+            try:
+                opening.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(opening.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError, ValueError):
+            opening.communicate(timeout=5)
 
     def _connect_error(self, stderr: str) -> DiscoveryError:
         known = str(self.known_hosts or "~/.ssh/known_hosts")
@@ -354,9 +399,7 @@ class SshInstance:
         if opening is not None:
             # Opened ahead and never used (the run was refused before it reached the VM):
             # end the handshake if it is still going, and the master if it got that far.
-            if opening.poll() is None:
-                opening.kill()
-            opening.communicate()
+            self._end_handshake(opening)
             self._connected = (self._control_dir / "master").exists()
         if self._connected:
             # Best effort: the run's own outcome matters more than a slow goodbye, and an
