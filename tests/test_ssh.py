@@ -3,6 +3,7 @@ connection killed mid-copy, and a large artifact through a real sshd."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -251,6 +253,23 @@ def ssh_masters(port: int) -> list[int]:
     return found
 
 
+@contextlib.contextmanager
+def audit_log_held(target, busy_timeout: str) -> Iterator[None]:
+    """After one good run (so the log exists), its write lock held by another process for as
+    long as the block lasts, and bbrx told to wait `busy_timeout` seconds for it."""
+    first = target.director("pre-backup-check")
+    assert first.code == 0, first
+    target.vm.clear_calls()
+    holder = sqlite3.connect(target.bbrx.audit_db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    target.bbrx.env["BBRX_AUDIT_BUSY_TIMEOUT"] = busy_timeout
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 def test_a_run_refused_before_it_reaches_the_director_leaves_no_connection(
     target, tmp_path, ssh_server
 ):
@@ -258,17 +277,8 @@ def test_a_run_refused_before_it_reaches_the_director_leaves_no_connection(
     # audit log, the lease): a run refused before its discovery must close it anyway.
     # Here the audit log's write lock is held for longer than the run waits for it (1 s),
     # so the master is up by the time the run is refused.
-    first = target.director("pre-backup-check")
-    assert first.code == 0, first
-    target.vm.clear_calls()
-    holder = sqlite3.connect(target.bbrx.audit_db, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        target.bbrx.env["BBRX_AUDIT_BUSY_TIMEOUT"] = "1"
+    with audit_log_held(target, "1"):
         result = target.director("backup", "--artifact-path", str(tmp_path))
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
     assert result.code == 1, result
     assert "another process has held its write lock" in result.stderr
     assert target.vm.calls() == []
@@ -298,13 +308,7 @@ def test_a_new_host_key_is_trusted_only_inside_the_run_that_records_it(
 def test_a_sigterm_before_the_run_begins_leaves_no_connection(target, tmp_path, ssh_server):
     # Between the connection opened ahead and the run's own signal handling (the audit log,
     # the lease), a SIGTERM must not kill bbrx outright and leave its master logged in.
-    first = target.director("pre-backup-check")
-    assert first.code == 0, first
-    target.vm.clear_calls()
-    holder = sqlite3.connect(target.bbrx.audit_db, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        target.bbrx.env["BBRX_AUDIT_BUSY_TIMEOUT"] = "3"
+    with audit_log_held(target, "3"):
         proc = target.bbrx.start(
             "director", "--host", target.host, *target.extra_args,
             "backup", "--artifact-path", str(tmp_path),
@@ -312,9 +316,6 @@ def test_a_sigterm_before_the_run_begins_leaves_no_connection(target, tmp_path, 
         wait_for(lambda: ssh_masters(ssh_server.port), timeout=10, what="the SSH master")
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
     assert proc.returncode not in (0, -signal.SIGTERM), stderr
     assert "SIGTERM" in stderr, stderr
     assert target.vm.calls() == []

@@ -233,24 +233,13 @@ class SshInstance:
                 (self._control_dir / "master").unlink(missing_ok=True)
             opening, self._opening = self._opening, None
             ahead = opening is not None
-            if opening is None:
-                opening = self._start_master()
-            stderr = self._await_master(opening)
-            if opening.returncode != 0:
-                raise self._connect_error(stderr)
-            self._connected = True
-            self._master_pid = self._master_check()
+            stderr = self._take_master(opening or self._start_master())
             if ahead and self._master_pid is None:
                 # Opened ahead, and gone since (dropped, or idle past ControlPersist before
                 # the run reached it): open it again now, as a reconnection would.
                 log.debug("The connection to %s opened ahead is gone; opening it again", self.label)
                 (self._control_dir / "master").unlink(missing_ok=True)
-                opening = self._start_master()
-                stderr = self._await_master(opening)
-                if opening.returncode != 0:
-                    self._connected = False
-                    raise self._connect_error(stderr)
-                self._master_pid = self._master_check()
+                stderr = self._take_master(self._start_master())
             if "Permanently added" in stderr:
                 log.warning("Trusted the new host key of %s on first use", self.label)
                 self.info["host_key_trusted_on_first_use"] = "yes"
@@ -281,6 +270,17 @@ class SshInstance:
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
+
+    def _take_master(self, opening: subprocess.Popen[bytes]) -> str:
+        """The master `opening` starts, up and known by its pid, or the connect error; its
+        handshake's stderr."""
+        stderr = self._await_master(opening)
+        if opening.returncode != 0:
+            self._connected = False
+            raise self._connect_error(stderr)
+        self._connected = True
+        self._master_pid = self._master_check()
+        return stderr
 
     def _await_master(self, opening: subprocess.Popen[bytes]) -> str:
         """Wait for `ssh -f` to return (once authenticated); its stderr. Interrupted (a
